@@ -1,0 +1,3 @@
+from dusa_cli.cli import main
+
+main()
