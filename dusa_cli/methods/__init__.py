@@ -1,0 +1,34 @@
+"""TTA methods: one file each, found by name through a small registry.
+
+The engine and the config schema only ever call `get_method`; a new method is a new file that
+decorates its class with `@register_method` and is imported below.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from dusa_cli.methods.base import StepOutput, TTAMethod
+
+_REGISTRY: dict[str, type[TTAMethod]] = {}
+M = TypeVar("M", bound=type[TTAMethod])
+
+
+def register_method(cls: M) -> M:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[TTAMethod]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method '{name}' (available: {', '.join(available_methods())})")
+    return _REGISTRY[name]
+
+
+from dusa_cli.methods import norm, source, tent  # noqa: E402,F401  (register the methods)
+
+__all__ = ["StepOutput", "TTAMethod", "available_methods", "get_method", "register_method"]

@@ -1,0 +1,221 @@
+"""The `dusa` command line: parse, validate, dispatch. Work happens in engine/data/results."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from dusa_cli import __version__
+from dusa_cli.errors import DusaError, ExitCode
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
+
+app = typer.Typer(
+    name="dusa",
+    help="Diffusion-guided test-time adaptation (DUSA) and its baselines for image classifiers "
+    "and segmenters. Offline: weights and data come from local paths.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+pretrain_app = typer.Typer(help="Train the embedded benchmark's source models.", no_args_is_help=True)
+app.add_typer(pretrain_app, name="pretrain")
+
+
+class Setting(str, Enum):
+    reset_each_shift = "reset_each_shift"
+    continual = "continual"
+
+
+class Metric(str, Enum):
+    acc = "acc"
+    err = "err"
+
+
+class Format(str, Enum):
+    table = "table"
+    md = "md"
+    csv = "csv"
+
+
+class Dataset(str, Enum):
+    digits_c = "digits-c"
+    imagenet_c = "imagenet-c"
+
+
+# Flags shared by every run command; each overrides one key of the YAML config.
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset (see configs/).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="timm model name → model.name.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local .pth/.safetensors weights → model.checkpoint.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root (ImageNet-C or CIFAR-C layout) → data.root.")]
+CorruptionOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--corruption", help="Corruption name, comma list, 'all' (15) or 'extra' (4); repeatable → data.corruptions."),
+]
+SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Severity 1-5, repeatable → data.severities.")]
+SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed → run.seed.")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results directory → run.output.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    keys = {
+        "model": "model.name",
+        "checkpoint": "model.checkpoint",
+        "data": "data.root",
+        "corruption": "data.corruptions",
+        "severity": "data.severities",
+        "setting": "run.setting",
+        "seed": "run.seed",
+        "output": "run.output",
+        "method": "method.name",
+    }
+    overrides = {}
+    for flag, value in flags.items():
+        if value is None or value == []:
+            continue
+        overrides[keys[flag]] = value.value if isinstance(value, Enum) else (str(value) if isinstance(value, Path) else value)
+    return overrides
+
+
+def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool) -> None:
+    from dusa_cli.config.loader import load_config
+    from dusa_cli.engine.loop import run_experiment
+    from dusa_cli.results.report import build_table, to_rich
+    from dusa_cli.ui import TaskProgress, info, stdout
+
+    config = load_config(config_path, overrides, assignments)
+    with TaskProgress(enabled=not quiet) as progress:
+        store = run_experiment(config, resume=resume, progress=progress)
+    stdout.print(to_rich(build_table([store.results])))
+    info(f"results: {store.root}")
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"dusa {__version__}")
+        raise typer.Exit()
+
+
+@app.command("prepare-data")
+def prepare_data(
+    dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (ImageNet-C layout).")],
+    source: Annotated[Optional[Path], typer.Option(help="imagenet-c only: folder of <wnid>/<image> files.")] = None,
+    corruption: CorruptionOpt = None,
+    severity: SeverityOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the corruption noise.")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
+    limit_per_class: Annotated[Optional[int], typer.Option(min=1, help="digits-c only: keep N test images per class (quick trials).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build a corrupted benchmark on disk, deterministic and checksummed (manifest.json)."""
+    from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES, resolve_corruptions
+    from dusa_cli.ui import FileProgress, info
+
+    corruptions = resolve_corruptions(corruption) if corruption else list(ALL_CORRUPTIONS)
+    severities = severity or list(SEVERITIES)
+    if any(s not in SEVERITIES for s in severities):
+        raise DusaError("severities must be integers 1..5")
+    with FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
+        if dataset is Dataset.digits_c:
+            from dusa_cli.data.digits import build_digits_c
+
+            manifest = build_digits_c(output, seed=seed, corruptions=corruptions, severities=severities, workers=workers, limit_per_class=limit_per_class, progress=progress)
+        else:
+            if source is None:
+                raise DusaError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
+            from dusa_cli.data.imagenet_c import prepare_imagenet_c
+
+            manifest = prepare_imagenet_c(source, output, corruptions=corruptions, severities=severities, seed=seed, workers=workers, progress=progress)
+    info(f"wrote {len(manifest.get('files', {}))} files to {output} (manifest.json)")
+
+
+@pretrain_app.command("digits-classifier")
+def pretrain_digits_classifier(
+    data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Weights file to write (.safetensors); default: the packaged asset.")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the small digits ResNet on the clean source split (its weights ship in the package)."""
+    from dusa_cli.engine.pretrain import train_digits_classifier
+    from dusa_cli.models.digits_resnet import digits_weights_path
+    from dusa_cli.ui import info
+
+    target = output or Path(digits_weights_path())
+    accuracy = train_digits_classifier(data, target, epochs=epochs, seed=seed, show_progress=not quiet)
+    info(f"clean test accuracy {accuracy:.1%}; weights written to {target}")
+
+
+@app.command()
+def baseline(
+    config: ConfigOpt = None,
+    method: Annotated[Optional[str], typer.Option(help="source | norm | tent → method.name.")] = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = None,
+    corruption: CorruptionOpt = None,
+    severity: SeverityOpt = None,
+    setting: SettingOpt = None,
+    seed: SeedOpt = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a classification baseline (source, norm, tent) online over the corruptions."""
+    overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, setting=setting, seed=seed, output=output)
+    _run(config, overrides, set_, resume, quiet)
+
+
+@app.command()
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs.")],
+    metric: Annotated[Metric, typer.Option(help="acc: top-1 accuracy; err: top-1 error.")] = Metric.acc,
+    format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
+) -> None:
+    """Tables over results: rows = methods (mean ± std over seeds), columns = corruptions + mean."""
+    from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
+    from dusa_cli.ui import stdout
+
+    table = build_table(find_runs(paths), metric.value)
+    if format is Format.table:
+        stdout.print(to_rich(table))
+    else:
+        sys.stdout.write(to_markdown(table) if format is Format.md else to_csv(table))
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("DUSA_DEBUG") == "1"
+    from dusa_cli.ui import error
+
+    try:
+        app()
+    except DusaError as failure:
+        if debug:
+            raise
+        error(str(failure))
+        sys.exit(int(failure.exit_code))
+    except KeyboardInterrupt:
+        error("interrupted; finished tasks are saved (continue with --resume)")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as failure:  # anything unexpected still ends in one line (traceback with --debug)
+        if debug:
+            raise
+        error(f"internal error: {type(failure).__name__}: {failure} (rerun with --debug for the traceback)")
+        sys.exit(int(ExitCode.RUNTIME))

@@ -1,0 +1,71 @@
+"""Online predict-then-adapt steps: precision, loss scaling and gradient accumulation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dusa_cli.config.schema import OptimConfig
+from dusa_cli.engine.runtime import autocast
+from dusa_cli.methods import StepOutput, TTAMethod
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    optimizer = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return optimizer(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+class OnlineAdapter:
+    """Each micro-batch is predicted by the forward pass that also yields the loss; the optimizer
+    steps once every `accumulation` micro-batches (research/dusa_official.md §1.6)."""
+
+    def __init__(self, method: TTAMethod, optim: OptimConfig, precision: str, device: torch.device):
+        self.method = method
+        self.device = device
+        self.precision = precision
+        self.accumulation = optim.accumulation
+        params = method.parameters()
+        self.optimizer = build_optimizer(params, optim) if params else None
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=precision == "fp16" and self.optimizer is not None
+        )
+        self.pending = 0
+
+    def step(self, images: torch.Tensor) -> StepOutput:
+        with autocast(self.device, self.precision):
+            output = self.method.forward(images)
+        if output.loss is not None and self.optimizer is not None:
+            self.scaler.scale(output.loss / self.accumulation).backward()
+            self.pending += 1
+            if self.pending == self.accumulation:
+                self.flush()
+        return output
+
+    def flush(self) -> None:
+        """Apply accumulated gradients. Called at each task's end too, so a partial
+        accumulation never leaks into the next task (the official code's quirk, §1.7)."""
+        if self.pending == 0 or self.optimizer is None:
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"method": self.method.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0

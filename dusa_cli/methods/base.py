@@ -1,0 +1,67 @@
+"""What every test-time adaptation method provides to the engine.
+
+A method configures the model for adaptation, names the parameters it updates, and defines one
+forward pass that returns the logits used for the online prediction and, if it adapts by
+gradient, the loss. The engine owns the optimizer, precision, accumulation, resets and metrics,
+so a method reads like the official Tent: configure, collect, forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dusa_cli.config.schema import MethodConfig
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # predictions from the pre-update forward pass
+    loss: torch.Tensor | None = None  # None: nothing to back-propagate
+
+
+class TTAMethod:
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, model: nn.Module, config: MethodConfig):
+        self.model = model
+        self.config = config
+        self.configure_model()
+
+    def configure_model(self) -> None:
+        """Default: a frozen model in eval mode."""
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (none for gradient-free methods)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, images: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a reset restores (the engine adds optimizer, scaler and RNG)."""
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
+
+def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
+    """Make every BatchNorm normalise with the current test batch's statistics (Tent/BN-adapt).
+
+    The model stays in eval mode otherwise, so stochastic layers (dropout, drop-path 0.5 in
+    ConvNeXt-L) stay off. Running statistics are dropped, as the official Tent does.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for module in norms:
+        module.train()
+        module.track_running_stats = False
+        module.running_mean = None
+        module.running_var = None
+    return norms

@@ -1,0 +1,80 @@
+"""Read local weight files and load them strictly, with a readable report when they do not fit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dusa_cli.errors import DusaError
+
+# Wrapper keys used by common training codes, in the order a user most likely wants them:
+# EMA weights first (released DiT/SiT/ConvNeXt checkpoints ship both), then the plain model.
+WRAPPER_KEYS = ("ema", "model_ema", "state_dict_ema", "state_dict", "model", "module", "net")
+PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A flat name → tensor dict from .safetensors or a torch pickle, wrappers removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise DusaError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: object = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any decoder failure means the file is not usable weights
+        raise DusaError(f"cannot read checkpoint {path}: {error}") from error
+    while isinstance(state, Mapping) and not _is_flat(state):
+        inner = next((state[key] for key in WRAPPER_KEYS if isinstance(state.get(key), Mapping)), None)
+        if inner is None:
+            raise DusaError(
+                f"checkpoint {path} holds no state dict (top-level keys: {', '.join(list(state)[:8])})"
+            )
+        state = inner
+    if not isinstance(state, Mapping):
+        raise DusaError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return _strip_prefixes({str(k): v for k, v in state.items()})
+
+
+def _is_flat(state: Mapping) -> bool:
+    return bool(state) and all(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _preview(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load every tensor or fail with one line listing missing, unexpected and misshaped keys."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)}≠{tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_preview(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_preview(unexpected)})")
+    if misshaped:
+        problems.append(f"{len(misshaped)} with another shape ({_preview(misshaped)})")
+    if problems:
+        raise DusaError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,62 @@
+"""timm classifiers by name, local weights only, with input normalisation folded into the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dusa_cli.config.schema import ModelConfig
+from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.models import digits_resnet  # noqa: F401  (registers the digits model with timm)
+from dusa_cli.models.checkpoint import load_strict, read_state_dict
+
+
+class NormalizedClassifier(nn.Module):
+    """Takes images in [0, 1] at native size (ImageNet-C files are already 224 px: no resize or
+    crop, research/peers.md §E.2) and normalises them with the model's own mean/std."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.backbone.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+
+def create_classifier(config: ModelConfig) -> NormalizedClassifier:
+    import timm
+
+    if not timm.is_model(config.name):
+        close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"unknown timm model '{config.name}'{hint}")
+    kwargs = {"num_classes": config.num_classes} if config.num_classes is not None else {}
+    if config.pretrained and config.checkpoint is None:
+        backbone = _create_with_packaged_weights(timm, config.name, kwargs)
+    else:
+        backbone = timm.create_model(config.name, pretrained=False, **kwargs)
+        if config.checkpoint is not None:
+            load_strict(backbone, read_state_dict(config.checkpoint), f"checkpoint {config.checkpoint}")
+    cfg = backbone.pretrained_cfg
+    return NormalizedClassifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _create_with_packaged_weights(timm, name: str, kwargs: dict) -> nn.Module:
+    """`pretrained: true` is honoured only for weights that lie on disk (pretrained_cfg.file)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    local = getattr(cfg, "file", None) if cfg is not None else None
+    if not local:
+        raise ConfigError(
+            f"model '{name}' has no local weights; dusa never downloads: pass --checkpoint PATH"
+        )
+    if not Path(local).is_file():
+        raise DusaError(f"packaged weights for '{name}' are missing: {local}")
+    return timm.create_model(name, pretrained=True, **kwargs)

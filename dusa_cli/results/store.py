@@ -1,0 +1,112 @@
+"""A run's results directory: written as each task finishes, safe to interrupt and resume.
+
+    OUTPUT/config.yaml        the fully resolved config
+    OUTPUT/environment.json   packages, device, git commit, command
+    OUTPUT/results.json       status, planned tasks, one record per finished task, summary
+    OUTPUT/state.pt           (continual runs) model/optimizer/RNG after the last finished task
+
+Every file is replaced atomically, so an interrupted run leaves only finished tasks on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dusa_cli.config.loader import dump_config
+from dusa_cli.config.schema import ExperimentConfig
+from dusa_cli.errors import DusaError
+from dusa_cli.results.io import write_atomic, write_json_atomic, write_text_atomic
+
+RESULTS_FORMAT = "dusa-results/1"
+RESULTS_FILE = "results.json"
+
+
+def task_id(corruption: str, severity: int) -> str:
+    return f"{corruption}/{severity}"
+
+
+class ResultsStore:
+    def __init__(self, root: Path, results: dict[str, Any]):
+        self.root = root
+        self.results = results
+
+    @classmethod
+    def open(
+        cls, root: Path, config: ExperimentConfig, environment: dict[str, Any], resume: bool
+    ) -> ResultsStore:
+        results_path = root / RESULTS_FILE
+        config_text = dump_config(config)
+        if results_path.is_file():
+            if not resume:
+                raise DusaError(
+                    f"{root} holds another run; pass --resume to continue it or choose another --output"
+                )
+            saved = (root / "config.yaml").read_text() if (root / "config.yaml").is_file() else ""
+            if saved != config_text:
+                raise DusaError(f"cannot resume {root}: its config.yaml differs from this run's config")
+            store = cls(root, json.loads(results_path.read_text()))
+            store.results["status"] = "running"
+            return store
+        if root.exists() and any(root.iterdir()):
+            raise DusaError(f"output directory {root} is not empty and holds no dusa run")
+        plan = [
+            {"corruption": c, "severity": s}
+            for c in config.data.corruptions
+            for s in config.data.severities
+        ]
+        results = {
+            "format": RESULTS_FORMAT,
+            "status": "running",
+            "task": config.task,
+            "method": config.method.name,
+            "model": config.model.name,
+            "setting": config.run.setting,
+            "seed": config.run.seed,
+            "data": str(config.data.root),
+            "planned_tasks": plan,
+            "tasks": [],
+        }
+        store = cls(root, results)
+        write_text_atomic(root / "config.yaml", config_text)
+        write_json_atomic(root / "environment.json", environment)
+        store._save()
+        return store
+
+    def finished(self) -> set[str]:
+        return {task_id(t["corruption"], t["severity"]) for t in self.results["tasks"]}
+
+    def record_task(self, record: dict[str, Any]) -> None:
+        self.results["tasks"].append(record)
+        self._save()
+
+    def adopt_records(self, records: list[dict[str, Any]]) -> None:
+        """Take the task records saved with the continual state (a superset of results.json's
+        when the run stopped between the two writes)."""
+        if len(records) < len(self.results["tasks"]):
+            raise DusaError(f"cannot resume {self.root}: state.pt is older than results.json")
+        self.results["tasks"] = list(records)
+        self._save()
+
+    def complete(self, summary: dict[str, Any]) -> None:
+        self.results["summary"] = summary
+        self.results["status"] = "complete"
+        self._save()
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.pt"
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        write_atomic(self.state_path, lambda stream: torch.save(state, stream))
+
+    def load_state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            raise DusaError(f"cannot resume the continual run in {self.root}: state.pt is missing")
+        return torch.load(self.state_path, map_location="cpu", weights_only=False)
+
+    def _save(self) -> None:
+        write_json_atomic(self.root / RESULTS_FILE, self.results)

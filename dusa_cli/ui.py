@@ -1,0 +1,91 @@
+"""Terminal output: rich progress bars on stderr (so stdout stays pipeable) and error lines."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def error(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    stderr.print(message, highlight=False, soft_wrap=True)
+
+
+class TaskProgress:
+    """One bar per task with running online accuracy, throughput and ETA."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<24}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("acc {task.fields[accuracy]:6.1%}"),
+            TextColumn("{task.fields[rate]:>7.1f} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+        )
+        self.task_id = None
+
+    def __enter__(self) -> TaskProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start_task(self, name: str, total: int) -> None:
+        self.task_id = self.progress.add_task(name, total=total, accuracy=0.0, rate=0.0)
+
+    def advance(self, images: int, accuracy: float) -> None:
+        self.progress.update(self.task_id, advance=images, accuracy=accuracy)
+        speed = self.progress.tasks[-1].speed
+        if speed:
+            self.progress.update(self.task_id, rate=speed)
+
+    def end_task(self) -> None:
+        self.task_id = None
+
+
+class FileProgress:
+    """A single bar for data preparation, fed with (done, total) callbacks."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.description = description
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+        )
+        self.task_id = None
+
+    def __enter__(self) -> FileProgress:
+        self.progress.start()
+        self.task_id = self.progress.add_task(self.description, total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task_id, completed=done, total=total)
