@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` (set up + the main job on the embedded
+# benchmark) and `make test` (set up + the test suite). Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build on machines without a GPU (a CUDA build works too: TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DIGITS := data/digits-c
+DEMO := results/demo
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(DIGITS)/manifest.json: | $(STAMP)
+	$(BIN)/dusa prepare-data digits-c --output $(DIGITS)
+
+demo: $(STAMP) $(DIGITS)/manifest.json
+	rm -rf $(DEMO)
+	for method in source norm tent; do \
+		$(BIN)/dusa baseline --config configs/cls/digits.yaml --method $$method --output $(DEMO)/$$method --quiet > /dev/null || exit 1; \
+	done
+	$(BIN)/dusa report $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info
