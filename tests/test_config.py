@@ -1,0 +1,76 @@
+"""Config parsing: presets validate, unknown keys and bad values fail naming key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from dusa_cli.config.loader import dump_config, load_config, parse_assignment
+from dusa_cli.config.schema import ExperimentConfig
+from dusa_cli.data.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
+from dusa_cli.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_validates_and_round_trips(path: Path, tmp_path: Path) -> None:
+    config = load_config(path, {})
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(config))
+    assert load_config(dumped, {}) == config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "model: {name: resnet18}\ndata: {root: d}\nmethod: {name: tent}\n"
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "optim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim\.lrr: unknown key"):
+        load_config(path, {})
+
+
+def test_unknown_method_and_method_option(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown method 'tentt'"):
+        load_config(write(tmp_path, BASE.replace("tent", "tentt")), {})
+    with pytest.raises(ConfigError, match=r"method\.alpha: unknown key"):
+        load_config(write(tmp_path, BASE.replace("{name: tent}", "{name: tent, alpha: 1}")), {})
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"), {})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", {})
+
+
+def test_corruption_groups_and_unknown_names(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(path, {"data.corruptions": ["all"]}).data.corruptions == list(CORRUPTIONS)
+    assert load_config(path, {"data.corruptions": ["extra"]}).data.corruptions == list(EXTRA_CORRUPTIONS)
+    both = load_config(path, {"data.corruptions": ["fog,snow", "fog"]}).data.corruptions
+    assert both == ["fog", "snow"]
+    with pytest.raises(ConfigError, match="unknown corruption 'fgo'"):
+        load_config(path, {"data.corruptions": ["fgo"]})
+
+
+def test_flag_and_set_overrides_take_precedence(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "optim: {lr: 0.1}\n")
+    config = load_config(path, {"run.seed": 7, "data.severities": [3]}, ["optim.lr=1e-4", "run.setting=continual"])
+    assert (config.run.seed, config.data.severities, config.optim.lr) == (7, [3], 1e-4)
+    assert config.run.setting == "continual"
+    with pytest.raises(ConfigError, match="severities"):
+        load_config(path, {"data.severities": [6]})
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_assignment("novalue")
+
+
+def test_switching_method_drops_the_presets_method_options(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE), {"method.name": "source"})
+    assert config.method.name == "source"
+    assert isinstance(config, ExperimentConfig)

@@ -1,0 +1,112 @@
+"""Baselines on tiny real timm models: what each updates and how the adapter steps."""
+
+import pytest
+import torch
+from torch import nn
+
+from dusa_cli.config.schema import MethodConfig, ModelConfig, OptimConfig
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.methods import available_methods, get_method
+from dusa_cli.methods.tent import softmax_entropy
+from dusa_cli.models.classifier import create_classifier
+
+
+def make(method: str, model: str = "dusa_digits_resnet"):
+    torch.manual_seed(0)
+    classifier = create_classifier(ModelConfig(name=model))
+    return get_method(method)(classifier, MethodConfig(name=method))
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_registry_lists_the_baselines() -> None:
+    assert {"source", "norm", "tent"} <= set(available_methods())
+
+
+def test_source_changes_nothing() -> None:
+    method = make("source")
+    before = snapshot(method.model)
+    adapter = OnlineAdapter(method, OptimConfig(), "fp32", torch.device("cpu"))
+    adapter.step(torch.rand(8, 3, 32, 32))
+    assert adapter.optimizer is None
+    assert all(torch.equal(before[k], v) for k, v in method.model.state_dict().items())
+
+
+def test_norm_uses_test_batch_statistics() -> None:
+    method = make("norm")
+    images = torch.rand(8, 3, 32, 32)
+    alone = method.forward(images[:1]).logits
+    with_batch = method.forward(torch.cat([images[:1], images[1:] * 3]))
+    assert not torch.allclose(alone, with_batch.logits[:1])  # batch statistics, not running ones
+    assert with_batch.loss is None and not method.parameters()
+
+
+@pytest.mark.parametrize("model", ["dusa_digits_resnet", "convnext_atto"])
+def test_tent_updates_only_norm_affine_parameters(model: str) -> None:
+    method = make("tent", model)
+    names = {n for n, p in method.model.named_parameters() if p.requires_grad}
+    norm_types = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    expected = {
+        f"{module_name}.{param}"
+        for module_name, module in method.model.named_modules()
+        if isinstance(module, norm_types)
+        for param in ("weight", "bias")
+        if getattr(module, param) is not None
+    }
+    assert names == expected and names
+    before = snapshot(method.model)
+    adapter = OnlineAdapter(method, OptimConfig(lr=1e-2), "fp32", torch.device("cpu"))
+    adapter.step(torch.rand(8, 3, 32, 32))
+    changed = {k for k, v in method.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and changed <= expected
+
+
+def test_tent_loss_is_mean_entropy_and_drops_with_steps() -> None:
+    method = make("tent")
+    images = torch.rand(16, 3, 32, 32)
+    output = method.forward(images)
+    assert torch.allclose(output.loss, softmax_entropy(output.logits).mean(), atol=1e-6)
+    adapter = OnlineAdapter(method, OptimConfig(lr=1e-2), "fp32", torch.device("cpu"))
+    losses = [adapter.step(images).loss.item() for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
+def test_entropy_of_uniform_and_one_hot() -> None:
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(softmax_entropy(logits), torch.tensor([torch.log(torch.tensor(4.0)), 0.0]), atol=1e-5)
+
+
+def test_accumulation_steps_every_n_micro_batches_and_flushes_the_rest() -> None:
+    method = make("tent")
+    adapter = OnlineAdapter(method, OptimConfig(lr=1e-2, accumulation=3), "fp32", torch.device("cpu"))
+    steps = []
+    adapter.optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    for _ in range(7):
+        adapter.step(torch.rand(4, 3, 32, 32))
+    assert len(steps) == 2 and adapter.pending == 1
+    adapter.flush()
+    assert len(steps) == 3 and adapter.pending == 0
+    assert all(p.grad is None for p in method.parameters())
+
+
+def test_adapter_state_round_trip_restores_model_and_optimizer() -> None:
+    method = make("tent")
+    adapter = OnlineAdapter(method, OptimConfig(lr=1e-2), "fp32", torch.device("cpu"))
+    initial = {k: v for k, v in adapter.state_dict().items()}
+    initial = torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, initial)
+    images = torch.rand(8, 3, 32, 32)
+    first = adapter.step(images).logits
+    adapter.step(images)
+    adapter.load_state_dict(initial)
+    assert not adapter.optimizer.state
+    assert torch.allclose(adapter.step(images).logits, first)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_run_on_cpu(precision: str) -> None:
+    method = make("tent")
+    adapter = OnlineAdapter(method, OptimConfig(lr=1e-3), precision, torch.device("cpu"))
+    output = adapter.step(torch.rand(8, 3, 32, 32))
+    assert torch.isfinite(output.loss)
