@@ -149,7 +149,8 @@ def run_experiment(
             shuffle=config.data.shuffle,
             num_workers=config.data.num_workers,
             pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed + index),
+            # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
+            generator=torch.Generator().manual_seed(seed if not continual else seed + index),
         )
         progress.start_task(task_id(corruption, severity), len(dataset))
         record = run_task(adapter, loader, device, progress)

@@ -90,10 +90,11 @@ def build_table(runs: list[dict[str, Any]], metric: str = "acc") -> Table:
             row.values.setdefault(MEAN, []).append(statistics.fmean(columns.values()))
         else:
             row.partial = True
+    ordered = sorted(rows.values(), key=lambda row: not row.label.startswith("source"))  # reference first
     order = [c for c in ALL_CORRUPTIONS if c in names] + sorted(names - set(ALL_CORRUPTIONS))
     severities = sorted({t["severity"] for r in runs for t in r["tasks"]})
     suffix = f", severity {', '.join(map(str, severities))}" if severities else ""
-    return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=list(rows.values()))
+    return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=ordered)
 
 
 def _format(cell: tuple[float, float] | None, seeds: int) -> str:

@@ -1,0 +1,120 @@
+"""The online loop on real digits-C files: metrics, determinism, resets, resume, output safety."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dusa_cli.config.loader import load_config
+from dusa_cli.engine.loop import run_experiment
+from dusa_cli.errors import DusaError
+from dusa_cli.models.classifier import create_classifier
+
+PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
+
+
+def config_for(digits_c: Path, output: Path, method: str = "tent", **extra):
+    overrides = {
+        "data.root": str(digits_c),
+        "data.corruptions": ["gaussian_noise", "fog"],
+        "data.batch_size": 16,
+        "run.output": str(output),
+        "method.name": method,
+    } | extra
+    return load_config(PRESET, overrides)
+
+
+def test_records_match_an_independent_evaluation(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", method="source")
+    results = run_experiment(config).results
+    assert results["status"] == "complete"
+    assert [t["corruption"] for t in results["tasks"]] == ["gaussian_noise", "fog"]
+    from dusa_cli.data.datasets import open_task
+
+    model = create_classifier(config.model).eval()
+    for task in results["tasks"]:
+        dataset = open_task(digits_c, task["corruption"], 5)
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))]).float() / 255
+        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        with torch.no_grad():
+            accuracy = (model(images).argmax(1) == labels).float().mean().item()
+        assert task["num_samples"] == len(dataset) == 40
+        assert task["top1"] == pytest.approx(accuracy)
+        assert task["error"] == pytest.approx(1 - accuracy)
+        assert task["top5"] >= task["top1"]
+        assert task["images_per_s"] > 0 and task["peak_memory_gib"] > 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == results
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["packages"]["torch"] and environment["device"] == "cpu"
+
+
+def test_same_seed_same_run_and_seed_matters(digits_c: Path, tmp_path: Path) -> None:
+    first = run_experiment(config_for(digits_c, tmp_path / "a")).results["tasks"]
+    second = run_experiment(config_for(digits_c, tmp_path / "b")).results["tasks"]
+    assert [(t["top1"], t["mean_loss"]) for t in first] == [(t["top1"], t["mean_loss"]) for t in second]
+    other = run_experiment(config_for(digits_c, tmp_path / "c", **{"run.seed": 1})).results["tasks"]
+    assert [t["mean_loss"] for t in other] != [t["mean_loss"] for t in first]
+
+
+def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
+    def fog(output: str, corruptions: list[str], setting: str) -> dict:
+        config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})
+        return run_experiment(config).results["tasks"][-1]
+
+    alone = fog("alone", ["fog"], "reset_each_shift")
+    after_reset = fog("reset", ["gaussian_noise", "fog"], "reset_each_shift")
+    after_continual = fog("continual", ["gaussian_noise", "fog"], "continual")
+    assert alone["mean_loss"] == after_reset["mean_loss"] and alone["top1"] == after_reset["top1"]
+    assert after_continual["mean_loss"] != alone["mean_loss"]
+
+
+class StopAfter:
+    """A progress sink that interrupts the run, as Ctrl-C would, after N batches."""
+
+    def __init__(self, batches: int):
+        self.batches = batches
+
+    def start_task(self, name: str, total: int) -> None: ...
+    def end_task(self) -> None: ...
+
+    def advance(self, images: int, accuracy: float) -> None:
+        self.batches -= 1
+        if self.batches < 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("setting", ["reset_each_shift", "continual"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(digits_c: Path, tmp_path: Path, setting: str) -> None:
+    reference = run_experiment(config_for(digits_c, tmp_path / "ref", **{"run.setting": setting})).results
+    config = config_for(digits_c, tmp_path / "run", **{"run.setting": setting})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, progress=StopAfter(batches=4))  # 3 batches per task: stops in task 2
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert partial["status"] == "running" and len(partial["tasks"]) == 1
+    resumed = run_experiment(config, resume=True).results
+    keys = ("corruption", "top1", "top5", "mean_loss", "num_samples")
+    assert [[t[k] for k in keys] for t in resumed["tasks"]] == [[t[k] for k in keys] for t in reference["tasks"]]
+
+
+def test_output_directory_guards(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", method="source")
+    run_experiment(config)
+    with pytest.raises(DusaError, match="holds another run"):
+        run_experiment(config)
+    changed = config_for(digits_c, tmp_path / "run", method="norm")
+    with pytest.raises(DusaError, match="config.yaml differs"):
+        run_experiment(changed, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DusaError, match="not empty"):
+        run_experiment(config_for(digits_c, tmp_path / "other"))
+
+
+def test_missing_task_fails_before_writing_anything(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", **{"data.corruptions": ["snow"]})
+    with pytest.raises(DusaError, match="snow"):
+        run_experiment(config)
+    assert not (tmp_path / "run").exists()
