@@ -130,14 +130,14 @@ def prepare_data(
     severities = severity or list(SEVERITIES)
     if any(s not in SEVERITIES for s in severities):
         raise DusaError("severities must be integers 1..5")
+    if dataset is Dataset.imagenet_c and source is None:
+        raise DusaError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
     with FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
         if dataset is Dataset.digits_c:
             from dusa_cli.data.digits import build_digits_c
 
             manifest = build_digits_c(output, seed=seed, corruptions=corruptions, severities=severities, workers=workers, limit_per_class=limit_per_class, progress=progress)
         else:
-            if source is None:
-                raise DusaError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
             from dusa_cli.data.imagenet_c import prepare_imagenet_c
 
             manifest = prepare_imagenet_c(source, output, corruptions=corruptions, severities=severities, seed=seed, workers=workers, progress=progress)

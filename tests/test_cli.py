@@ -1,0 +1,126 @@
+"""The `dusa` command through a subprocess: runs, reports, exit codes and one-line errors."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
+
+
+def dusa(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"COLUMNS": "200", "DUSA_DEBUG": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "dusa_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """source and tent, each over two seeds, through the real CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    for method in ("source", "tent"):
+        for seed in ("1", "2"):
+            result = dusa(
+                "baseline", "-c", PRESET, "--method", method, "--data", str(digits_c),
+                "--corruption", "gaussian_noise,fog", "--seed", seed, "--output", str(root / f"{method}-{seed}"), "-q",
+            )
+            assert result.returncode == 0, result.stderr
+            assert "gaussian noise" in result.stdout  # the run's own table
+    return root
+
+
+def test_report_formats_pool_seeds(runs: Path) -> None:
+    table = dusa("report", str(runs))
+    assert table.returncode == 0 and "source" in table.stdout and "tent" in table.stdout
+    rows = list(csv.DictReader(io.StringIO(dusa("report", str(runs), "--format", "csv", "--metric", "err").stdout)))
+    assert [r["method"] for r in rows] == ["source", "tent"] and {r["seeds"] for r in rows} == {"2"}
+    runs_by_method: dict[str, list[float]] = {}
+    for path in runs.glob("*/results.json"):
+        results = json.loads(path.read_text())
+        runs_by_method.setdefault(results["method"], []).append(100 * results["summary"]["mean_error"])
+    for row in rows:
+        values = runs_by_method[row["method"]]
+        assert float(row["mean"]) == pytest.approx(sum(values) / 2, abs=1e-3)
+        assert float(row["mean_std"]) == pytest.approx(float(torch.tensor(values).std()), abs=1e-3)
+    markdown = dusa("report", str(runs / "tent-1"), "--format", "md").stdout
+    assert markdown.splitlines()[2].startswith("| method | seeds | gaussian_noise | fog | mean |")
+
+
+def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c: Path) -> None:
+    args = ("baseline", "-c", PRESET, "--method", "source", "--data", str(digits_c),
+            "--corruption", "gaussian_noise,fog", "--seed", "1", "--output", str(runs / "source-1"), "-q")
+    assert_one_line_error(dusa(*args), 1, "holds another run")
+    assert dusa(*args, "--resume").returncode == 0
+
+
+def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
+    out = str(tmp_path / "out")
+    assert_one_line_error(dusa("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", out), 1, "none")
+    assert_one_line_error(dusa("baseline", "-c", PRESET, "--corruption", "fgo", "-o", out), 2, "unknown corruption 'fgo'")
+    assert_one_line_error(dusa("baseline", "-c", PRESET, "--model", "resnet_nope", "-o", out), 2, "unknown timm model")
+    assert_one_line_error(dusa("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", out), 2, "optim.lrr: unknown key")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: x\n")
+    assert_one_line_error(dusa("baseline", "-c", str(bad)), 2, "invalid YAML")
+    assert not Path(out).exists()
+
+
+def test_checkpoint_that_does_not_fit_is_reported(tmp_path: Path, digits_c: Path) -> None:
+    import timm
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"state_dict": timm.create_model("resnet10t", num_classes=10).state_dict()}, wrong)
+    result = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, 1, "does not fit")
+    assert "missing" in result.stderr and "unexpected" in result.stderr
+    debug = dusa("--debug", "baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_matching_checkpoint_loads_through_wrappers(tmp_path: Path, digits_c: Path) -> None:
+    from dusa_cli.models.digits_resnet import digits_weights_path
+    from safetensors.torch import load_file
+
+    wrapped = tmp_path / "wrapped.pth"
+    state = {f"module.{k}": v for k, v in load_file(digits_weights_path()).items()}
+    torch.save({"model": state, "epoch": 3}, wrapped)
+    result = dusa("baseline", "-c", PRESET, "--method", "source", "--data", str(digits_c), "--checkpoint", str(wrapped),
+                  "--set", "model.pretrained=false", "--corruption", "fog", "-o", str(tmp_path / "o"), "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
+    data = tmp_path / "digits"
+    result = dusa("prepare-data", "digits-c", "-o", str(data), "--corruption", "saturate", "--severity", "2",
+                  "--limit-per-class", "1", "--workers", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    assert len(list((data / "saturate" / "2").rglob("*.png"))) == 10
+    weights = tmp_path / "w.safetensors"
+    result = dusa("pretrain", "digits-classifier", "--data", str(data), "-o", str(weights), "--epochs", "2", "-q")
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stderr.split("accuracy ")[1].split("%")[0])
+    assert accuracy > 20  # two epochs are far above chance (10 %) on real digits
+    from dusa_cli.models.checkpoint import load_strict, read_state_dict
+    from dusa_cli.models.digits_resnet import dusa_digits_resnet
+
+    load_strict(dusa_digits_resnet(), read_state_dict(weights), "trained weights")
+    assert_one_line_error(dusa("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 1, "--source")
+
+
+def test_help_and_version() -> None:
+    assert "prepare-data" in dusa("--help").stdout
+    assert dusa("--version").stdout.startswith("dusa ")
