@@ -1,0 +1,1 @@
+"""Datasets: readers (`datasets`) and benchmark builders (`digits`, `imagenet_c`)."""

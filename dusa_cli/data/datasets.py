@@ -1,0 +1,176 @@
+"""Readers for corrupted test sets: ImageNet-C-style folders and CIFAR-C-style .npy arrays.
+
+Every dataset yields `(image, label)`: the image a uint8 C×H×W RGB tensor at its stored size
+(resizing and normalising belong to the model), the label an int.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from dusa_cli.data.files import class_folders, image_files, read_rgb, require_directory
+from dusa_cli.errors import ConfigError, DusaError
+
+Item = tuple[torch.Tensor, int]
+_WNID = re.compile(r"n\d{8}")
+
+
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1 000 ImageNet-1k wnids in canonical (sorted) order, from the installed timm package."""
+    # find_spec locates timm without importing it (an import costs seconds).
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise DusaError("timm is not installed; its ImageNet-1k class list maps wnid folders")
+    timm_folder = Path(list(spec.submodule_search_locations)[0])
+    path = timm_folder / "data" / "_info" / "imagenet_synsets.txt"
+    try:
+        return tuple(path.read_text().split())
+    except OSError as exc:
+        raise DusaError(f"cannot read the ImageNet-1k class list {path}: {exc.strerror}") from exc
+
+
+def class_index(folder_names: Sequence[str]) -> dict[str, int]:
+    """Map class folder names to label indices.
+
+    ImageNet-1k wnids map to their canonical index and integer names to their value, so a copy
+    holding only some classes still lines up with the model's outputs; any other names are
+    numbered in sorted order.
+    """
+    names = list(folder_names)
+    if names and all(_WNID.fullmatch(name) for name in names):
+        canonical = {wnid: index for index, wnid in enumerate(imagenet_wnids())}
+        if all(name in canonical for name in names):
+            return {name: canonical[name] for name in names}
+    if names and all(name.isdecimal() for name in names):
+        return {name: int(name) for name in names}
+    return {name: index for index, name in enumerate(sorted(names))}
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 array → contiguous 3×H×W uint8 tensor that owns its memory."""
+    return torch.from_numpy(image.transpose(2, 0, 1).copy())
+
+
+class ImageFolderTask(Dataset[Item]):
+    """`root/<class>/<image>`: one ImageNet-C (corruption, severity) folder, or a clean split."""
+
+    def __init__(self, root: Path) -> None:
+        folders = class_folders(root)
+        self.root = root
+        self.class_to_index = class_index([folder.name for folder in folders])
+        self.samples = [
+            (path, self.class_to_index[folder.name])
+            for folder in folders
+            for path in image_files(folder)
+        ]
+        if not self.samples:
+            raise DusaError(f"no images in {root} (expected {root}/<class>/<image>)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.samples[index]
+        return _to_tensor(np.asarray(read_rgb(path))), label
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DusaError(f"file not found: {path}")
+    try:
+        # Memory-mapped: a CIFAR-C corruption file holds all five severities (150 MB).
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DusaError(f"cannot read {path}: {exc}") from exc
+
+
+class CorruptionArrayTask(Dataset[Item]):
+    """CIFAR-10-C/100-C: `root/<corruption>.npy` stacks severities 1..5 (N×H×W×3 uint8 each);
+    `root/labels.npy` holds the labels, stacked the same way or once."""
+
+    def __init__(self, root: Path, corruption: str, severity: int) -> None:
+        path = root / f"{corruption}.npy"
+        images = _load_array(path)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise DusaError(
+                f"{path}: expected N×H×W×3 uint8 images, found {images.dtype} {images.shape}"
+            )
+        if len(images) % len(SEVERITIES):
+            raise DusaError(
+                f"{path}: {len(images)} images do not split into {len(SEVERITIES)} severities"
+            )
+        per_severity = len(images) // len(SEVERITIES)
+        rows = slice((severity - 1) * per_severity, severity * per_severity)
+        labels_path = root / "labels.npy"
+        labels = _load_array(labels_path)
+        if labels.ndim != 1 or len(labels) not in (len(images), per_severity):
+            raise DusaError(
+                f"{labels_path}: expected {len(images)} or {per_severity} labels, "
+                f"found shape {labels.shape}"
+            )
+        self.root = root
+        self.images = images[rows]
+        self.labels = labels[rows] if len(labels) == len(images) else labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Item:
+        return _to_tensor(self.images[index]), int(self.labels[index])
+
+
+def open_task(
+    root: Path, corruption: str, severity: int, *, num_ex: int | None = None, seed: int = 0
+) -> Dataset[Item]:
+    """The test set of one (corruption, severity) under `root`, in either layout.
+
+    `root/<corruption>/<severity>/<class>/<image>` (ImageNet-C) or `root/<corruption>.npy` with
+    `root/labels.npy` (CIFAR-C). With `num_ex`, a random subset of that many items, in stored
+    order; it depends only on (seed, dataset size), so equal-sized tasks share it. A `num_ex`
+    above the size gives the whole set: check `len()`.
+    """
+    if corruption not in ALL_CORRUPTIONS:
+        raise ConfigError(
+            f"unknown corruption '{corruption}'; choose from: " + ", ".join(ALL_CORRUPTIONS)
+        )
+    if severity not in SEVERITIES:
+        raise ConfigError(f"severity must be one of 1..5, got {severity!r}")
+    require_directory(root, "data directory")
+    folder = root / corruption
+    array_file = root / f"{corruption}.npy"
+    if folder.is_dir():
+        task: Dataset[Item] = ImageFolderTask(folder / str(severity))
+    elif array_file.is_file():
+        task = CorruptionArrayTask(root, corruption, severity)
+    else:
+        raise DusaError(
+            f"no '{corruption}' data in {root}: expected folder {folder / str(severity)} "
+            f"(ImageNet-C layout) or file {array_file} (CIFAR-C layout)"
+        )
+    return _subset(task, num_ex, seed)
+
+
+def _subset(dataset: Dataset[Item], num_ex: int | None, seed: int) -> Dataset[Item]:
+    if num_ex is not None and num_ex < 1:
+        raise ConfigError(f"num_ex must be at least 1, got {num_ex}")
+    size = len(dataset)  # type: ignore[arg-type]
+    if num_ex is None or num_ex >= size:
+        return dataset
+    chosen = np.random.default_rng(seed).permutation(size)[:num_ex]
+    return Subset(dataset, sorted(chosen.tolist()))
+
+
+def open_split(root: Path, split: str) -> ImageFolderTask:
+    """A clean split `root/<split>/<class>/<image>`, e.g. digits-C's `train` and `clean`."""
+    require_directory(root, "data directory")
+    return ImageFolderTask(root / split)

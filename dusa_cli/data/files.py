@@ -1,0 +1,73 @@
+"""Filesystem helpers shared by the dataset builders and readers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from dusa_cli.errors import DusaError
+
+# Suffixes read as images, compared in lower case (ImageNet ships `.JPEG`).
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"})
+
+
+def require_directory(path: Path, what: str) -> None:
+    """Raise a one-line DusaError unless `path` is an existing directory."""
+    if not path.exists():
+        raise DusaError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise DusaError(f"{what} is not a directory: {path}")
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of `root` (`root/<class>/<image>`), sorted by name."""
+    require_directory(root, "image folder")
+    folders = sorted(
+        (entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        key=lambda entry: entry.name,
+    )
+    if not folders:
+        raise DusaError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    return folders
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted; hidden and temporary files are skipped."""
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.suffix.lower() in IMAGE_SUFFIXES
+        and not entry.name.startswith(".")
+        and entry.is_file()
+    )
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode an image file fully as RGB; a missing or undecodable file is a DusaError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DusaError(f"cannot read image {path}: {reason}") from exc
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename it, so a file that exists is always complete."""
+    # One writer per path and process, so the pid makes the temporary name unique; the leading dot
+    # and `.tmp` suffix keep a leftover from a killed run out of `image_files`.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise DusaError(f"cannot write {path}: {exc.strerror or exc}") from exc
