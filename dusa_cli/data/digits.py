@@ -1,0 +1,173 @@
+"""digits-C: an offline corruption benchmark built from scikit-learn's real handwritten digits.
+
+`sklearn.datasets.load_digits()` ships inside the scikit-learn wheel (1 797 scans, 8×8, grey
+levels 0..16, 10 classes), so the benchmark needs no download. The images are upscaled to 32×32
+RGB, the smallest size at which all 19 ImageNet-C corruptions run, split into a source-training
+part and a test part, and the test part is corrupted in the ImageNet-C folder layout.
+Grey images have no saturation, so `saturate` at severities 1-3 leaves them unchanged (4-5 tint).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from dusa_cli.data.generate import (
+    ImageFormat,
+    Job,
+    Plan,
+    Progress,
+    check_corruptions,
+    corruption_counts,
+    library_versions,
+    run_jobs,
+    write_manifest,
+)
+from dusa_cli.errors import ConfigError, DusaError
+
+IMAGE_SIZE = 32
+NUM_CLASSES = 10
+TEST_FRACTION = 1 / 3
+PNG = ImageFormat(".png", "PNG")
+
+
+@functools.cache
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """All 1 797 digits as N×32×32×3 uint8 images, and their labels."""
+    from sklearn.datasets import load_digits  # scikit-learn is only needed to build the benchmark
+
+    digits = load_digits()
+    images = np.stack([_upscale(grey) for grey in digits.images])
+    return np.repeat(images[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def _upscale(grey: np.ndarray) -> np.ndarray:
+    # Bilinear on the float image gives smooth strokes without the overshoot of bicubic, and
+    # interpolating before rounding keeps more than the 16 source grey levels.
+    scaled = Image.fromarray((grey * (255 / 16)).astype(np.float32))  # mode "F"
+    upscaled = np.asarray(scaled.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR))
+    return np.clip(np.rint(upscaled), 0, 255).astype(np.uint8)
+
+
+def digit_image(index: int) -> np.ndarray:
+    """One upscaled digit (a job loader: a module-level function pickles by name to workers)."""
+    return digit_images()[0][index]
+
+
+def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices; each class contributes about a third of its images to test."""
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for label in range(NUM_CLASSES):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        test_size = round(len(members) * TEST_FRACTION)
+        test.append(members[:test_size])
+        train.append(members[test_size:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _limit_per_class(indices: np.ndarray, labels: np.ndarray, limit: int) -> np.ndarray:
+    kept = [indices[labels[indices] == label][:limit] for label in range(NUM_CLASSES)]
+    return np.sort(np.concatenate(kept))
+
+
+def _previous_files(output: Path) -> set[str]:
+    """Files listed by an earlier build's manifest, which this build may no longer make."""
+    try:
+        listed = json.loads((output / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    # Only plain relative paths: a hand-edited manifest must not delete files outside `output`.
+    paths = (Path(name) for name in listed)
+    return {path.as_posix() for path in paths if not path.is_absolute() and ".." not in path.parts}
+
+
+def _remove_stale(output: Path, stale: set[str]) -> None:
+    """Delete files of an earlier build that this one did not make, and folders left empty."""
+    for relative_path in stale:
+        path = output / relative_path
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == output:
+                break
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def build_digits_c(
+    output: Path,
+    *,
+    seed: int = 0,
+    corruptions: Sequence[str] = ALL_CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    workers: int = 2,
+    limit_per_class: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write digits-C under `output` and return its manifest (also written as manifest.json).
+
+    Layout: train/<class>/<id>.png (clean source split), clean/<class>/<id>.png (clean test
+    split), <corruption>/<severity>/<class>/<id>.png (test split corrupted); <id> is the image's
+    index in `load_digits()`, zero-padded. The same seed gives byte-identical files.
+    """
+    corruption_names, severity_levels = check_corruptions(corruptions, severities)
+    if limit_per_class is not None and limit_per_class < 1:
+        raise ConfigError(f"limit_per_class must be at least 1, got {limit_per_class}")
+    if output.exists() and not output.is_dir():
+        raise DusaError(f"output is not a directory: {output}")
+
+    labels = digit_images()[1]
+    train, test = stratified_split(labels, seed)
+    if limit_per_class is not None:
+        test = _limit_per_class(test, labels, limit_per_class)
+
+    previous_files = _previous_files(output)
+    # The old manifest would describe files this build is about to replace.
+    (output / "manifest.json").unlink(missing_ok=True)
+
+    def job(index: int, is_test: bool) -> Job:
+        return Job(
+            item_id=f"{labels[index]}/{index:04d}",
+            load=functools.partial(digit_image, int(index)),
+            copies=("clean",) if is_test else ("train",),
+            corrupted=is_test,
+        )
+
+    plan = Plan(
+        output=output,
+        corruptions=corruption_names,
+        severities=severity_levels,
+        seed=seed,
+        image_format=PNG,
+        image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        resume=False,  # rebuilding is quick, and old files may come from another seed
+    )
+    jobs = [job(index, False) for index in train] + [job(index, True) for index in test]
+    checksums = run_jobs(plan, jobs, workers, progress)
+    _remove_stale(output, previous_files - checksums.keys())
+
+    manifest = {
+        "dataset": "digits-c",
+        "source": "sklearn.datasets.load_digits",
+        "seed": seed,
+        "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+        "upscaling": "bilinear, grey levels 0..16 scaled to 0..255, grey copied to RGB",
+        "classes": [str(label) for label in range(NUM_CLASSES)],
+        "splits": {"train": len(train), "clean": len(test)},
+        "limit_per_class": limit_per_class,
+        "corruptions": list(corruption_names),
+        "severities": list(severity_levels),
+        "counts": corruption_counts(checksums, corruption_names, severity_levels),
+        "versions": library_versions(),
+        "files": dict(sorted(checksums.items())),
+    }
+    write_manifest(output, manifest)
+    return manifest
