@@ -1,0 +1,148 @@
+"""ImageNet-C from any ImageNet-style folder, made the way Hendrycks & Dietterich made theirs."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dusa_cli.data.corruptions import CORRUPTIONS, SEVERITIES
+from dusa_cli.data.files import (
+    class_folders,
+    image_files,
+    read_rgb,
+    require_directory,
+    write_bytes_atomic,
+)
+from dusa_cli.data.generate import (
+    ImageFormat,
+    Job,
+    Plan,
+    Progress,
+    check_corruptions,
+    corruption_counts,
+    default_workers,
+    library_versions,
+    run_jobs,
+    write_manifest,
+)
+from dusa_cli.errors import DusaError
+
+RESIZE = 256
+CROP = 224
+# The released ImageNet-C images are JPEGs saved at quality 85; the same keeps the compression
+# artefacts a model sees alike.
+JPEG = ImageFormat(".JPEG", "JPEG", {"quality": 85})
+# Settings that decide the bytes of every file; a resumed run must use the same ones.
+SETTINGS_FILE = ".dusa-prepare.json"
+
+
+def load_center_crop(path: Path) -> np.ndarray:
+    """Resize the short side to 256 (bilinear, antialiased) and centre-crop 224×224.
+
+    The same arithmetic as torchvision's Resize(256) + CenterCrop(224) on a PIL image, which the
+    ImageNet-C generation script used.
+    """
+    image = read_rgb(path)
+    width, height = image.size
+    if width <= height:
+        new_size = (RESIZE, int(RESIZE * height / width))
+    else:
+        new_size = (int(RESIZE * width / height), RESIZE)
+    # Pillow's filter spans the whole source footprint when shrinking, so this antialiases.
+    image = image.resize(new_size, Image.Resampling.BILINEAR)
+    left = int(round((new_size[0] - CROP) / 2))
+    top = int(round((new_size[1] - CROP) / 2))
+    return np.asarray(image.crop((left, top, left + CROP, top + CROP)))
+
+
+def _source_jobs(source: Path) -> tuple[list[str], list[Job]]:
+    """The class names and one job per image of `source/<class>/<image>`."""
+    require_directory(source, "source folder")
+    folders = class_folders(source)
+    jobs = []
+    for folder in folders:
+        seen: dict[str, Path] = {}
+        for path in image_files(folder):
+            if path.stem in seen:
+                raise DusaError(
+                    f"{seen[path.stem]} and {path} would both be saved as {path.stem}{JPEG.suffix}"
+                )
+            seen[path.stem] = path
+            load = functools.partial(load_center_crop, path)
+            jobs.append(Job(item_id=f"{folder.name}/{path.stem}", load=load))
+    if not jobs:
+        raise DusaError(f"no images in {source} (expected {source}/<wnid>/<image>.JPEG)")
+    return [folder.name for folder in folders], jobs
+
+
+def _claim_output(output: Path, settings: dict[str, Any]) -> None:
+    """Record the settings in `output`, refusing to resume a run made with different ones."""
+    settings_path = output / SETTINGS_FILE
+    if settings_path.is_file():
+        try:
+            previous = json.loads(settings_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DusaError(f"cannot read {settings_path}: {exc}") from exc
+        if previous != settings:
+            raise DusaError(
+                f"{output} holds files made with other settings ({previous}, see {settings_path}); "
+                "use the same seed or a new output directory"
+            )
+        return
+    write_bytes_atomic(settings_path, json.dumps(settings).encode())
+
+
+def prepare_imagenet_c(
+    source: Path,
+    output: Path,
+    *,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write OUTPUT/<corruption>/<severity>/<wnid>/<stem>.JPEG for every SOURCE/<wnid>/<image>.
+
+    Resumable: files that exist and decode are kept, anything else is (re)made. `workers` defaults
+    to the usable CPU cores. Returns the manifest, written last as OUTPUT/manifest.json.
+    """
+    corruption_names, severity_levels = check_corruptions(corruptions, severities)
+    classes, jobs = _source_jobs(source)
+    if output.exists() and not output.is_dir():
+        raise DusaError(f"output is not a directory: {output}")
+    _claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options})
+
+    plan = Plan(
+        output=output,
+        corruptions=corruption_names,
+        severities=severity_levels,
+        seed=seed,
+        image_format=JPEG,
+        image_size=(CROP, CROP),
+        resume=True,
+    )
+    checksums = run_jobs(plan, jobs, default_workers() if workers is None else workers, progress)
+    manifest = {
+        "dataset": "imagenet-c",
+        "source": str(source),
+        "seed": seed,
+        "image_size": [CROP, CROP],
+        "preprocessing": f"short side to {RESIZE} (bilinear, antialiased), centre crop {CROP}",
+        "jpeg_quality": JPEG.save_options["quality"],
+        "classes": classes,
+        "images": len(jobs),
+        "corruptions": list(corruption_names),
+        "severities": list(severity_levels),
+        "counts": corruption_counts(checksums, corruption_names, severity_levels),
+        "versions": library_versions(),
+        "files": dict(sorted(checksums.items())),
+    }
+    write_manifest(output, manifest)
+    return manifest
