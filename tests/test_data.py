@@ -1,0 +1,342 @@
+"""The data layer on real inputs: scikit-learn's digits, generated JPEG/PNG folders, .npy arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import dusa_cli  # noqa: F401  (installs the torchvision shim before anything imports timm)
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS
+from dusa_cli.data.datasets import (
+    ImageFolderTask,
+    class_index,
+    imagenet_wnids,
+    open_split,
+    open_task,
+)
+from dusa_cli.data.digits import build_digits_c, digit_images
+from dusa_cli.data.generate import corrupt_image
+from dusa_cli.data.imagenet_c import prepare_imagenet_c
+from dusa_cli.errors import ConfigError, DusaError
+
+CORRUPTIONS = ("gaussian_noise", "impulse_noise", "glass_blur", "frost")
+SEVERITIES = (1, 5)
+LIMIT = 3
+# With this seed a severity-1 spatter layer on a 32×32 image is empty (see corrupt_image).
+EMPTY_SPATTER_SEED = 1704084270
+
+
+def build(output: Path, seed: int, workers: int) -> dict:
+    return build_digits_c(
+        output,
+        seed=seed,
+        corruptions=CORRUPTIONS,
+        severities=SEVERITIES,
+        workers=workers,
+        limit_per_class=LIMIT,
+    )
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def relative_pngs(root: Path) -> set[str]:
+    return {path.relative_to(root).as_posix() for path in root.rglob("*.png")}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    files = (path for path in root.rglob("*") if path.is_file())
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in files}
+
+
+@pytest.fixture(scope="module")
+def digits_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small digits-C built by two worker processes."""
+    output = tmp_path_factory.mktemp("digits") / "digits-c"
+    calls: list[tuple[int, int]] = []
+    build_digits_c(
+        output,
+        corruptions=CORRUPTIONS,
+        severities=SEVERITIES,
+        workers=2,
+        limit_per_class=LIMIT,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    total = calls[-1][1]
+    assert calls[-1] == (total, total)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    return output
+
+
+def test_digits_c_layout_and_manifest(digits_c: Path) -> None:
+    manifest = json.loads((digits_c / "manifest.json").read_text())
+    assert manifest["dataset"] == "digits-c"
+    assert manifest["classes"] == [str(label) for label in range(10)]
+    assert manifest["splits"]["clean"] == 10 * LIMIT
+    # Each class gives about two thirds of its images to the source split (limit only cuts test).
+    labels = digit_images()[1]
+    train_per_class = [len(relative_pngs(digits_c / "train" / str(label))) for label in range(10)]
+    for label, count in enumerate(train_per_class):
+        assert abs(count - (labels == label).sum() * 2 / 3) <= 1
+    assert manifest["splits"]["train"] == sum(train_per_class)
+    assert manifest["counts"] == {c: {str(s): 10 * LIMIT for s in SEVERITIES} for c in CORRUPTIONS}
+    versions = set(manifest["versions"])
+    assert versions >= {"numpy", "imagecorruptions", "pillow", "scikit-learn", "opencv"}
+
+    files = relative_pngs(digits_c)
+    assert files == set(manifest["files"])
+    copies_per_test_image = 1 + len(CORRUPTIONS) * len(SEVERITIES)
+    splits = manifest["splits"]
+    assert len(files) == splits["train"] + splits["clean"] * copies_per_test_image
+    for relative_path, checksum in manifest["files"].items():
+        assert hashlib.sha256((digits_c / relative_path).read_bytes()).hexdigest() == checksum
+    clean = relative_pngs(digits_c / "clean")
+    for corruption in CORRUPTIONS:
+        for severity in SEVERITIES:
+            assert relative_pngs(digits_c / corruption / str(severity)) == clean
+
+
+def test_digits_c_images_are_32px_rgb_and_corrupted(digits_c: Path) -> None:
+    for relative_path in sorted(relative_pngs(digits_c / "clean")):
+        clean = pixels(digits_c / "clean" / relative_path)
+        assert clean.shape == (32, 32, 3) and clean.max() > 200
+        for corruption in CORRUPTIONS:
+            corrupted = pixels(digits_c / corruption / "5" / relative_path)
+            assert np.abs(corrupted.astype(int) - clean).mean() > 2, (corruption, relative_path)
+
+
+def test_digits_c_same_seed_is_byte_identical_in_process(digits_c: Path, tmp_path: Path) -> None:
+    build(tmp_path / "again", seed=0, workers=1)
+    assert tree_bytes(tmp_path / "again") == tree_bytes(digits_c)
+
+
+def test_digits_c_other_seed_gives_other_split_and_noise(digits_c: Path, tmp_path: Path) -> None:
+    other = tmp_path / "seed1"
+    manifest = build(other, seed=1, workers=1)
+    assert manifest["seed"] == 1
+    assert relative_pngs(other / "train") != relative_pngs(digits_c / "train")
+    shared = relative_pngs(other / "clean") & relative_pngs(digits_c / "clean")
+    assert shared  # the two limited test splits overlap (deterministically)
+    for name in shared:
+        assert np.array_equal(pixels(other / "clean" / name), pixels(digits_c / "clean" / name))
+        for corruption in CORRUPTIONS:
+            ours, theirs = (pixels(root / corruption / "5" / name) for root in (digits_c, other))
+            assert not np.array_equal(ours, theirs)
+
+
+def test_digits_c_rebuild_removes_files_of_the_earlier_build(tmp_path: Path) -> None:
+    output = tmp_path / "digits-c"
+    build(output, seed=0, workers=1)
+    manifest = build_digits_c(
+        output, corruptions=["fog"], severities=[2], workers=1, limit_per_class=1
+    )
+    assert not (output / "gaussian_noise").exists()
+    assert relative_pngs(output) == set(manifest["files"])
+
+
+@pytest.fixture(scope="module")
+def colour_photo() -> np.ndarray:
+    """A real colour photo at 32×32 (on grey digits, saturate 1-3 is the identity)."""
+    photo = Image.fromarray(skimage.data.chelsea())
+    return np.asarray(photo.resize((32, 32), Image.Resampling.BILINEAR))
+
+
+@pytest.mark.parametrize("corruption", ALL_CORRUPTIONS)
+def test_every_corruption_is_reproducible_from_its_seed(
+    corruption: str, colour_photo: np.ndarray
+) -> None:
+    first = corrupt_image(colour_photo, corruption, 3, seed=7)
+    assert first.shape == colour_photo.shape and first.dtype == np.uint8
+    assert np.array_equal(first, corrupt_image(colour_photo, corruption, 3, seed=7))
+    assert not np.array_equal(first, colour_photo)
+
+
+def test_empty_spatter_layer_keeps_the_image_instead_of_going_black() -> None:
+    image = digit_images()[0][0]
+    assert np.array_equal(corrupt_image(image, "spatter", 1, seed=EMPTY_SPATTER_SEED), image)
+
+
+def test_readers_on_digits_c(digits_c: Path) -> None:
+    task = open_task(digits_c, "frost", 5)
+    assert len(task) == 10 * LIMIT
+    image, label = task[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert isinstance(task, ImageFolderTask)
+    for path, label in task.samples:
+        assert label == int(path.parent.name)
+    train = open_split(digits_c, "train")
+    assert [label for _, label in train.samples] == sorted(label for _, label in train.samples)
+    assert open_split(digits_c, "clean")[0][0].shape == (3, 32, 32)
+
+
+def test_subset_is_deterministic_and_clamped(digits_c: Path) -> None:
+    first = open_task(digits_c, "gaussian_noise", 1, num_ex=7, seed=3)
+    assert len(first) == 7
+    assert first.indices == open_task(digits_c, "frost", 5, num_ex=7, seed=3).indices
+    assert first.indices != open_task(digits_c, "gaussian_noise", 1, num_ex=7, seed=4).indices
+    assert len(open_task(digits_c, "gaussian_noise", 1, num_ex=10_000)) == 10 * LIMIT
+    with pytest.raises(ConfigError, match="num_ex"):
+        open_task(digits_c, "gaussian_noise", 1, num_ex=0)
+
+
+def write_png(path: Path, value: int = 128, size: tuple[int, int] = (40, 36)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 255 - value, 3)).save(path)
+
+
+def test_class_index_wnids_canonical_integers_by_value_others_sorted(tmp_path: Path) -> None:
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 and list(wnids) == sorted(wnids)
+    partial = [wnids[999], wnids[0], wnids[417]]
+    assert class_index(partial) == {wnids[999]: 999, wnids[0]: 0, wnids[417]: 417}
+    assert class_index(["10", "2", "7"]) == {"10": 10, "2": 2, "7": 7}
+    assert class_index(["dog", "cat"]) == {"cat": 0, "dog": 1}
+    assert class_index(["n99999999", wnids[5]]) == {wnids[5]: 0, "n99999999": 1}
+
+    for wnid in partial:
+        write_png(tmp_path / "fog" / "3" / wnid / "a.JPEG")  # PNG bytes, .JPEG name: decodes
+    task = open_task(tmp_path, "fog", 3)
+    assert sorted(label for _, label in (task[i] for i in range(len(task)))) == [0, 417, 999]
+
+
+def test_cifar_c_arrays(tmp_path: Path) -> None:
+    per_severity = 4
+    images = np.zeros((5 * per_severity, 32, 32, 3), np.uint8)
+    # Every pixel of a row holds the row number.
+    images[:] = np.arange(5 * per_severity, dtype=np.uint8)[:, None, None, None]
+    np.save(tmp_path / "fog.npy", images)
+    np.save(tmp_path / "labels.npy", np.arange(5 * per_severity) % 10)
+    task = open_task(tmp_path, "fog", 3)
+    assert len(task) == per_severity
+    image, label = task[1]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert int(image[0, 0, 0]) == 2 * per_severity + 1 and label == (2 * per_severity + 1) % 10
+
+    np.save(tmp_path / "labels.npy", np.arange(per_severity))  # one copy for all severities
+    assert open_task(tmp_path, "fog", 5)[3][1] == 3
+    np.save(tmp_path / "snow.npy", images[:7])
+    with pytest.raises(DusaError, match="snow.npy"):
+        open_task(tmp_path, "snow", 1)
+
+
+@pytest.fixture()
+def imagenet_source(tmp_path: Path) -> Path:
+    """Four small photos-to-be in two wnid folders, as JPEG and PNG, landscape and portrait."""
+    source = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    sizes_per_class = {"n01440764": [(300, 200), (180, 260)], "n15075141": [(256, 256), (500, 240)]}
+    for wnid, sizes in sizes_per_class.items():
+        for number, size in enumerate(sizes):
+            (source / wnid).mkdir(parents=True, exist_ok=True)
+            noise = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            suffix = ".JPEG" if number == 0 else ".png"
+            Image.fromarray(noise).save(source / wnid / f"img{number}{suffix}")
+    return source
+
+
+def test_prepare_imagenet_c_writes_224px_jpegs_and_resumes(
+    imagenet_source: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "imagenet-c"
+    settings = {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 2], "workers": 1}
+    manifest = prepare_imagenet_c(imagenet_source, output, **settings)
+    files = sorted(output.rglob("*.JPEG"))
+    assert len(files) == 4 * 2 * 2 == len(manifest["files"])
+    assert {path.relative_to(output).as_posix() for path in files} == set(manifest["files"])
+    assert (output / "contrast" / "2" / "n15075141" / "img1.JPEG").is_file()
+    for path in files:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.size == (224, 224)
+        checksum = manifest["files"][path.relative_to(output).as_posix()]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == checksum
+    assert manifest["classes"] == ["n01440764", "n15075141"] and manifest["images"] == 4
+    task = open_task(output, "contrast", 1)
+    assert sorted(label for _, label in task.samples) == [0, 0, 999, 999]
+
+    truncated = output / "gaussian_noise" / "2" / "n01440764" / "img0.JPEG"
+    original = truncated.read_bytes()
+    truncated.write_bytes(original[: len(original) // 2])
+    old = 1_000_000_000
+    for path in files:
+        if path != truncated:
+            os.utime(path, ns=(old, old))
+    progress: list[tuple[int, int]] = []
+    again = prepare_imagenet_c(
+        imagenet_source, output, **settings, progress=lambda *counts: progress.append(counts)
+    )
+    assert truncated.read_bytes() == original  # re-made, and byte-identical to the first run
+    assert [path for path in files if path.stat().st_mtime_ns != old] == [truncated]
+    assert again["files"] == manifest["files"]
+    assert progress[-1] == (len(files), len(files))
+
+    with pytest.raises(DusaError, match=re.escape(str(output))):
+        prepare_imagenet_c(imagenet_source, output, **settings, seed=1)
+
+
+def test_prepare_imagenet_c_reports_an_unreadable_source_image_from_a_worker(
+    imagenet_source: Path, tmp_path: Path
+) -> None:
+    broken = imagenet_source / "n01440764" / "broken.JPEG"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(DusaError, match=re.escape(f"cannot read image {broken}")):
+        prepare_imagenet_c(
+            imagenet_source, tmp_path / "out", corruptions=["contrast"], severities=[1], workers=2
+        )
+
+
+def test_missing_and_empty_inputs_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DusaError, match=re.escape(f"not found: {missing}") + "$"):
+        open_task(missing, "fog", 1)
+    with pytest.raises(DusaError, match=re.escape(f"not found: {missing}") + "$"):
+        prepare_imagenet_c(missing, tmp_path / "out", corruptions=["fog"], severities=[1])
+    with pytest.raises(DusaError, match=re.escape(f"no 'fog' data in {tmp_path}")):
+        open_task(tmp_path, "fog", 1)
+    (tmp_path / "fog" / "1").mkdir(parents=True)
+    with pytest.raises(DusaError, match=re.escape(f"no class folders in {tmp_path / 'fog' / '1'}")):
+        open_task(tmp_path, "fog", 1)
+    (tmp_path / "fog" / "1" / "n01440764").mkdir()
+    with pytest.raises(DusaError, match=re.escape(f"no images in {tmp_path / 'fog' / '1'}")):
+        open_task(tmp_path, "fog", 1)
+    with pytest.raises(DusaError, match=re.escape(f"not found: {tmp_path / 'fog' / '2'}")):
+        open_task(tmp_path, "fog", 2)
+    with pytest.raises(DusaError, match=re.escape(f"not found: {tmp_path / 'train'}")):
+        open_split(tmp_path, "train")
+    source = tmp_path / "source"
+    (source / "n01440764").mkdir(parents=True)
+    with pytest.raises(DusaError, match=re.escape(f"no images in {source}")):
+        prepare_imagenet_c(source, tmp_path / "out", corruptions=["fog"], severities=[1])
+
+
+def test_unreadable_image_is_reported_when_read(tmp_path: Path) -> None:
+    write_png(tmp_path / "fog" / "1" / "3" / "good.png")
+    bad = tmp_path / "fog" / "1" / "3" / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    task = open_task(tmp_path, "fog", 1)
+    assert len(task) == 2
+    with pytest.raises(DusaError, match=re.escape(f"cannot read image {bad}")) as error:
+        task[0]
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_corruption_or_severity_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown corruption 'fogg'"):
+        open_task(tmp_path, "fogg", 1)
+    with pytest.raises(ConfigError, match="severity"):
+        open_task(tmp_path, "fog", 6)
+    with pytest.raises(ConfigError, match="unknown corruption 'fogg'"):
+        build_digits_c(tmp_path / "digits", corruptions=["fogg"])
+    with pytest.raises(ConfigError, match="severity"):
+        build_digits_c(tmp_path / "digits", severities=[0])
+    assert not (tmp_path / "digits").exists()
