@@ -38,6 +38,10 @@ def create_classifier(config: ModelConfig) -> NormalizedClassifier:
         close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown timm model '{config.name}'{hint}")
+    try:
+        timm.models.get_pretrained_cfg(config.name)
+    except RuntimeError as error:  # an unknown tag: "Invalid pretrained tag (x) for arch."
+        raise ConfigError(f"model '{config.name}': {error}") from None
     kwargs = {"num_classes": config.num_classes} if config.num_classes is not None else {}
     if config.pretrained and config.checkpoint is None:
         backbone = _create_with_packaged_weights(timm, config.name, kwargs)
