@@ -100,14 +100,20 @@ def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Op
     info(f"results: {store.root}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dusa {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    if version:
-        typer.echo(f"dusa {__version__}")
-        raise typer.Exit()
+    """Global options (the --debug flag is read in main())."""
 
 
 @app.command("prepare-data")
