@@ -96,7 +96,7 @@ def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Op
     config = load_config(config_path, overrides, assignments)
     with TaskProgress(enabled=not quiet) as progress:
         store = run_experiment(config, resume=resume, progress=progress)
-    stdout.print(to_rich(build_table([store.results])))
+    stdout.print(to_rich(build_table([store.results]), stdout.width))
     info(f"results: {store.root}")
 
 
@@ -201,7 +201,7 @@ def report(
 
     table = build_table(find_runs(paths), metric.value)
     if format is Format.table:
-        stdout.print(to_rich(table))
+        stdout.print(to_rich(table, stdout.width))
     else:
         sys.stdout.write(to_markdown(table) if format is Format.md else to_csv(table))
 

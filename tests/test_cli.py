@@ -14,8 +14,8 @@ import torch
 PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
 
 
-def dusa(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {"COLUMNS": "200", "DUSA_DEBUG": "0"}
+def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.CompletedProcess:
+    env = os.environ | {"COLUMNS": str(columns), "DUSA_DEBUG": "0"}
     return subprocess.run(
         [sys.executable, "-m", "dusa_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
@@ -39,7 +39,7 @@ def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--corruption", "gaussian_noise,fog", "--seed", seed, "--output", str(root / f"{method}-{seed}"), "-q",
             )
             assert result.returncode == 0, result.stderr
-            assert "gaussian noise" in result.stdout  # the run's own table
+            assert "gaussian_noise" in result.stdout  # the run's own table
     return root
 
 
@@ -56,6 +56,9 @@ def test_report_formats_pool_seeds(runs: Path) -> None:
         values = runs_by_method[row["method"]]
         assert float(row["mean"]) == pytest.approx(sum(values) / 2, abs=1e-3)
         assert float(row["mean_std"]) == pytest.approx(float(torch.tensor(values).std()), abs=1e-3)
+    narrow = dusa("report", str(runs), columns=50).stdout  # too narrow for 4 columns: transposed
+    assert any(line.startswith("│ gaussian_noise") for line in narrow.splitlines())
+    assert "corruption" in narrow and max(len(line) for line in narrow.splitlines()) <= 50
     markdown = dusa("report", str(runs / "tent-1"), "--format", "md").stdout
     assert markdown.splitlines()[2].startswith("| method | seeds | gaussian_noise | fog | mean |")
 

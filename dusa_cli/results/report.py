@@ -137,17 +137,18 @@ def to_csv(table: Table) -> str:
     return out.getvalue()
 
 
-def to_rich(table: Table):
+def to_rich(table: Table, width: int = 200):
+    """Corruptions as columns when they fit in `width`; otherwise as rows (narrow terminals)."""
     from rich.table import Table as RichTable
 
+    header, body = _header(table), _cells(table)
+    needed = sum(max(len(h), *(len(row[i]) for row in body)) + 3 for i, h in enumerate(header))
+    if needed > width:  # transpose: rows = corruptions (+ seeds, mean), columns = methods
+        header, body = ["corruption", *(row[0] for row in body)], [list(r) for r in zip(*body)][1:]
+        body = [[name, *cells] for name, cells in zip(_header(table)[1:], body)]
     rich_table = RichTable(title=table.title, header_style="bold")
-    for index, name in enumerate(_header(table)):
-        rich_table.add_column(
-            name.replace("_", " ") if index >= 2 else name,
-            justify="left" if index == 0 else "right",
-            style="bold" if name == MEAN else None,
-            overflow="fold",
-        )
-    for cells in _cells(table):
-        rich_table.add_row(*cells)
+    for index, name in enumerate(header):
+        rich_table.add_column(name, justify="left" if index == 0 else "right", overflow="fold")
+    for cells in body:
+        rich_table.add_row(*cells, style="bold" if cells[0] == MEAN else None)
     return rich_table
