@@ -59,6 +59,7 @@ CorruptionOpt = Annotated[
     typer.Option("--corruption", help="Corruption name, comma list, 'all' (15) or 'extra' (4); repeatable → data.corruptions."),
 ]
 SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Severity 1-5, repeatable → data.severities.")]
+NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="Deterministic subset of N images per task (e.g. 5000) → data.num_ex.")]
 SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results directory → run.output.")]
@@ -74,6 +75,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "data": "data.root",
         "corruption": "data.corruptions",
         "severity": "data.severities",
+        "num_ex": "data.num_ex",
         "setting": "run.setting",
         "seed": "run.seed",
         "output": "run.output",
@@ -177,6 +179,7 @@ def baseline(
     data: DataOpt = None,
     corruption: CorruptionOpt = None,
     severity: SeverityOpt = None,
+    num_ex: NumExOpt = None,
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
@@ -185,7 +188,7 @@ def baseline(
     quiet: QuietOpt = False,
 ) -> None:
     """Run a classification baseline (source, norm, tent) online over the corruptions."""
-    overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, setting=setting, seed=seed, output=output)
+    overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
     _run(config, overrides, set_, resume, quiet)
 
 

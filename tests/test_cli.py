@@ -102,8 +102,9 @@ def test_a_matching_checkpoint_loads_through_wrappers(tmp_path: Path, digits_c: 
     state = {f"module.{k}": v for k, v in load_file(digits_weights_path()).items()}
     torch.save({"model": state, "epoch": 3}, wrapped)
     result = dusa("baseline", "-c", PRESET, "--method", "source", "--data", str(digits_c), "--checkpoint", str(wrapped),
-                  "--set", "model.pretrained=false", "--corruption", "fog", "-o", str(tmp_path / "o"), "-q")
+                  "--set", "model.pretrained=false", "--corruption", "fog", "--num-ex", "7", "-o", str(tmp_path / "o"), "-q")
     assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["tasks"][0]["num_samples"] == 7
 
 
 def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
