@@ -1,0 +1,87 @@
+"""The DUSA objective on hand-computed cases: candidates, weights, mixture, loss terms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
+
+
+def test_hand_computed_two_candidate_case() -> None:
+    # logits (3, 4, 0): norm 5 → normalised (0.6, 0.8, 0); top-2 = classes 1, 0.
+    logits = torch.tensor([[3.0, 4.0, 0.0]], requires_grad=True)
+    candidates = select_candidates(logits, topk=2, extra=0)
+    assert candidates.classes.tolist() == [[1, 0]]
+    w1 = math.exp(0.8) / (math.exp(0.8) + math.exp(0.6))
+    assert candidates.weights.tolist()[0] == pytest.approx([w1, 1 - w1], abs=1e-6)
+    # predictions: class 1 predicts all-ones, class 0 all-zeros; target all 0.5 → mixture w1.
+    predictions = torch.stack([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)]).unsqueeze(0)  # (1, 2, 1, 2, 2)
+    target = torch.full((1, 1, 2, 2), 0.5)
+    mixture = mix(predictions, candidates.weights)
+    assert torch.allclose(mixture, torch.full_like(target, w1))
+    loss = prediction_loss(mixture, target, LossWeights())
+    assert loss.item() == pytest.approx((w1 - 0.5) ** 2, rel=1e-5)
+    # norm_l2 = RMSE per image, cosine = 1 - cos: both by hand on the same numbers.
+    both = prediction_loss(mixture, target, LossWeights(mse=0, norm_l2=1, cosine=1))
+    assert both.item() == pytest.approx(abs(w1 - 0.5) + 0.0, abs=1e-5)  # parallel vectors: cosine 1
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_raw_logits_ablation_changes_the_weights_not_the_classes() -> None:
+    logits = torch.tensor([[3.0, 4.0, 0.0, 1.0]])
+    normed = select_candidates(logits, topk=2, extra=0)
+    raw = select_candidates(logits, topk=2, extra=0, normalize_logits=False)
+    assert normed.classes.tolist() == raw.classes.tolist()
+    assert raw.weights[0, 0].item() == pytest.approx(math.exp(4) / (math.exp(4) + math.exp(3)))
+    assert raw.weights[0, 0] > normed.weights[0, 0]  # normalised logits give flatter weights
+
+
+def test_extra_classes_never_repeat_or_hit_the_top_k() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        logits = torch.randn(8, 10, generator=generator) * 5
+        candidates = select_candidates(logits, topk=4, extra=2, generator=generator)
+        top = logits.topk(4).indices
+        assert torch.equal(candidates.classes[:, :4], top)
+        for row in candidates.classes.tolist():
+            assert len(set(row)) == 6
+    uniform = select_candidates(torch.randn(64, 10), topk=4, extra=6, extra_sampling="uniform")
+    assert all(len(set(row)) == 10 for row in uniform.classes.tolist())  # exhausts the rest exactly
+
+
+def test_extra_classes_follow_the_softmax_of_the_raw_logits_over_the_rest() -> None:
+    logits = torch.tensor([[9.0, 8.0, 7.0, 6.0, 2.0, 1.0, 0.0]]).expand(20000, -1)
+    generator = torch.Generator().manual_seed(1)
+    drawn = select_candidates(logits, topk=4, extra=1, temperature=2.0, generator=generator).classes[:, 4]
+    frequencies = torch.bincount(drawn, minlength=7)[4:].float() / len(drawn)
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)
+    assert torch.allclose(frequencies, expected, atol=0.015)
+
+
+def test_gradient_reaches_the_classifier_only_through_the_weights() -> None:
+    logits = torch.randn(2, 10, requires_grad=True)
+    predictions = torch.randn(2, 6, 3, 4, 4, requires_grad=True)
+    target = torch.randn(2, 3, 4, 4)
+    candidates = select_candidates(logits, generator=torch.Generator().manual_seed(0))
+    loss = prediction_loss(mix(predictions, candidates.weights), target, LossWeights())
+    grad_logits, grad_predictions = torch.autograd.grad(loss, [logits, predictions])
+    expected_prediction_grad = (
+        2 * (mix(predictions, candidates.weights) - target) / target.numel()
+    ).unsqueeze(1) * candidates.weights[..., None, None, None]
+    assert torch.allclose(grad_predictions, expected_prediction_grad.detach(), atol=1e-6)
+    assert grad_logits.abs().sum() > 0
+    # With the weights detached the classifier gets nothing: its only path is the weights.
+    detached = prediction_loss(mix(predictions, candidates.weights.detach()), target, LossWeights())
+    assert not detached.requires_grad or torch.autograd.grad(detached, logits, allow_unused=True)[0] is None
+
+
+def test_loss_terms_against_torch_reference() -> None:
+    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    weights = LossWeights(mse=0.5, norm_l2=2.0, cosine=3.0)
+    rmse = ((prediction - target).flatten(1).pow(2).mean(1)).sqrt().mean()
+    cosine = 1 - F.cosine_similarity(prediction.flatten(1), target.flatten(1)).mean()
+    expected = 0.5 * F.mse_loss(prediction, target) + 2.0 * rmse + 3.0 * cosine
+    assert prediction_loss(prediction, target, weights).item() == pytest.approx(expected.item(), rel=1e-5)
