@@ -1,0 +1,105 @@
+"""Noise paths: how a clean latent x0 and noise ε become the model input x_t, what the model is
+trained to predict there, and which time value the model is fed. Kept apart from the networks:
+the same transformer class serves both paths."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from dusa_cli.errors import ConfigError
+
+
+def _per_sample(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """t as (B, 1, …, 1) on x's device, so a scalar or a (B,) vector broadcasts over samples."""
+    t = torch.as_tensor(t, device=like.device)
+    return t.reshape(-1, *[1] * (like.ndim - 1))
+
+
+class NoisePath(ABC):
+    name: str
+    default_timestep: float  # the fixed DUSA timestep on this path
+
+    @abstractmethod
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """x_t for clean x0, standard-normal noise and path time t (scalar or one per sample)."""
+
+    @abstractmethod
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model predicts at x_t."""
+
+    def model_time(self, t: torch.Tensor | float) -> torch.Tensor:
+        """The time value the network was trained to receive for path time t (unscaled)."""
+        return torch.as_tensor(t).float()
+
+    @abstractmethod
+    def check_time(self, t: float) -> None:
+        """ConfigError unless t is a valid time on this path."""
+
+
+class DDPMPath(NoisePath):
+    """DiT/ADM Gaussian diffusion: linear betas 1e-4…0.02 over 1000 steps, ε-prediction,
+    integer steps fed to the model as they are (research/dusa_official.md §1.2)."""
+
+    name = "ddpm"
+    num_steps = 1000
+    default_timestep = 100  # DUSA's fixed t (dusa_official.md §1.4 step 7)
+
+    def __init__(self) -> None:
+        # float64 as ADM computes its tables; cast to the data's dtype only when used.
+        betas = torch.linspace(1e-4, 0.02, self.num_steps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def alpha_bar(self, t: torch.Tensor | float) -> torch.Tensor:
+        return self.alphas_cumprod[self._step(t)]
+
+    @staticmethod
+    def _step(t: torch.Tensor | float) -> torch.Tensor:
+        """Integer steps; a fractional t (e.g. drawn from [100, 101)) is truncated, the same way
+        for the noise level and the model time."""
+        return torch.as_tensor(t, device="cpu").long()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        alpha_bar = _per_sample(self.alpha_bar(t), x0)
+        return alpha_bar.sqrt().to(x0.dtype) * x0 + (1.0 - alpha_bar).sqrt().to(x0.dtype) * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def model_time(self, t: torch.Tensor | float) -> torch.Tensor:
+        return self._step(t).float()
+
+    def check_time(self, t: float) -> None:
+        if t != int(t) or not 0 <= t < self.num_steps:
+            raise ConfigError(f"ddpm timestep must be an integer in [0, {self.num_steps}), got {t}")
+
+
+class LinearFlowPath(NoisePath):
+    """REPA/SiT linear interpolant x_t = (1−t)·x0 + t·ε, t ∈ [0, 1] (0 = data), velocity target
+    ε − x0, continuous t fed to the model unscaled (research/peers.md §C)."""
+
+    name = "linear"
+    # [A] The same signal-to-noise ratio as DDPM t=100 (x_t ≈ 0.946·x0 + 0.324·ε, §1.2):
+    # t/(1−t) = 0.324/0.946 gives t ≈ 0.255.
+    default_timestep = 0.25
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = _per_sample(t, x0).to(x0.dtype)
+        return (1 - t) * x0 + t * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def check_time(self, t: float) -> None:
+        if not 0 <= t <= 1:
+            raise ConfigError(f"linear flow time must lie in [0, 1] (0 = data, 1 = noise), got {t}")
+
+
+PATHS: dict[str, type[NoisePath]] = {path.name: path for path in (DDPMPath, LinearFlowPath)}
+
+
+def create_path(name: str) -> NoisePath:
+    if name not in PATHS:
+        raise ConfigError(f"unknown noise path '{name}' (available: {', '.join(PATHS)})")
+    return PATHS[name]()
