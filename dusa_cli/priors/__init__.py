@@ -1,0 +1,23 @@
+"""Generative priors: class-conditional diffusion/flow transformers (DiT, REPA's SiT), their
+noise paths and latent encoders, built by preset name from local files only."""
+
+from dusa_cli.priors.paths import DDPMPath, LinearFlowPath, NoisePath, create_path
+from dusa_cli.priors.prior import GenerativePrior, create_prior
+from dusa_cli.priors.registry import available_priors, create_prior_transformer, get_preset
+from dusa_cli.priors.transformer import DiffusionTransformer, TransformerConfig
+from dusa_cli.priors.vae import load_vae
+
+__all__ = [
+    "DDPMPath",
+    "DiffusionTransformer",
+    "GenerativePrior",
+    "LinearFlowPath",
+    "NoisePath",
+    "TransformerConfig",
+    "available_priors",
+    "create_path",
+    "create_prior",
+    "create_prior_transformer",
+    "get_preset",
+    "load_vae",
+]
