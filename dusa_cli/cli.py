@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from dusa_cli import __version__
-from dusa_cli.errors import DusaError, ExitCode
+from dusa_cli.errors import ConfigError, DusaError, ExitCode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
 
@@ -80,6 +80,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "seed": "run.seed",
         "output": "run.output",
         "method": "method.name",
+        "prior": "method.prior",
+        "prior_checkpoint": "method.prior_checkpoint",
+        "vae": "method.vae",
     }
     overrides = {}
     for flag, value in flags.items():
@@ -89,13 +92,18 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return overrides
 
 
-def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool) -> None:
+def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, *, with_prior: bool) -> None:
     from dusa_cli.config.loader import load_config
     from dusa_cli.engine.loop import run_experiment
+    from dusa_cli.methods import available_methods, get_method
     from dusa_cli.results.report import build_table, to_rich
     from dusa_cli.ui import TaskProgress, info, stdout
 
     config = load_config(config_path, overrides, assignments)
+    if get_method(config.method.name).uses_prior != with_prior:
+        fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior]
+        command = "adapt-cls" if with_prior else "baseline"
+        raise ConfigError(f"method '{config.method.name}' is not run by `dusa {command}` (choose: {', '.join(fitting)})")
     with TaskProgress(enabled=not quiet) as progress:
         store = run_experiment(config, resume=resume, progress=progress)
     stdout.print(to_rich(build_table([store.results]), stdout.width))
@@ -170,6 +178,24 @@ def pretrain_digits_classifier(
     info(f"clean test accuracy {accuracy:.1%}; weights written to {target}")
 
 
+@pretrain_app.command("digits-prior")
+def pretrain_digits_prior(
+    data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Weights file to write (.safetensors); default: the packaged asset.")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the class-conditional pixel-space SiT prior of the digits demo (flow matching)."""
+    from dusa_cli.engine.pretrain import train_digits_prior
+    from dusa_cli.priors.registry import packaged_weights
+    from dusa_cli.ui import info
+
+    target = output or packaged_weights("sit_digits")
+    loss = train_digits_prior(data, target, epochs=epochs, seed=seed, show_progress=not quiet)
+    info(f"clean test flow-matching loss {loss:.4f}; weights written to {target}")
+
+
 @app.command()
 def baseline(
     config: ConfigOpt = None,
@@ -189,7 +215,33 @@ def baseline(
 ) -> None:
     """Run a classification baseline (source, norm, tent) online over the corruptions."""
     overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
-    _run(config, overrides, set_, resume, quiet)
+    _run(config, overrides, set_, resume, quiet, with_prior=False)
+
+
+@app.command("adapt-cls")
+def adapt_cls(
+    config: ConfigOpt = None,
+    method: Annotated[Optional[str], typer.Option(help="dusa | dusa_u → method.name.")] = None,
+    prior: Annotated[Optional[str], typer.Option(help="Prior preset (sit_xl_2, dit_xl_2_256, sit_digits, …) → method.prior.")] = None,
+    prior_checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights of the prior → method.prior_checkpoint.")] = None,
+    vae: Annotated[Optional[str], typer.Option(help="Local diffusers VAE directory or weights file, or 'none' → method.vae.")] = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = None,
+    corruption: CorruptionOpt = None,
+    severity: SeverityOpt = None,
+    num_ex: NumExOpt = None,
+    setting: SettingOpt = None,
+    seed: SeedOpt = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
+    overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
+    overrides |= _overrides(prior=prior, prior_checkpoint=prior_checkpoint, vae=vae)
+    _run(config, overrides, set_, resume, quiet, with_prior=True)
 
 
 @app.command()

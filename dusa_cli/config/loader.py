@@ -28,6 +28,32 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+INHERIT_KEY = "inherit"
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: sections merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset, resolved through `inherit: other.yaml` (relative to the preset's folder)."""
+    data = read_yaml(path)
+    parent = data.pop(INHERIT_KEY, None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / str(parent)).resolve()
+    if parent_path in seen:
+        raise ConfigError(f"{path}: inherit loop through {parent_path}")
+    return merge(read_preset(parent_path, (*seen, parent_path)), data)
+
+
 def parse_assignment(assignment: str) -> tuple[str, Any]:
     """`key.path=value` with the value read as a YAML scalar/list (`5`, `true`, `[1,2]`)."""
     key, sep, raw = assignment.partition("=")
@@ -51,14 +77,28 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _options_for(method: str, options: Any) -> dict[str, Any]:
+    """Keep the preset's method options that the newly chosen method also accepts
+    (dusa → dusa_u keeps the prior settings; dusa → tent drops them)."""
+    from dusa_cli.methods import get_method
+
+    if not isinstance(options, dict):
+        return {}
+    try:
+        accepted = get_method(method).Config.model_fields
+    except ValueError:
+        return {}  # unknown method: validation reports it
+    return {key: value for key, value in options.items() if key in accepted}
+
+
 def load_config(
     path: Path | None, overrides: dict[str, Any], assignments: list[str] | None = None
 ) -> ExperimentConfig:
     """Preset < flag overrides < `--set` assignments; errors name the key and the file."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_preset(path) if path is not None else {}
     for dotted, value in overrides.items():
-        if dotted == "method.name" and data.get("method", {}).get("name") != value:
-            data["method"] = {}  # another method: the preset's method options do not apply
+        if dotted == "method.name":
+            data["method"] = _options_for(value, data.get("method"))
         set_path(data, dotted, value)
     for assignment in assignments or []:
         set_path(data, *parse_assignment(assignment))

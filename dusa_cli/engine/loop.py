@@ -119,8 +119,8 @@ def run_experiment(
     device = resolve_device(config.run.device)
     seed = config.run.seed
     seed_everything(seed)
-    model = create_classifier(config.model).to(device)
-    method = get_method(config.method.name)(model, config.method)
+    model = create_classifier(config.model)
+    method = get_method(config.method.name)(model, config.method).to(device)
     adapter = OnlineAdapter(method, config.optim, config.run.precision, device)
     initial = _to_cpu(adapter.state_dict())
     tasks = [(c, s) for c in config.data.corruptions for s in config.data.severities]

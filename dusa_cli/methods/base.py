@@ -26,6 +26,7 @@ class StepOutput:
 class TTAMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_prior: ClassVar[bool] = False  # adapt-cls runs methods with a generative prior, baseline the rest
 
     def __init__(self, model: nn.Module, config: MethodConfig):
         self.model = model
@@ -37,9 +38,18 @@ class TTAMethod:
         self.model.eval()
         self.model.requires_grad_(False)
 
+    def modules(self) -> dict[str, nn.Module]:
+        """Every network the method runs (moved to the device by the engine)."""
+        return {"model": self.model}
+
+    def to(self, device: torch.device) -> TTAMethod:
+        for module in self.modules().values():
+            module.to(device)
+        return self
+
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (none for gradient-free methods)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         raise NotImplementedError
@@ -50,6 +60,20 @@ class TTAMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Affine parameters of BatchNorm, LayerNorm (incl. timm's LayerNorm2d) and GroupNorm layers."""
+    return [
+        param
+        for module in model.modules()
+        if isinstance(module, NORM_LAYERS)
+        for param in (module.weight, module.bias)
+        if param is not None
+    ]
 
 
 def use_batch_statistics(model: nn.Module) -> list[nn.Module]:

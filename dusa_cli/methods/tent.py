@@ -9,12 +9,9 @@ GroupNorm affine parameters are adapted too, since ConvNeXt and ViT have no Batc
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dusa_cli.methods import register_method
-from dusa_cli.methods.base import StepOutput, TTAMethod, use_batch_statistics
-
-NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -30,11 +27,8 @@ class Tent(TTAMethod):
     def configure_model(self) -> None:
         super().configure_model()
         use_batch_statistics(self.model)
-        for module in self.model.modules():
-            if isinstance(module, NORM_LAYERS):
-                for param in (module.weight, module.bias):
-                    if param is not None:
-                        param.requires_grad_(True)
+        for param in norm_parameters(self.model):
+            param.requires_grad_(True)
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         logits = self.model(images)

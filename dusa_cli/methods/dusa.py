@@ -1,0 +1,150 @@
+"""DUSA (Li et al., NeurIPS 2024): a class-conditional diffusion or flow prior, adapted at the
+same time, turns the classifier's own predictions into a training signal through the mixture
+of conditional scores (research/dusa_official.md §1.4, §8).
+
+One step: classifier logits (fp32) → k top + m sampled candidate classes and their weights →
+the image's latent noised once at a fixed timestep → one batched prior call over B·K →
+loss between the weighted mixture of predictions and the path's target (ε or velocity).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from dusa_cli.config.schema import MethodConfig
+from dusa_cli.methods import register_method
+from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
+from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
+from dusa_cli.priors import GenerativePrior, create_prior
+from dusa_cli.priors.registry import packaged_weights
+
+
+class DusaConfig(MethodConfig):
+    prior: str = Field(default="dit_xl_2_256", description="prior preset (dusa_cli.priors registry)")
+    prior_checkpoint: Path | None = Field(default=None, description="local weights of the prior")
+    prior_pretrained: bool = Field(
+        default=False, description="use the weights shipped in the package for this preset (sit_digits)"
+    )
+    vae: str = Field(default="none", description="'none' (pixel space) or a local VAE directory/file")
+    timestep: float | None = Field(
+        default=None, description="fixed timestep; default: the path's (DDPM 100, flow 0.25)"
+    )
+    timestep_range: tuple[float, float] | None = Field(
+        default=None, description="draw one timestep per step uniformly from [lo, hi) instead"
+    )
+    topk: int = Field(default=4, ge=1)
+    extra: int = Field(default=2, ge=0, description="m classes sampled beyond the top-k")
+    temperature: float = Field(default=1.0, gt=0, description="of the extra-class sampling")
+    extra_sampling: Literal["multinomial", "uniform"] = "multinomial"
+    normalize_logits: bool = Field(default=True, description="L2-normalise logits (off: the no_lc ablation)")
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    update_classifier: Literal["all", "norm", "none"] = "all"
+    update_prior: bool = Field(default=True, description="false: frozen prior (freezeDiff ablation)")
+    classifier_fp32: bool = Field(default=True, description="classifier outside autocast, as the official code")
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_timestep_rule(self) -> DusaConfig:
+        if self.timestep is not None and self.timestep_range is not None:
+            raise ValueError("set either timestep or timestep_range, not both")
+        return self
+
+
+@register_method
+class Dusa(TTAMethod):
+    name = "dusa"
+    Config = DusaConfig
+    uses_prior = True
+    config: DusaConfig
+
+    def __init__(self, model: nn.Module, config: DusaConfig):
+        checkpoint = config.prior_checkpoint
+        if checkpoint is None and config.prior_pretrained:
+            checkpoint = packaged_weights(config.prior)
+        self.prior: GenerativePrior = create_prior(
+            config.prior,
+            checkpoint=checkpoint,
+            vae=config.vae,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        super().__init__(model, config)
+
+    def configure_model(self) -> None:
+        super().configure_model()  # everything frozen and in eval mode (no label dropout, no drop-path)
+        use_batch_statistics(self.model)
+        if self.config.update_classifier == "all":
+            self.model.requires_grad_(True)
+        elif self.config.update_classifier == "norm":
+            for param in norm_parameters(self.model):
+                param.requires_grad_(True)
+        self.prior.eval()
+        self.prior.requires_grad_(False)
+        if self.config.update_prior:
+            for param in self.prior.trainable_parameters():
+                param.requires_grad_(True)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "prior": self.prior}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The VAE is frozen: a reset restores the classifier and the prior's transformer only.
+        return {"model": self.model.state_dict(), "prior": self.prior.transformer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.prior.transformer.load_state_dict(state["prior"])
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.classifier_fp32:
+            with torch.autocast(images.device.type, enabled=False):
+                return self.model(images.float()).float()
+        return self.model(images).float()
+
+    def timestep(self, batch: int, device: torch.device) -> torch.Tensor:
+        """One timestep shared by the whole micro-batch, as the official code draws it (§1.4.7)."""
+        if self.config.timestep_range is not None:
+            low, high = self.config.timestep_range
+            value = low + (high - low) * torch.rand((), device=device)
+        else:
+            value = torch.tensor(
+                self.config.timestep if self.config.timestep is not None else self.prior.path.default_timestep,
+                device=device,
+            )
+        return value.expand(batch)
+
+    def forward(self, images: torch.Tensor) -> StepOutput:
+        logits = self.classify(images)
+        candidates = select_candidates(
+            logits,
+            topk=self.config.topk,
+            extra=self.config.extra,
+            temperature=self.config.temperature,
+            normalize_logits=self.config.normalize_logits,
+            extra_sampling=self.config.extra_sampling,
+        )
+        latents = self.prior.encode(images)
+        noise = torch.randn_like(latents)  # one draw per image, shared by its K candidates
+        t = self.timestep(latents.shape[0], latents.device)
+        noisy = self.prior.path.add_noise(latents, noise, t)
+        target = self.prior.path.target(latents, noise)
+        loss = self.loss(noisy, t, target, candidates.classes, candidates.weights)
+        return StepOutput(logits=logits.detach(), loss=loss)
+
+    def conditional_predictions(self, noisy: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """One batched prior call over the B·K (image, candidate) pairs → (B, K, C, H, W)."""
+        batch, k = classes.shape
+        predictions = self.prior.predict(
+            noisy.repeat_interleave(k, dim=0),
+            t.repeat_interleave(k, dim=0),
+            self.prior.class_embeddings(classes.reshape(-1)),
+        )
+        return predictions.float().view(batch, k, *predictions.shape[1:])
+
+    def loss(self, noisy, t, target, classes, weights) -> torch.Tensor:
+        predictions = self.conditional_predictions(noisy, t, classes)
+        return prediction_loss(mix(predictions, weights), target, self.config.loss_weights)

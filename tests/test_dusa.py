@@ -1,0 +1,143 @@
+"""DUSA and DUSA-U on tiny real models (timm classifier, in-house SiT/DiT, diffusers VAE):
+where the gradients go, what is updated, determinism, and the CLI end to end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dusa_cli.config.loader import load_config
+from dusa_cli.config.schema import ModelConfig
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.methods import get_method
+from dusa_cli.methods.base import norm_parameters
+from dusa_cli.models.classifier import create_classifier
+from dusa_cli.objective import mix, prediction_loss, select_candidates
+
+PRESET = Path(__file__).parents[1] / "configs" / "cls" / "dusa_digits.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import AutoencoderKL
+
+    from dusa_cli.priors.vae import TINY_VAE_CONFIG
+
+    directory = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(directory)
+    return directory
+
+
+def make(method: str, prior: str, vae: Path, **options):
+    torch.manual_seed(0)
+    classifier = create_classifier(ModelConfig(name="convnext_atto", num_classes=10))
+    config = get_method(method).Config(name=method, prior=prior, vae=str(vae), **options)
+    return get_method(method)(classifier, config)
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def manual_parts(method, images: torch.Tensor, seed: int):
+    """The DUSA step recomputed by hand from the method's building blocks, same random draws."""
+    torch.manual_seed(seed)
+    logits = method.model(images)
+    candidates = select_candidates(logits, topk=method.config.topk, extra=method.config.extra)
+    latents = method.prior.encode(images)
+    noise = torch.randn_like(latents)
+    t = method.timestep(latents.shape[0], latents.device)
+    noisy = method.prior.path.add_noise(latents, noise, t)
+    target = method.prior.path.target(latents, noise)
+    return candidates, noisy, t, target
+
+
+@pytest.mark.parametrize("prior", ["sit_tiny", "dit_tiny"])
+def test_dusa_gradients_split_between_weights_and_predictions(prior: str, tiny_vae: Path) -> None:
+    method = make("dusa", prior, tiny_vae)
+    images = torch.rand(3, 3, 32, 32)
+    torch.manual_seed(5)
+    method.forward(images).loss.backward()
+    classifier_grads, prior_grads = grads(method.model), grads(method.prior.transformer)
+    assert classifier_grads and prior_grads
+    assert not any(n.startswith(("y_embedder", "pos_embed", "projectors")) for n in prior_grads)
+
+    # The classifier's gradient is that of the loss with the predictions detached (it only
+    # reaches the classifier through the weights) ...
+    method.model.zero_grad(set_to_none=True)
+    method.prior.zero_grad(set_to_none=True)
+    candidates, noisy, t, target = manual_parts(method, images, seed=5)
+    predictions = method.conditional_predictions(noisy, t, candidates.classes)
+    prediction_loss(mix(predictions.detach(), candidates.weights), target, method.config.loss_weights).backward()
+    for name, grad in classifier_grads.items():
+        assert torch.allclose(method.model.get_parameter(name).grad, grad, atol=1e-6), name
+    # ... and the prior's is that of the loss with the weights detached.
+    prediction_loss(mix(predictions, candidates.weights.detach()), target, method.config.loss_weights).backward()
+    for name, grad in prior_grads.items():
+        assert torch.allclose(method.prior.transformer.get_parameter(name).grad, grad, atol=1e-6), name
+
+
+def test_dusa_u_splits_the_two_losses(tiny_vae: Path) -> None:
+    method = make("dusa_u", "sit_tiny", tiny_vae)
+    images = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(3)
+    method.forward(images).loss.backward()
+    classifier_grads, prior_grads = grads(method.model), grads(method.prior.transformer)
+    method.model.zero_grad(set_to_none=True)
+    method.prior.zero_grad(set_to_none=True)
+
+    candidates, noisy, t, target = manual_parts(method, images, seed=3)
+    null = torch.full((2,), method.prior.null_class)
+    F.mse_loss(method.prior.predict(noisy, t, method.prior.class_embeddings(null)), target).backward()
+    assert not grads(method.model)  # the null-class loss never reaches the classifier
+    for name, grad in prior_grads.items():
+        assert torch.allclose(method.prior.transformer.get_parameter(name).grad, grad, atol=1e-6), name
+    with torch.no_grad():
+        predictions = method.conditional_predictions(noisy, t, candidates.classes)
+    prediction_loss(mix(predictions, candidates.weights), target, method.config.loss_weights).backward()
+    for name, grad in classifier_grads.items():
+        assert torch.allclose(method.model.get_parameter(name).grad, grad, atol=1e-6), name
+
+
+def test_what_is_updated_follows_the_switches(tiny_vae: Path) -> None:
+    everything = make("dusa", "sit_tiny", tiny_vae)
+    classifier = {id(p) for p in everything.model.parameters()}
+    prior = {id(p) for p in everything.prior.trainable_parameters()}
+    updated = {id(p) for p in everything.parameters()}
+    assert updated == classifier | prior
+    norm_only = make("dusa", "sit_tiny", tiny_vae, update_classifier="norm", update_prior=False)
+    trainable = {id(p) for p in norm_only.model.parameters() if p.requires_grad}
+    assert trainable and trainable == {id(p) for p in norm_parameters(norm_only.model)}
+    assert not any(p.requires_grad for p in norm_only.prior.parameters())
+    assert not any(p.requires_grad for p in everything.prior.encoder.parameters())  # the VAE is frozen
+
+
+def test_same_draws_same_loss_and_no_label_dropout(tiny_vae: Path) -> None:
+    method = make("dusa", "sit_tiny", tiny_vae)
+    images = torch.rand(2, 3, 32, 32)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        losses.append(method.forward(images).loss.item())
+    assert losses[0] == losses[1]
+
+
+def test_ddpm_timestep_and_range(tiny_vae: Path) -> None:
+    dit = make("dusa", "dit_tiny", tiny_vae)
+    assert dit.timestep(2, torch.device("cpu")).tolist() == [100, 100]  # the official t (§1.4)
+    sit = make("dusa", "sit_tiny", tiny_vae, timestep_range=(0.2, 0.4))
+    values = {sit.timestep(2, torch.device("cpu"))[0].item() for _ in range(20)}
+    assert len(values) > 1 and all(0.2 <= v < 0.4 for v in values)
+
+
+def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
+    method = make("dusa", "sit_tiny", tiny_vae)
+    adapter = OnlineAdapter(method, load_config(PRESET, {}).optim.model_copy(update={"lr": 1e-3}), "fp32", torch.device("cpu"))
+    images = torch.rand(4, 3, 32, 32)
+    losses = []
+    for _ in range(6):
+        torch.manual_seed(0)
+        losses.append(adapter.step(images).loss.item())
+    assert losses[-1] < losses[0]
