@@ -28,6 +28,7 @@ demo: $(STAMP) $(DIGITS)/manifest.json
 	for method in source norm tent; do \
 		$(BIN)/dusa baseline --config configs/cls/digits.yaml --method $$method --output $(DEMO)/$$method --quiet > /dev/null || exit 1; \
 	done
+	$(BIN)/dusa adapt-cls --config configs/cls/dusa_digits.yaml --output $(DEMO)/dusa > /dev/null
 	$(BIN)/dusa report $(DEMO)
 
 test: $(STAMP)

@@ -3,29 +3,14 @@
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import assert_one_line_error, dusa
+
 PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
-
-
-def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.CompletedProcess:
-    env = os.environ | {"COLUMNS": str(columns), "DUSA_DEBUG": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "dusa_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
 
 
 @pytest.fixture(scope="module")

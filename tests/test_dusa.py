@@ -1,11 +1,14 @@
 """DUSA and DUSA-U on tiny real models (timm classifier, in-house SiT/DiT, diffusers VAE):
 where the gradients go, what is updated, determinism, and the CLI end to end."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import assert_one_line_error, dusa
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.config.schema import ModelConfig
@@ -141,3 +144,27 @@ def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
         torch.manual_seed(0)
         losses.append(adapter.step(images).loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path) -> None:
+    common = ("-c", str(PRESET), "--data", str(digits_c), "--corruption", "fog", "--num-ex", "16")
+    for method in ("dusa", "dusa_u"):
+        result = dusa("adapt-cls", *common, "--method", method, "--set", "data.batch_size=8", "-o", str(tmp_path / method), "-q")
+        assert result.returncode == 0, result.stderr
+        results = json.loads((tmp_path / method / "results.json").read_text())
+        assert results["method"] == method and results["tasks"][0]["num_samples"] == 16
+        assert results["tasks"][0]["mean_loss"] > 0
+    again = dusa("adapt-cls", *common, "--method", "dusa", "--set", "data.batch_size=8", "-o", str(tmp_path / "again"), "-q")
+    assert again.returncode == 0, again.stderr
+    first, second = (json.loads((tmp_path / d / "results.json").read_text())["tasks"][0] for d in ("dusa", "again"))
+    assert (first["top1"], first["mean_loss"]) == (second["top1"], second["mean_loss"])  # same seed → same run
+    assert_one_line_error(dusa("baseline", *common, "--method", "dusa", "-o", str(tmp_path / "x")), 2, "adapt-cls")
+    assert_one_line_error(dusa("adapt-cls", *common, "--method", "tent", "-o", str(tmp_path / "x")), 2, "baseline")
+    assert_one_line_error(dusa("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(tmp_path / "x")), 2, "channels")
+    wrong = tmp_path / "wrong.pt"
+    from dusa_cli.priors.registry import create_prior_transformer
+
+    torch.save({"ema": create_prior_transformer("sit_tiny").state_dict()}, wrong)
+    result = dusa("adapt-cls", *common, "--prior-checkpoint", str(wrong), "-o", str(tmp_path / "x"))
+    assert_one_line_error(result, 1, "does not fit sit_digits")
+    assert not (tmp_path / "x").exists()

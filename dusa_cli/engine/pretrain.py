@@ -3,7 +3,7 @@
 - `train_digits_classifier`: the small ResNet the baselines and DUSA adapt (cross-entropy).
 - `train_digits_prior`: the class-conditional pixel-space SiT that DUSA uses as its prior
   (flow matching on the linear path, labels dropped to the null class 10 % of the time so the
-  null condition of DUSA-U is trained too, EMA weights saved).
+  null condition of DUSA-U is trained too).
 
 Both use Adam with a cosine schedule and ±2-px random shifts, and write safetensors files in
 the layout their factories load strictly.
@@ -11,7 +11,6 @@ the layout their factories load strictly.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,6 @@ from dusa_cli.results.io import write_atomic
 
 SHIFT = 2
 LABEL_DROPOUT = 0.1  # SiT/DiT training convention (research/peers.md §C)
-EMA_DECAY = 0.999
 
 
 def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +62,6 @@ def _fit(
     generator: torch.Generator,
     description: str,
     show_progress: bool,
-    ema: nn.Module | None = None,
 ) -> None:
     from dusa_cli.ui import FileProgress
 
@@ -80,16 +77,18 @@ def _fit(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                if ema is not None:
-                    with torch.no_grad():
-                        for average, live in zip(ema.parameters(), model.parameters()):
-                            average.lerp_(live, 1 - EMA_DECAY)
             progress(epoch + 1, epochs)
 
 
-def _check_output(output: Path) -> None:
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _start(data: Path, output: Path, seed: int) -> tuple[torch.Generator, Split, Split]:
+    """Check the output name, seed everything, load the train and clean splits as tensors."""
     if output.suffix != ".safetensors":
         raise DusaError(f"weights file must end in .safetensors: {output}")
+    seed_everything(seed)
+    return torch.Generator().manual_seed(seed), _stack(open_split(data, "train")), _stack(open_split(data, "clean"))
 
 
 @torch.no_grad()
@@ -103,11 +102,7 @@ def train_digits_classifier(
     data: Path, output: Path, *, epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: float = 2e-3, show_progress: bool = True
 ) -> float:
     """Returns the clean test accuracy of the trained model."""
-    _check_output(output)
-    seed_everything(seed)
-    generator = torch.Generator().manual_seed(seed)
-    train_x, train_y = _stack(open_split(data, "train"))
-    test_x, test_y = _stack(open_split(data, "clean"))
+    generator, (train_x, train_y), (test_x, test_y) = _start(data, output, seed)
     model = create_classifier(ModelConfig(name="dusa_digits_resnet"))
     _fit(
         model, lambda x, y, _: F.cross_entropy(model(x), y), train_x, train_y,
@@ -122,17 +117,12 @@ def train_digits_classifier(
 def train_digits_prior(
     data: Path, output: Path, *, epochs: int = 200, seed: int = 0, batch_size: int = 128, lr: float = 1e-3, show_progress: bool = True
 ) -> float:
-    """Returns the flow-matching loss of the EMA model on the clean test split (fixed draws)."""
+    """Returns the flow-matching loss on the clean test split (fixed draws)."""
     from dusa_cli.priors.paths import LinearFlowPath
     from dusa_cli.priors.registry import create_prior_transformer
 
-    _check_output(output)
-    seed_everything(seed)
-    generator = torch.Generator().manual_seed(seed)
-    train_x, train_y = _stack(open_split(data, "train"))
-    test_x, test_y = _stack(open_split(data, "clean"))
+    generator, (train_x, train_y), (test_x, test_y) = _start(data, output, seed)
     model = create_prior_transformer("sit_digits")
-    ema = copy.deepcopy(model).requires_grad_(False)
     path = LinearFlowPath()
     null_class = model.config.num_classes
 
@@ -148,9 +138,9 @@ def train_digits_prior(
     _fit(
         model, lambda x, y, gen: flow_loss(model, x, y, gen, LABEL_DROPOUT), train_x, train_y,
         epochs=epochs, batch_size=batch_size, lr=lr, generator=generator,
-        description="train digits-prior (epochs)", show_progress=show_progress, ema=ema,
+        description="train digits-prior (epochs)", show_progress=show_progress,
     )
     with torch.no_grad():
-        held_out = flow_loss(ema.eval(), test_x, test_y, torch.Generator().manual_seed(seed), 0.0).item()
-    _save(ema, output, {"clean_test_flow_loss": f"{held_out:.4f}"})
+        held_out = flow_loss(model.eval(), test_x, test_y, torch.Generator().manual_seed(seed), 0.0).item()
+    _save(model, output, {"clean_test_flow_loss": f"{held_out:.4f}"})
     return held_out
