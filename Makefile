@@ -29,7 +29,7 @@ demo: $(STAMP) $(DIGITS)/manifest.json
 		$(BIN)/dusa baseline --config configs/cls/digits.yaml --method $$method --output $(DEMO)/$$method --quiet > /dev/null || exit 1; \
 	done
 	$(BIN)/dusa adapt-cls --config configs/cls/dusa_digits.yaml --output $(DEMO)/dusa > /dev/null
-	$(BIN)/dusa report $(DEMO)
+	$(BIN)/dusa report $(DEMO)/source $(DEMO)/norm $(DEMO)/tent $(DEMO)/dusa
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
