@@ -80,6 +80,7 @@ class OptimConfig(StrictModel):
     momentum: float = Field(default=0.9, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     accumulation: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    fused: bool = Field(default=False, description="fused Adam/AdamW kernels (CUDA only)")
 
 
 class MethodConfig(StrictModel):

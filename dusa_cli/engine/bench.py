@@ -1,0 +1,162 @@
+"""`dusa bench cls`: the DUSA classification update at the paper's shapes with random weights,
+timed for two recipes in the same process so their ratio is measured side by side.
+
+- official: the released code's recipe (research/dusa_official.md §1.6): fp16 autocast with a
+  GradScaler, classifier in fp32, micro-batch 8 × 8 accumulation, eager, plain Adam.
+- fast: bf16 autocast throughout (fp32 master weights and Adam states), micro-batch 16 × 4,
+  `torch.compile` on the prior's transformer, fused Adam on CUDA.
+
+Both run the same objective (same k, m, t, 64 images per update). FLOPs per image are counted
+once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLOPs × images/s.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dusa_cli.config.schema import ModelConfig, OptimConfig
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything
+from dusa_cli.methods import get_method
+from dusa_cli.models.classifier import create_classifier
+
+# The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors").
+H100_BF16_PEAK_TFLOPS = 798.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    precision: str
+    classifier_fp32: bool
+    micro_batch: int
+    accumulation: int
+    compile_prior: bool
+    fused_adam: bool
+
+
+OFFICIAL = Recipe("official", "fp16", True, 8, 8, compile_prior=False, fused_adam=False)
+FAST = Recipe("fast", "bf16", False, 16, 4, compile_prior=True, fused_adam=True)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    classifier: str
+    num_classes: int
+    prior: str
+    image_size: int
+
+
+PAPER = Shapes("convnext_large", 1000, "dit_xl_2_256", 224)
+TINY = Shapes("convnext_atto", 10, "dit_tiny", 32)
+
+
+def _random_vae(directory: Path, tiny: bool) -> Path:
+    from diffusers import AutoencoderKL
+
+    from dusa_cli.priors.vae import SD_VAE_CONFIG, TINY_VAE_CONFIG
+
+    AutoencoderKL(**(TINY_VAE_CONFIG if tiny else SD_VAE_CONFIG)).save_pretrained(directory)
+    return directory
+
+
+def _build(shapes: Shapes, recipe: Recipe, vae: Path, device: torch.device) -> OnlineAdapter:
+    seed_everything(0)
+    classifier = create_classifier(ModelConfig(name=shapes.classifier, num_classes=shapes.num_classes))
+    dusa = get_method("dusa")
+    config = dusa.Config(
+        name="dusa", prior=shapes.prior, vae=str(vae), topk=4, extra=2, classifier_fp32=recipe.classifier_fp32
+    )
+    method = dusa(classifier, config).to(device)
+    if recipe.compile_prior:
+        method.prior.transformer = torch.compile(method.prior.transformer)
+    optim = OptimConfig(name="adam", lr=1e-5, accumulation=recipe.accumulation, fused=recipe.fused_adam)
+    return OnlineAdapter(method, optim, recipe.precision, device)
+
+
+def _images(count: int, shapes: Shapes, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, shapes.image_size, shapes.image_size), generator=generator)
+    return images.to(device).float().div_(255)
+
+
+def flops_per_image(adapter: OnlineAdapter, images: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one DUSA micro-batch, per image (no optimizer step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        adapter.method.forward(images).loss.backward()
+    for module in adapter.method.modules().values():
+        module.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / images.shape[0]
+
+
+def run_recipe(
+    recipe: Recipe, shapes: Shapes, *, updates: int, warmup: int, device: torch.device, vae: Path
+) -> dict[str, Any]:
+    adapter = _build(shapes, recipe, vae, device)
+    batch = _images(recipe.micro_batch, shapes, device)
+    flops = flops_per_image(adapter, batch)
+
+    def update() -> None:
+        for _ in range(recipe.accumulation):
+            adapter.step(batch)
+
+    for _ in range(warmup):  # compilation, cuDNN autotuning, allocator warm-up
+        update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    images_per_s = updates * recipe.accumulation * recipe.micro_batch / seconds
+    memory, memory_kind = peak_memory(device)
+    return asdict(recipe) | {
+        "images_per_update": recipe.micro_batch * recipe.accumulation,
+        "updates": updates,
+        "seconds": seconds,
+        "images_per_s": images_per_s,
+        "tflop_per_image": flops / 1e12,
+        "tflops": flops * images_per_s / 1e12,
+        "fraction_of_bf16_peak": flops * images_per_s / 1e12 / H100_BF16_PEAK_TFLOPS,
+        "peak_memory_gib": memory,
+        "memory_kind": memory_kind,
+    }
+
+
+def bench_cls(
+    *, tiny: bool, updates: int, warmup: int, device: torch.device, recipes: tuple[Recipe, ...] = (OFFICIAL, FAST)
+) -> dict[str, Any]:
+    """Both recipes in one process on the same device; `ratio` = fast / official images/s."""
+    shapes = TINY if tiny else PAPER
+    if device.type != "cuda":
+        # torch.compile needs minutes and a C++ toolchain on a CPU, fused Adam needs CUDA: the CPU
+        # run keeps the code path alive in eager mode, and its rows say so.
+        recipes = tuple(replace(r, compile_prior=False, fused_adam=False) for r in recipes)
+    with tempfile.TemporaryDirectory() as scratch:
+        vae = _random_vae(Path(scratch) / "vae", tiny)
+        rows = [run_recipe(r, shapes, updates=updates, warmup=warmup, device=device, vae=vae) for r in recipes]
+    by_name = {row["name"]: row for row in rows}
+    ratio = (
+        by_name["fast"]["images_per_s"] / by_name["official"]["images_per_s"]
+        if {"fast", "official"} <= by_name.keys()
+        else None
+    )
+    return {
+        "shapes": asdict(shapes),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "recipes": rows,
+        "ratio_fast_over_official": ratio,
+    }
