@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from dusa_cli import __version__
 from dusa_cli.errors import ConfigError, DusaError, ExitCode
+
+if TYPE_CHECKING:
+    from dusa_cli.config.schema import ExperimentConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
 
@@ -94,20 +98,29 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, *, with_prior: bool) -> None:
     from dusa_cli.config.loader import load_config
-    from dusa_cli.engine.loop import run_experiment
     from dusa_cli.methods import available_methods, get_method
-    from dusa_cli.results.report import build_table, to_rich
-    from dusa_cli.ui import TaskProgress, info, stdout
 
     config = load_config(config_path, overrides, assignments)
     if get_method(config.method.name).uses_prior != with_prior:
         fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior]
         command = "adapt-cls" if with_prior else "baseline"
         raise ConfigError(f"method '{config.method.name}' is not run by `dusa {command}` (choose: {', '.join(fitting)})")
-    with TaskProgress(enabled=not quiet) as progress:
+    _execute(config, resume, quiet)
+
+
+def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
+    """The run in this process: alone, or one of several (then only rank 0 shows and prints)."""
+    from dusa_cli.engine.distributed import is_main_process
+    from dusa_cli.engine.loop import run_experiment
+    from dusa_cli.results.report import build_table, to_rich
+    from dusa_cli.ui import TaskProgress, info, stdout
+
+    main_process = is_main_process()
+    with TaskProgress(enabled=not quiet and main_process) as progress:
         store = run_experiment(config, resume=resume, progress=progress)
-    stdout.print(to_rich(build_table([store.results]), stdout.width))
-    info(f"results: {store.root}")
+    if main_process:
+        stdout.print(to_rich(build_table([store.results]), stdout.width))
+        info(f"results: {store.root}")
 
 
 def _print_version(value: bool) -> None:
@@ -262,21 +275,31 @@ def report(
 
 
 def main() -> None:
+    _guarded(app)
+
+
+def _guarded(call: Callable[[], Any]) -> None:
+    """Run `call`; a failure ends the process with one line (a traceback with --debug) and its
+    exit code. Ranks other than 0 name themselves, and leave Ctrl-C to rank 0 to report."""
     debug = "--debug" in sys.argv or os.environ.get("DUSA_DEBUG") == "1"
+    rank = os.environ.get("RANK", "0")
+    origin = "" if rank == "0" else f"rank {rank}: "
     from dusa_cli.ui import error
 
     try:
-        app()
+        call()
     except DusaError as failure:
         if debug:
             raise
-        error(str(failure))
+        if str(failure):  # empty: rank 0 reports it (engine.distributed.ReportedElsewhere)
+            error(origin + str(failure))
         sys.exit(int(failure.exit_code))
     except KeyboardInterrupt:
-        error("interrupted; finished tasks are saved (continue with --resume)")
+        if not origin:
+            error("interrupted; finished tasks are saved (continue with --resume)")
         sys.exit(int(ExitCode.INTERRUPTED))
     except Exception as failure:  # anything unexpected still ends in one line (traceback with --debug)
         if debug:
             raise
-        error(f"internal error: {type(failure).__name__}: {failure} (rerun with --debug for the traceback)")
+        error(f"{origin}internal error: {type(failure).__name__}: {failure} (rerun with --debug for the traceback)")
         sys.exit(int(ExitCode.RUNTIME))

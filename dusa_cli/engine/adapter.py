@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dusa_cli.config.schema import OptimConfig
+from dusa_cli.engine.distributed import all_reduce_gradients
 from dusa_cli.engine.runtime import autocast
 from dusa_cli.methods import StepOutput, TTAMethod
 
@@ -22,35 +23,53 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig) -> to
 
 class OnlineAdapter:
     """Each micro-batch is predicted by the forward pass that also yields the loss; the optimizer
-    steps once every `accumulation` micro-batches (research/dusa_official.md §1.6)."""
+    steps once every `accumulation` micro-batches (research/dusa_official.md §1.6).
+
+    With several processes each one steps on its shard of every micro-batch (or `skip`s an empty
+    one), and the gradients are summed over the processes before the optimizer steps.
+    """
 
     def __init__(self, method: TTAMethod, optim: OptimConfig, precision: str, device: torch.device):
         self.method = method
         self.device = device
         self.precision = precision
         self.accumulation = optim.accumulation
-        params = method.parameters()
-        self.optimizer = build_optimizer(params, optim) if params else None
+        self.params = method.parameters()
+        self.optimizer = build_optimizer(self.params, optim) if self.params else None
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=precision == "fp16" and self.optimizer is not None
         )
         self.pending = 0
 
-    def step(self, images: torch.Tensor) -> StepOutput:
+    def step(self, images: torch.Tensor, share: float = 1.0) -> StepOutput:
+        """`share`: the images' fraction of the whole micro-batch (1 in a single process). A
+        method's loss is a mean over its images, so the share-weighted losses of the shards sum
+        to the loss of the whole micro-batch, uneven shards included."""
         with autocast(self.device, self.precision):
             output = self.method.forward(images)
         if output.loss is not None and self.optimizer is not None:
-            self.scaler.scale(output.loss / self.accumulation).backward()
-            self.pending += 1
-            if self.pending == self.accumulation:
-                self.flush()
+            self.scaler.scale(output.loss * share / self.accumulation).backward()
+        self._count_micro_batch()
         return output
+
+    def skip(self) -> None:
+        """A micro-batch with no image for this process: it still takes part in the update."""
+        self._count_micro_batch()
+
+    def _count_micro_batch(self) -> None:
+        # Counted whether or not this process had a loss, so every process steps together.
+        if self.optimizer is None:
+            return
+        self.pending += 1
+        if self.pending == self.accumulation:
+            self.flush()
 
     def flush(self) -> None:
         """Apply accumulated gradients. Called at each task's end too, so a partial
         accumulation never leaks into the next task (the official code's quirk, §1.7)."""
         if self.pending == 0 or self.optimizer is None:
             return
+        all_reduce_gradients(self.params)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@
     OUTPUT/state.pt           (continual runs) model/optimizer/RNG after the last finished task
 
 Every file is replaced atomically, so an interrupted run leaves only finished tasks on disk.
+With several processes only rank 0 writes; the others keep an unwritten copy of its results.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def task_id(corruption: str, severity: int) -> str:
 
 
 class ResultsStore:
-    def __init__(self, root: Path, results: dict[str, Any]):
+    def __init__(self, root: Path, results: dict[str, Any], writable: bool = True):
         self.root = root
         self.results = results
+        self.writable = writable
 
     @classmethod
     def open(
@@ -101,7 +103,8 @@ class ResultsStore:
         return self.root / "state.pt"
 
     def save_state(self, state: dict[str, Any]) -> None:
-        write_atomic(self.state_path, lambda stream: torch.save(state, stream))
+        if self.writable:
+            write_atomic(self.state_path, lambda stream: torch.save(state, stream))
 
     def load_state(self) -> dict[str, Any]:
         if not self.state_path.is_file():
@@ -109,4 +112,5 @@ class ResultsStore:
         return torch.load(self.state_path, map_location="cpu", weights_only=False)
 
     def _save(self) -> None:
-        write_json_atomic(self.root / RESULTS_FILE, self.results)
+        if self.writable:
+            write_json_atomic(self.root / RESULTS_FILE, self.results)

@@ -1,0 +1,280 @@
+"""Data parallelism over processes: one per GPU, launched by torchrun.
+
+Every process holds a full replica of the method's networks and takes a contiguous shard of
+each online micro-batch, in the single-process order. Gradients are summed by hand once per
+update (see `all_reduce_gradients` for why not DistributedDataParallel), online counts are
+summed at the end of each task, and only rank 0 writes results or shows progress.
+
+Without torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) nothing
+here starts a process group and every collective is a no-op, so one process runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data.dataloader import default_collate
+
+from dusa_cli.engine.runtime import resolve_device
+from dusa_cli.errors import ConfigError, DusaError
+
+T = TypeVar("T")
+
+TIMEOUT_VARIABLE = "DUSA_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+BUCKET_BYTES = 64 * 2**20  # gradients per all-reduce call: few calls, bounded extra memory
+LINGER_S = 30.0
+
+
+class ReportedElsewhere(DusaError):
+    """A failure that another process prints (rank 0): this one
+    exits with the same code and no message, so the user reads one line, not one per rank."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("")
+        self.exit_code = exit_code  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: rank 0 of 1 without torchrun."""
+
+    device: torch.device
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def process_seed(self, seed: int) -> int:
+        """Rank 0 keeps the single-process stream; the others draw their own (the same stream on
+        every rank would give the images of different shards the same noise)."""
+        if self.rank == 0:
+            return seed
+        return int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0])
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process (read before any process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _timeout() -> datetime.timedelta:
+    text = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_VARIABLE} must be a positive number of seconds, got '{text}'")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _process_device(spec: str, rank: int, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK on CUDA machines (auto or cuda), the CPU otherwise or when asked."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec not in ("auto", "cuda"):
+        raise ConfigError(
+            f"run.device '{spec}' names one device, but each of several processes uses "
+            "cuda:LOCAL_RANK: set run.device to auto, cuda or cpu"
+        )
+    resolve_device("cuda")  # CUDA present at all
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"rank {rank} has LOCAL_RANK {local_rank} but this node has "
+            f"{torch.cuda.device_count()} GPUs: start at most that many processes per node"
+        )
+    return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def process_group(device_spec: str) -> Iterator[World]:
+    """The run's World; under torchrun a process group for its lifetime: NCCL on
+    CUDA, gloo on the CPU, with a timeout so a lost process ends the run instead of hanging it."""
+    if not launched_by_torchrun():
+        yield World(resolve_device(device_spec))
+        return
+    try:
+        rank, size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    device = _process_device(device_spec, rank, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = _timeout()
+    try:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    except (RuntimeError, ValueError) as error:
+        raise DusaError(f"rank {rank} could not join the process group: {_first_line(error)}") from None
+    yield World(device, rank, size)
+    # Left out on errors: tearing down with a lost peer could block; the process exits anyway.
+    dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _first_line(error: BaseException) -> str:
+    """The message's first sentence, without gloo's leading `[source/file.cc:line]`."""
+    lines = str(error).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def _peers() -> Iterator[None]:
+    """A collective that fails (a peer died, or hung past the timeout) ends this process with one line."""
+    try:
+        yield
+    except RuntimeError as error:  # gloo raises RuntimeError, NCCL its DistBackendError subclass
+        raise DusaError(
+            f"lost contact with the other processes (one failed, was killed or timed out): {_first_line(error)}"
+        ) from None
+
+
+def agree(step: Callable[[], T]) -> T:
+    """Run `step` on every process. If it fails with a DusaError anywhere, every process stops:
+    rank 0 reports the first failure (naming its rank if another), the others exit quietly."""
+    try:
+        value, failure = step(), None
+    except DusaError as error:
+        value, failure = None, error
+    if not _active():
+        if failure is not None:
+            raise failure
+        return value  # type: ignore[return-value]
+    outcomes: list[tuple[str, int] | None] = [None] * dist.get_world_size()
+    with _peers():
+        dist.all_gather_object(outcomes, None if failure is None else (str(failure), int(failure.exit_code)))
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return value  # type: ignore[return-value]
+    rank, (message, code) = failed[0]
+    if dist.get_rank() != 0:
+        # The launcher stops every process at the first exit: give rank 0 time to print first.
+        time.sleep(LINGER_S)
+        raise ReportedElsewhere(code)
+    if failure is not None and rank == 0:
+        raise failure
+    error = DusaError(f"rank {rank}: {message}")
+    error.exit_code = code  # type: ignore[assignment]
+    raise error
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's `value` on every process."""
+    if not _active():
+        return value
+    holder = [value]
+    with _peers():
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_to_main(value: T) -> list[T] | None:
+    """Every process's `value`, by rank, on rank 0 (None elsewhere)."""
+    if not _active():
+        return [value]
+    values: list[T] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore[list-item]
+    with _peers():
+        dist.gather_object(value, values, dst=0)
+    return values
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) `tensor` over the processes, in place."""
+    if _active():
+        with _peers():
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Sum the gradients of an update over the processes, where each process has weighted its
+    loss by its share of every micro-batch: the sum is then the single-process gradient of the
+    full micro-batches, uneven and empty shards included.
+
+    Not DistributedDataParallel: DDP hooks a module's forward, but DUSA's prior runs through
+    `encode`/`predict`; DDP needs every process to run forward and backward on each
+    micro-batch (an uneven last batch leaves a process without images); and it leaves zeros
+    where no gradient flowed, which Adam treats as a step, unlike a single process. One
+    bucketed all-reduce per update (after the last micro-batch's backward) keeps all three
+    exact, at the cost of not overlapping communication with the backward pass.
+    """
+    if not _active() or not params:
+        return
+    produced = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    with _peers():
+        dist.all_reduce(produced)
+        for bucket in _buckets(grads):
+            flat = torch.cat([grad.reshape(-1) for grad in bucket])
+            dist.all_reduce(flat)
+            for grad, reduced in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+                grad.copy_(reduced.view_as(grad))
+    for param, grad, used in zip(params, grads, produced.tolist()):
+        param.grad = grad if used else None
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, about BUCKET_BYTES each."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and (size >= BUCKET_BYTES or (tensor.dtype, tensor.device) != (bucket[0].dtype, bucket[0].device)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel() * tensor.element_size()
+    if bucket:
+        yield bucket
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """The single-process batches (the same index sampler, so the same seeded order), each cut
+    into contiguous per-rank shards; a shard is empty when a batch has fewer images than ranks."""
+
+    def __init__(self, batches: BatchSampler, world: World):
+        self.batches = batches
+        self.world = world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            size, rank, ranks = len(batch), self.world.rank, self.world.size
+            yield batch[size * rank // ranks : size * (rank + 1) // ranks]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def global_sizes(self) -> list[int]:
+        """Images in each full micro-batch, without drawing the shuffle."""
+        total, batch = len(self.batches.sampler), self.batches.batch_size  # type: ignore[arg-type]
+        return [min(batch, total - start) for start in range(0, total, batch)]
+
+
+def collate_shard(items: list[Any]) -> Any:
+    """default_collate, and None for an empty shard."""
+    return default_collate(items) if items else None
