@@ -70,6 +70,10 @@ OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Resul
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+GpusOpt = Annotated[
+    Optional[str],
+    typer.Option("--gpus", help="Data parallelism: one process per listed GPU, e.g. 0,1,2,3 (or start the command under torchrun)."),
+]
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -96,16 +100,28 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return overrides
 
 
-def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, *, with_prior: bool) -> None:
+def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str], *, with_prior: bool) -> None:
     from dusa_cli.config.loader import load_config
     from dusa_cli.methods import available_methods, get_method
 
+    devices = None
+    if gpus is not None:
+        from dusa_cli.engine.distributed import parse_gpus
+
+        devices = parse_gpus(gpus)
     config = load_config(config_path, overrides, assignments)
     if get_method(config.method.name).uses_prior != with_prior:
         fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior]
         command = "adapt-cls" if with_prior else "baseline"
         raise ConfigError(f"method '{config.method.name}' is not run by `dusa {command}` (choose: {', '.join(fitting)})")
-    _execute(config, resume, quiet)
+    if devices is None:
+        _execute(config, resume, quiet)
+        return
+    if config.run.device not in ("auto", "cuda"):
+        raise ConfigError(f"--gpus runs one process per GPU: run.device must be auto or cuda, not '{config.run.device}'")
+    from dusa_cli.engine.distributed import launch
+
+    launch(devices, _worker, (config, resume, quiet))
 
 
 def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
@@ -121,6 +137,11 @@ def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
     if main_process:
         stdout.print(to_rich(build_table([store.results]), stdout.width))
         info(f"results: {store.root}")
+
+
+def _worker(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
+    """One process of a `--gpus` run (started by engine.distributed.launch)."""
+    _guarded(lambda: _execute(config, resume, quiet))
 
 
 def _print_version(value: bool) -> None:
@@ -225,10 +246,11 @@ def baseline(
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
+    gpus: GpusOpt = None,
 ) -> None:
     """Run a classification baseline (source, norm, tent) online over the corruptions."""
     overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
-    _run(config, overrides, set_, resume, quiet, with_prior=False)
+    _run(config, overrides, set_, resume, quiet, gpus, with_prior=False)
 
 
 @app.command("adapt-cls")
@@ -250,11 +272,12 @@ def adapt_cls(
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
+    gpus: GpusOpt = None,
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
     overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
     overrides |= _overrides(prior=prior, prior_checkpoint=prior_checkpoint, vae=vae)
-    _run(config, overrides, set_, resume, quiet, with_prior=True)
+    _run(config, overrides, set_, resume, quiet, gpus, with_prior=True)
 
 
 @app.command()
@@ -291,7 +314,7 @@ def _guarded(call: Callable[[], Any]) -> None:
     except DusaError as failure:
         if debug:
             raise
-        if str(failure):  # empty: rank 0 reports it (engine.distributed.ReportedElsewhere)
+        if str(failure):  # empty: another process reports it (engine.distributed.ReportedElsewhere)
             error(origin + str(failure))
         sys.exit(int(failure.exit_code))
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Data parallelism over processes: one per GPU, launched by torchrun.
+"""Data parallelism over processes: one per GPU, launched by `--gpus` or by torchrun.
 
 Every process holds a full replica of the method's networks and takes a contiguous shard of
 each online micro-batch, in the single-process order. Gradients are summed by hand once per
@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import re
+import signal
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +43,7 @@ LINGER_S = 30.0
 
 
 class ReportedElsewhere(DusaError):
-    """A failure that another process prints (rank 0): this one
+    """A failure that another process prints (rank 0, or the worker that failed): this one
     exits with the same code and no message, so the user reads one line, not one per rank."""
 
     def __init__(self, exit_code: int):
@@ -108,7 +111,7 @@ def _process_device(spec: str, rank: int, local_rank: int) -> torch.device:
 
 @contextlib.contextmanager
 def process_group(device_spec: str) -> Iterator[World]:
-    """The run's World; under torchrun a process group for its lifetime: NCCL on
+    """The run's World; under torchrun (or `--gpus`) a process group for its lifetime: NCCL on
     CUDA, gloo on the CPU, with a timeout so a lost process ends the run instead of hanging it."""
     if not launched_by_torchrun():
         yield World(resolve_device(device_spec))
@@ -278,3 +281,69 @@ class ShardedBatches(Sampler[list[int]]):
 def collate_shard(items: list[Any]) -> Any:
     """default_collate, and None for an empty shard."""
     return default_collate(items) if items else None
+
+
+def parse_gpus(text: str) -> list[int]:
+    """`--gpus 0,1,2,3`: distinct indices of GPUs this machine has."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdecimal() for part in parts):
+        raise ConfigError(f"--gpus takes a comma list of GPU indices such as 0,1,2,3, got '{text}'")
+    gpus = [int(part) for part in parts]
+    repeated = sorted({gpu for gpu in gpus if gpus.count(gpu) > 1})
+    if repeated:
+        raise ConfigError(f"--gpus lists GPU {', '.join(map(str, repeated))} more than once")
+    if launched_by_torchrun():
+        raise ConfigError("--gpus starts its own processes: leave it out under torchrun")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--gpus {text}: CUDA is not available on this machine (torch {torch.__version__})")
+    count = torch.cuda.device_count()
+    missing = [gpu for gpu in gpus if gpu >= count]
+    if missing:
+        raise ConfigError(f"--gpus {text}: no GPU {missing[0]} (this machine has {count}: 0..{count - 1})")
+    return gpus
+
+
+def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """Run `worker(*args)` in one process per listed GPU, with the variables torchrun would set
+    (so the engine takes the same path), and wait for all of them. The first process to fail
+    stops the others; its own one-line error is the report."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = visible.split(",") if visible else [str(gpu) for gpu in range(max(gpus) + 1)]
+    os.environ.update(
+        CUDA_VISIBLE_DEVICES=",".join(names[gpu] for gpu in gpus),  # local rank r → the r-th listed GPU
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(len(gpus)),
+        LOCAL_WORLD_SIZE=str(len(gpus)),
+    )
+    # As torchrun does: processes that each take every core slow one another down.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(gpus))))
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no line per stopped worker
+    context = torch.multiprocessing.start_processes(
+        _launched, args=(worker, args), nprocs=len(gpus), join=False, start_method="spawn"
+    )
+    # Ctrl-C reaches every worker from the terminal; rank 0 reports it, this process waits.
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while not context.join():
+            pass
+    except torch.multiprocessing.ProcessExitedException as failure:
+        if failure.signal_name is None:
+            raise ReportedElsewhere(failure.exit_code) from None
+        raise DusaError(
+            f"the process on GPU {gpus[failure.error_index]} was killed by {failure.signal_name}; "
+            "the others were stopped (finished tasks are saved; continue with --resume)"
+        ) from None
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def _launched(index: int, worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(index)
+    worker(*args)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -155,7 +155,7 @@ def _to_cpu(state: Any) -> Any:
 def run_experiment(
     config: ExperimentConfig, *, resume: bool = False, progress: Progress | None = None
 ) -> ResultsStore:
-    """One process, or one of several under torchrun (rank 0 alone writes and shows
+    """One process, or one of several under torchrun / `--gpus` (rank 0 alone writes and shows
     progress). Returns the run's results store (an unwritten copy on ranks other than 0)."""
     with process_group(config.run.device) as world:
         shown = progress if progress is not None and world.is_main else NoProgress()
