@@ -1,0 +1,209 @@
+"""Data parallelism on the CPU (gloo): two processes give a single process's results, only rank 0
+writes, a killed or hung rank ends the run with an error instead of a hang, resume works."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from dusa_cli.config.loader import load_config
+from dusa_cli.config.schema import DataConfig
+from dusa_cli.engine.distributed import World, parse_gpus
+from dusa_cli.engine.loop import run_experiment, task_loader
+from dusa_cli.errors import ConfigError
+from helpers import assert_one_line_error, dusa
+
+PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
+KEYS = ("top1", "top5", "mean_loss")
+
+# Tent on a LayerNorm model (no BatchNorm: shard statistics would differ from the batch's), in
+# the continual setting (state.pt, resume). 36 images in batches of 5: every batch splits 2 + 3
+# and the last one (1 image) leaves rank 0 without any; accumulation 3 ends each task partial.
+SETTINGS = {
+    "data.corruptions": ["gaussian_noise", "fog"],
+    "data.num_ex": 36,
+    "data.batch_size": 5,
+    "model.name": "convnext_atto",
+    "model.num_classes": 10,
+    "model.pretrained": False,
+    "method.name": "tent",
+    "optim.accumulation": 3,
+    "run.setting": "continual",
+    "run.device": "cpu",  # gloo, also on a GPU machine
+}
+
+# Imported by every process of the runs below: logs each results write with the writer's rank,
+# and makes rank 1 die (SIGKILL) or hang after N adaptation steps.
+HOOKS = '''
+import os
+if os.environ.get("DUSA_TEST_HOOKS"):
+    import signal, time
+    import dusa_cli.results.io as io
+    from dusa_cli.engine.adapter import OnlineAdapter
+
+    write, step, steps = io.write_atomic, OnlineAdapter.step, [0]
+
+    def logged_write(path, *args, **kwargs):
+        with open(os.environ["DUSA_TEST_WRITE_LOG"], "a") as log:
+            log.write(f"{os.environ.get('RANK')} {path}\\n")
+        return write(path, *args, **kwargs)
+
+    def faulty_step(self, *args, **kwargs):
+        steps[0] += 1
+        fault, after = os.environ.get("DUSA_TEST_RANK1_FAULT", ":").split(":")
+        if os.environ.get("RANK") == "1" and fault and steps[0] > int(after):
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return step(self, *args, **kwargs)
+
+    io.write_atomic, OnlineAdapter.step = logged_write, faulty_step
+'''
+
+
+def cli_args(digits_c: Path, output: Path) -> list[str]:
+    settings = SETTINGS | {"data.root": str(digits_c), "run.output": str(output)}
+    return ["-c", str(PRESET), "-q", *(f"--set={key}={json.dumps(value)}" for key, value in settings.items())]
+
+
+def tasks(output: Path) -> list[dict]:
+    return json.loads((output / "results.json").read_text())["tasks"]
+
+
+def assert_same_results(run: Path, reference: list[dict]) -> None:
+    assert json.loads((run / "results.json").read_text())["status"] == "complete"
+    assert len(tasks(run)) == len(reference) == 2
+    for task, expected in zip(tasks(run), reference):
+        assert task["num_samples"] == expected["num_samples"] == 36
+        for key in KEYS:
+            assert task[key] == pytest.approx(expected[key], abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def reference(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The single-process run, in this process."""
+    output = tmp_path_factory.mktemp("single") / "run"
+    config = load_config(PRESET, SETTINGS | {"data.root": str(digits_c), "run.output": str(output)})
+    return run_experiment(config).results["tasks"]
+
+
+@pytest.fixture
+def hooks(tmp_path: Path) -> dict[str, str]:
+    folder = tmp_path / "hooks"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(HOOKS)
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
+        "DUSA_TEST_HOOKS": "1",
+        "DUSA_TEST_WRITE_LOG": str(tmp_path / "writes.log"),
+        "DUSA_DIST_TIMEOUT_S": "20",
+        "COLUMNS": "200",
+    }
+
+
+def torchrun(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dusa_cli", *args],
+        capture_output=True, text=True, env=os.environ | env, timeout=120,
+    )
+    return result, time.monotonic() - start
+
+
+def writers(log: Path) -> set[str]:
+    return {line.split()[0] for line in log.read_text().splitlines()}
+
+
+def test_shards_cut_the_single_process_batches_in_order() -> None:
+    dataset = TensorDataset(torch.arange(37))
+    data = DataConfig(root=Path("unused"), batch_size=5)
+    single = [batch[0].tolist() for batch in DataLoader(dataset, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(7))]
+    for size in (1, 2, 3, 6):
+        shards = [list(task_loader(dataset, data, World(torch.device("cpu"), rank, size), seed=7)) for rank in range(size)]
+        rebuilt = [sum((shard[0].tolist() for shard in parts if shard is not None), []) for parts in zip(*shards)]
+        assert rebuilt == single
+        assert task_loader(dataset, data, World(torch.device("cpu"), 0, size), 7).batch_sampler.global_sizes() == [5] * 7 + [2]
+
+
+def test_gpu_lists_are_checked() -> None:
+    for text, message in (("0,a", "comma list of GPU indices"), ("1,0,1", "GPU 1 more than once"), ("", "comma list")):
+        with pytest.raises(ConfigError, match=message):
+            parse_gpus(text)
+
+
+def test_gpus_flag_fails_in_one_line_without_those_gpus(digits_c: Path, tmp_path: Path) -> None:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus, message = (f"0,{count}", "no GPU") if count else ("0,1", "CUDA is not available")
+    result = dusa("baseline", *cli_args(digits_c, tmp_path / "run"), "--gpus", gpus)
+    assert_one_line_error(result, 2, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_two_processes_match_one_and_only_rank_0_writes(digits_c: Path, tmp_path: Path, reference: list[dict], hooks: dict[str, str]) -> None:
+    output = tmp_path / "run"
+    result, _ = torchrun("baseline", *cli_args(digits_c, output), env=hooks)
+    assert result.returncode == 0, result.stderr
+    assert_same_results(output, reference)
+    assert writers(tmp_path / "writes.log") == {"0"}
+    assert {path.name for path in output.iterdir()} == {"config.yaml", "environment.json", "results.json", "state.pt"}
+    assert json.loads((output / "environment.json").read_text())["world_size"] == 2
+    assert result.stdout.count("online accuracy") == 1  # one results table, from rank 0
+
+
+def test_a_killed_rank_stops_the_run_and_resume_completes_it(digits_c: Path, tmp_path: Path, reference: list[dict], hooks: dict[str, str]) -> None:
+    output = tmp_path / "run"
+    # 8 micro-batches per task: rank 1 dies early in the second task.
+    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_RANK1_FAULT": "kill:10"})
+    assert result.returncode != 0 and elapsed < 120
+    partial = json.loads((output / "results.json").read_text())
+    assert partial["status"] == "running" and [t["corruption"] for t in partial["tasks"]] == ["gaussian_noise"]
+    resumed, _ = torchrun("baseline", *cli_args(digits_c, output), "--resume", env=hooks)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_results(output, reference)
+
+
+def test_a_hung_rank_times_out_with_one_error_line_from_rank_0(digits_c: Path, tmp_path: Path, hooks: dict[str, str]) -> None:
+    output = tmp_path / "run"
+    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_RANK1_FAULT": "hang:3", "DUSA_DIST_TIMEOUT_S": "5"})
+    assert result.returncode != 0 and elapsed < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lost contact with the other processes" in errors[0], result.stderr
+    assert json.loads((output / "results.json").read_text())["status"] == "running"
+
+
+LAUNCH = """
+from pathlib import Path
+from dusa_cli.cli import _guarded, _worker
+from dusa_cli.config.loader import load_config
+from dusa_cli.engine.distributed import launch
+
+settings = {settings}
+_guarded(lambda: launch([0, 1], _worker, (load_config(Path({preset!r}), settings), False, True)))
+"""
+
+
+def launch(digits_c: Path, output: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """What `--gpus 0,1` runs after its CUDA checks: here two CPU processes (gloo)."""
+    settings = SETTINGS | {"data.root": str(digits_c), "run.output": str(output)}
+    script = LAUNCH.format(settings=settings, preset=str(PRESET))
+    env = os.environ | env | {"CUDA_VISIBLE_DEVICES": ""}  # the listed "GPUs" need not exist
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_gpus_launcher_matches_one_process_and_reports_failures(digits_c: Path, tmp_path: Path, reference: list[dict], hooks: dict[str, str]) -> None:
+    output = tmp_path / "run"
+    result = launch(digits_c, output, hooks)
+    assert result.returncode == 0, result.stderr
+    assert_same_results(output, reference)
+    assert writers(tmp_path / "writes.log") == {"0"}
+    # Failing in every process (the output holds a run): one line, from rank 0.
+    assert_one_line_error(launch(digits_c, output, hooks), 1, "holds another run")
+    killed = launch(digits_c, tmp_path / "killed", hooks | {"DUSA_TEST_RANK1_FAULT": "kill:2"})
+    assert killed.returncode == 1 and "Traceback" not in killed.stderr
+    assert "the process on GPU 1 was killed by SIGKILL" in killed.stderr.splitlines()[-1]
