@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DIGITS := data/digits-c
 DEMO := results/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
+
+# Side-by-side throughput of the official and the fast DUSA recipe (paper shapes on a GPU,
+# tiny models on a CPU). Figures go in docs/BENCHMARKS.md.
+bench: $(STAMP)
+	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/dusa bench cls --output results/bench_cls.json; \
+	else \
+		$(BIN)/dusa bench cls --tiny --updates 1 --warmup 0 --output results/bench_cls_tiny.json; \
+	fi

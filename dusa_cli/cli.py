@@ -280,6 +280,39 @@ def adapt_cls(
     _run(config, overrides, set_, resume, quiet, gpus, with_prior=True)
 
 
+bench_app = typer.Typer(help="Measure throughput and memory (figures for docs/BENCHMARKS.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+class RecipeName(str, Enum):
+    official = "official"
+    fast = "fast"
+
+
+@bench_app.command("cls")
+def bench_cls_command(
+    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
+    updates: Annotated[int, typer.Option(min=1, help="Timed updates per recipe (64 images each).")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
+    recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """DUSA classification update at the paper's shapes (random weights): the official recipe and
+    the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
+    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, to_rich
+    from dusa_cli.engine.runtime import resolve_device
+    from dusa_cli.results.io import write_json_atomic
+    from dusa_cli.ui import info, stdout
+
+    chosen = tuple(r for r in (OFFICIAL, FAST) if recipe is None or RecipeName(r.name) in recipe)
+    result = bench_cls(tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen)
+    stdout.print(to_rich(result))
+    if output is not None:
+        write_json_atomic(output, result)
+        info(f"figures written to {output}")
+
+
 @app.command()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs.")],

@@ -18,7 +18,9 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig) -> to
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     optimizer = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
-    return optimizer(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # The fused kernels exist for CUDA tensors only; elsewhere the flag falls back to foreach.
+    fused = config.fused and all(p.is_cuda for p in params)
+    return optimizer(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused or None)
 
 
 class OnlineAdapter:

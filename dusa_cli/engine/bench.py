@@ -160,3 +160,29 @@ def bench_cls(
         "recipes": rows,
         "ratio_fast_over_official": ratio,
     }
+
+
+def to_rich(result: dict[str, Any]):
+    from rich.table import Table
+
+    shapes = result["shapes"]
+    table = Table(
+        title=f"DUSA update, {shapes['classifier']} + {shapes['prior']}, k=4 m=2, 64 images/update, {result['device_name']}",
+        header_style="bold",
+    )
+    for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for row in result["recipes"]:
+        table.add_row(
+            row["name"],
+            row["precision"] + ("/fp32" if row["classifier_fp32"] else ""),
+            f"{row['micro_batch']} × {row['accumulation']}",
+            "yes" if row["compile_prior"] else "no",
+            f"{row['images_per_s']:.1f}",
+            f"{row['tflops']:.3g}",
+            f"{100 * row['fraction_of_bf16_peak']:.1f}",
+            f"{row['peak_memory_gib']:.1f}",
+        )
+    if result["ratio_fast_over_official"] is not None:
+        table.caption = f"fast / official = {result['ratio_fast_over_official']:.2f}×"
+    return table

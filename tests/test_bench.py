@@ -1,0 +1,27 @@
+"""`dusa bench cls --tiny`: the benchmark's code path runs on a CPU and reports consistent figures."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import dusa
+
+
+def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = dusa("bench", "cls", "--tiny", "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "fast / official" in result.stdout
+    figures = json.loads(output.read_text())
+    official, fast = figures["recipes"]
+    assert (official["name"], official["micro_batch"], official["accumulation"]) == ("official", 8, 8)
+    assert (fast["name"], fast["micro_batch"], fast["accumulation"]) == ("fast", 16, 4)
+    assert official["precision"] == "fp16" and official["classifier_fp32"] and fast["precision"] == "bf16"
+    assert not fast["compile_prior"] and not fast["fused_adam"]  # CPU rows say what actually ran
+    for row in (official, fast):
+        assert row["images_per_update"] == 64 and row["images_per_s"] > 0
+        assert row["tflops"] == pytest.approx(row["tflop_per_image"] * row["images_per_s"])
+    # Same objective and shapes: the same FLOPs per image whatever the recipe.
+    assert official["tflop_per_image"] == fast["tflop_per_image"] > 0
+    assert figures["ratio_fast_over_official"] == pytest.approx(fast["images_per_s"] / official["images_per_s"])
