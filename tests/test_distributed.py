@@ -39,7 +39,8 @@ SETTINGS = {
 }
 
 # Imported by every process of the runs below: logs each results write with the writer's rank,
-# and makes rank 1 die (SIGKILL) or hang after N adaptation steps.
+# and the sum of the trained parameters after each update; makes rank 1 die (SIGKILL) or hang
+# after N adaptation steps.
 HOOKS = '''
 import os
 if os.environ.get("DUSA_TEST_HOOKS"):
@@ -47,7 +48,14 @@ if os.environ.get("DUSA_TEST_HOOKS"):
     import dusa_cli.results.io as io
     from dusa_cli.engine.adapter import OnlineAdapter
 
-    write, step, steps = io.write_atomic, OnlineAdapter.step, [0]
+    write, step, flush, steps = io.write_atomic, OnlineAdapter.step, OnlineAdapter.flush, [0]
+
+    def logged_flush(self):
+        updates = self.pending
+        flush(self)
+        if updates:
+            with open(os.environ["DUSA_TEST_PARAMETER_LOG"], "a") as log:
+                log.write(f"{os.environ.get('RANK')} {sum(float(p.double().sum()) for p in self.params)!r}\\n")
 
     def logged_write(path, *args, **kwargs):
         with open(os.environ["DUSA_TEST_WRITE_LOG"], "a") as log:
@@ -63,7 +71,7 @@ if os.environ.get("DUSA_TEST_HOOKS"):
             time.sleep(3600)
         return step(self, *args, **kwargs)
 
-    io.write_atomic, OnlineAdapter.step = logged_write, faulty_step
+    io.write_atomic, OnlineAdapter.step, OnlineAdapter.flush = logged_write, faulty_step, logged_flush
 '''
 
 
@@ -102,6 +110,7 @@ def hooks(tmp_path: Path) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
         "DUSA_TEST_HOOKS": "1",
         "DUSA_TEST_WRITE_LOG": str(tmp_path / "writes.log"),
+        "DUSA_TEST_PARAMETER_LOG": str(tmp_path / "parameters.log"),
         "DUSA_DIST_TIMEOUT_S": "20",
         "COLUMNS": "200",
     }
@@ -154,6 +163,21 @@ def test_torchrun_two_processes_match_one_and_only_rank_0_writes(digits_c: Path,
     assert {path.name for path in output.iterdir()} == {"config.yaml", "environment.json", "results.json", "state.pt"}
     assert json.loads((output / "environment.json").read_text())["world_size"] == 2
     assert result.stdout.count("online accuracy") == 1  # one results table, from rank 0
+
+
+def test_dusa_replicas_stay_identical_under_torchrun(digits_c: Path, tmp_path: Path, hooks: dict[str, str]) -> None:
+    """DUSA trains the prior through `predict`, not `forward`: the summed gradients still keep the
+    classifier and the prior the same on both processes, update after update. Its random draws
+    differ from one process's, so its results match only statistically (not checked here)."""
+    output = tmp_path / "run"
+    preset = PRESET.with_name("dusa_digits.yaml")
+    result, _ = torchrun("adapt-cls", "-c", str(preset), "--data", str(digits_c), "--corruption", "fog", "--num-ex", "20",
+                         "--set", "data.batch_size=8", "--set", "run.device=cpu", "-o", str(output), "-q", env=hooks)
+    assert result.returncode == 0, result.stderr
+    assert tasks(output)[0]["num_samples"] == 20 and tasks(output)[0]["mean_loss"] > 0
+    sums = [line.split() for line in (tmp_path / "parameters.log").read_text().splitlines()]
+    by_rank = {rank: [total for r, total in sums if r == rank] for rank in ("0", "1")}
+    assert len(by_rank["0"]) == 3 and by_rank["0"] == by_rank["1"]
 
 
 def test_a_killed_rank_stops_the_run_and_resume_completes_it(digits_c: Path, tmp_path: Path, reference: list[dict], hooks: dict[str, str]) -> None:
