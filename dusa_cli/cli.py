@@ -112,8 +112,10 @@ def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Op
     config = load_config(config_path, overrides, assignments)
     if get_method(config.method.name).uses_prior != with_prior:
         fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior]
-        command = "adapt-cls" if with_prior else "baseline"
-        raise ConfigError(f"method '{config.method.name}' is not run by `dusa {command}` (choose: {', '.join(fitting)})")
+        here, there = ("adapt-cls", "baseline") if with_prior else ("baseline", "adapt-cls")
+        raise ConfigError(
+            f"method '{config.method.name}' runs with `dusa {there}`; `dusa {here}` runs {', '.join(fitting)}"
+        )
     if devices is None:
         _execute(config, resume, quiet)
         return
