@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,11 +18,12 @@ stderr = Console(stderr=True)
 
 
 def error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Messages quote paths and library errors: brackets in them are text, not rich markup.
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
-    stderr.print(message, highlight=False, soft_wrap=True)
+    stderr.print(escape(message), highlight=False, soft_wrap=True)
 
 
 class TaskProgress:
