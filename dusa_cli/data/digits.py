@@ -25,8 +25,6 @@ from dusa_cli.data.generate import (
     Plan,
     Progress,
     check_corruptions,
-    corruption_counts,
-    library_versions,
     run_jobs,
     write_manifest,
 )
@@ -154,20 +152,12 @@ def build_digits_c(
     checksums = run_jobs(plan, jobs, workers, progress)
     _remove_stale(output, previous_files - checksums.keys())
 
-    manifest = {
+    description = {
         "dataset": "digits-c",
         "source": "sklearn.datasets.load_digits",
-        "seed": seed,
-        "image_size": [IMAGE_SIZE, IMAGE_SIZE],
         "upscaling": "bilinear, grey levels 0..16 scaled to 0..255, grey copied to RGB",
         "classes": [str(label) for label in range(NUM_CLASSES)],
         "splits": {"train": len(train), "clean": len(test)},
         "limit_per_class": limit_per_class,
-        "corruptions": list(corruption_names),
-        "severities": list(severity_levels),
-        "counts": corruption_counts(checksums, corruption_names, severity_levels),
-        "versions": library_versions(),
-        "files": dict(sorted(checksums.items())),
     }
-    write_manifest(output, manifest)
-    return manifest
+    return write_manifest(plan, checksums, description)

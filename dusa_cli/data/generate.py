@@ -253,8 +253,21 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def write_manifest(output: Path, manifest: dict[str, Any]) -> None:
-    write_bytes_atomic(output / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+def write_manifest(plan: Plan, checksums: dict[str, str], description: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's own description plus what every build records: seed, corruptions,
+    severities, counts, library versions and a sha256 per file. Written last, atomically."""
+    manifest = {
+        **description,
+        "seed": plan.seed,
+        "image_size": list(plan.image_size),
+        "corruptions": list(plan.corruptions),
+        "severities": list(plan.severities),
+        "counts": corruption_counts(checksums, plan.corruptions, plan.severities),
+        "versions": library_versions(),
+        "files": dict(sorted(checksums.items())),
+    }
+    write_bytes_atomic(plan.output / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
 
 
 def default_workers() -> int:

@@ -25,9 +25,7 @@ from dusa_cli.data.generate import (
     Plan,
     Progress,
     check_corruptions,
-    corruption_counts,
     default_workers,
-    library_versions,
     run_jobs,
     write_manifest,
 )
@@ -129,20 +127,12 @@ def prepare_imagenet_c(
         resume=True,
     )
     checksums = run_jobs(plan, jobs, default_workers() if workers is None else workers, progress)
-    manifest = {
+    description = {
         "dataset": "imagenet-c",
         "source": str(source),
-        "seed": seed,
-        "image_size": [CROP, CROP],
         "preprocessing": f"short side to {RESIZE} (bilinear, antialiased), centre crop {CROP}",
         "jpeg_quality": JPEG.save_options["quality"],
         "classes": classes,
         "images": len(jobs),
-        "corruptions": list(corruption_names),
-        "severities": list(severity_levels),
-        "counts": corruption_counts(checksums, corruption_names, severity_levels),
-        "versions": library_versions(),
-        "files": dict(sorted(checksums.items())),
     }
-    write_manifest(output, manifest)
-    return manifest
+    return write_manifest(plan, checksums, description)
