@@ -51,6 +51,7 @@ class Format(str, Enum):
 class Dataset(str, Enum):
     digits_c = "digits-c"
     imagenet_c = "imagenet-c"
+    ade20k_c = "ade20k-c"
 
 
 # Flags shared by every run command; each overrides one key of the YAML config.
@@ -164,9 +165,9 @@ def root(
 
 @app.command("prepare-data")
 def prepare_data(
-    dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder.")],
+    dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (ImageNet-C layout).")],
-    source: Annotated[Optional[Path], typer.Option(help="imagenet-c only: folder of <wnid>/<image> files.")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
     corruption: CorruptionOpt = None,
     severity: SeverityOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the split and the corruption noise.")] = 0,
@@ -175,20 +176,28 @@ def prepare_data(
     quiet: QuietOpt = False,
 ) -> None:
     """Build a corrupted benchmark on disk, deterministic and checksummed (manifest.json)."""
-    from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES, resolve_corruptions
+    from dusa_cli.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, resolve_corruptions
     from dusa_cli.ui import FileProgress, info
 
-    corruptions = resolve_corruptions(corruption) if corruption else list(ALL_CORRUPTIONS)
-    severities = severity or list(SEVERITIES)
+    is_ade = dataset is Dataset.ade20k_c
+    # ADE20K-C is the 15 corruptions at severity 5 only (research/dusa_official.md §3.8).
+    corruptions = resolve_corruptions(corruption) if corruption else list(CORRUPTIONS if is_ade else ALL_CORRUPTIONS)
+    severities = severity or ([5] if is_ade else list(SEVERITIES))
     if any(s not in SEVERITIES for s in severities):
         raise DusaError("severities must be integers 1..5")
     if dataset is Dataset.imagenet_c and source is None:
         raise DusaError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
+    if is_ade and source is None:
+        raise DusaError("ade20k-c needs --source DIR (the ADEChallengeData2016 folder)")
     with FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
         if dataset is Dataset.digits_c:
             from dusa_cli.data.digits import build_digits_c
 
             manifest = build_digits_c(output, seed=seed, corruptions=corruptions, severities=severities, workers=workers, limit_per_class=limit_per_class, progress=progress)
+        elif is_ade:
+            from dusa_cli.data.ade20k_c import prepare_ade20k_c
+
+            manifest = prepare_ade20k_c(source, output, corruptions=corruptions, severities=severities, seed=seed, workers=workers, progress=progress)
         else:
             from dusa_cli.data.imagenet_c import prepare_imagenet_c
 

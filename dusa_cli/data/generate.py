@@ -52,7 +52,8 @@ class Plan:
     severities: tuple[int, ...]
     seed: int
     image_format: ImageFormat
-    image_size: tuple[int, int]  # (height, width) of every output; a resumed file must match it
+    # (height, width) of every output, which a resumed file must match; None: each job's own
+    image_size: tuple[int, int] | None
     resume: bool  # keep outputs that exist and decode, instead of writing them again
 
 
@@ -64,6 +65,7 @@ class Job:
     load: Callable[[], np.ndarray]  # returns the H×W×3 uint8 image at output size; must pickle
     copies: tuple[str, ...] = ()  # folders that receive the image uncorrupted, e.g. ("clean",)
     corrupted: bool = True  # whether the job also writes every (corruption, severity)
+    image_size: tuple[int, int] | None = None  # (height, width) of its outputs, if not the plan's
 
 
 def check_corruptions(
@@ -143,9 +145,11 @@ def run_job(plan: Plan, job: Job) -> list[tuple[str, str]]:
     """Write the files of one job; returns (relative path, sha256) for each."""
     image: np.ndarray | None = None  # loaded only when some output has to be made
     checksums = []
+    size = job.image_size or plan.image_size
+    assert size is not None, "a plan without image_size needs jobs that have one"
     for relative_path, corruption, severity in _outputs(plan, job):
         path = plan.output / relative_path
-        data = _complete_file(path, plan.image_size) if plan.resume else None
+        data = _complete_file(path, size) if plan.resume else None
         if data is None:
             if image is None:
                 image = job.load()
@@ -259,7 +263,7 @@ def write_manifest(plan: Plan, checksums: dict[str, str], description: dict[str,
     manifest = {
         **description,
         "seed": plan.seed,
-        "image_size": list(plan.image_size),
+        "image_size": list(plan.image_size) if plan.image_size else "native",
         "corruptions": list(plan.corruptions),
         "severities": list(plan.severities),
         "counts": corruption_counts(checksums, plan.corruptions, plan.severities),

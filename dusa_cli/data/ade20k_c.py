@@ -1,0 +1,138 @@
+"""ADE20K-C from the ADE20K validation set, made the way the DUSA authors made theirs.
+
+The official script (research/dusa_official.md §3.8) corrupts every full validation image at its
+native size with `imagecorruptions.corrupt(image, severity=5, corruption_name=c)` and saves it
+with PIL under the same name, so `ADE_val_*.jpg` becomes a JPEG at PIL's default quality (75), in
+`<out>/<corruption>/5/validation/`. This module writes that layout, seeded per file (the official
+files are not reproducible, §3.8), and copies the label maps once, byte for byte, to
+`<out>/annotations/validation/`, so `open_seg_task(<out>, ...)` finds them without extra paths:
+
+    OUTPUT/<corruption>/<severity>/validation/ADE_val_XXXXXXXX.jpg
+    OUTPUT/annotations/validation/ADE_val_XXXXXXXX.png   (unchanged ADE labels 0..150)
+    OUTPUT/manifest.json
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dusa_cli.data.corruptions import CORRUPTIONS
+from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex, write_bytes_atomic
+from dusa_cli.data.generate import (
+    ImageFormat,
+    Job,
+    Plan,
+    Progress,
+    check_corruptions,
+    default_workers,
+    run_jobs,
+    write_manifest,
+)
+from dusa_cli.data.imagenet_c import _claim_output
+from dusa_cli.errors import DusaError
+
+SPLIT = "validation"
+# PIL's default JPEG quality, which the official script's `Image.save(path)` used (§3.8).
+JPEG = ImageFormat(".jpg", "JPEG", {"quality": 75})
+SEVERITY = 5  # the official ADE20K-C has only severity 5 (§3.8)
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header only."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DusaError(f"cannot read image {path}: {exc}") from exc
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    # The official script passes the decoded array as is; RGB keeps the few greyscale ADE images
+    # three-channel like the rest.
+    return np.asarray(read_rgb(path))
+
+
+def _source_jobs(source: Path) -> tuple[list[Job], list[Path]]:
+    """One job per validation image, and the label map of each, checked to exist and fit."""
+    images_dir = source / "images" / SPLIT
+    labels_dir = source / "annotations" / SPLIT
+    require_directory(source, "source folder")
+    require_directory(images_dir, "ADE20K image folder")
+    require_directory(labels_dir, "ADE20K annotation folder")
+    jobs: list[Job] = []
+    labels: list[Path] = []
+    for path in image_files(images_dir):
+        label = labels_dir / f"{path.stem}.png"
+        if not label.is_file():
+            raise DusaError(f"no label map for {path}: {label} not found")
+        size = _header_size(path)
+        if _header_size(label) != size:
+            raise DusaError(f"{path} is {size[1]}×{size[0]} but its label map {label} is not")
+        load = functools.partial(_load_rgb, path)
+        jobs.append(Job(item_id=f"{SPLIT}/{path.stem}", load=load, image_size=size))
+        labels.append(label)
+    if not jobs:
+        raise DusaError(f"no images in {images_dir} (expected the ADEChallengeData2016 layout)")
+    return jobs, labels
+
+
+def _copy_labels(labels: Sequence[Path], output: Path) -> dict[str, str]:
+    """Copy the label maps to OUTPUT/annotations/validation; returns relative path → sha256."""
+    checksums = {}
+    for label in labels:
+        relative_path = f"annotations/{SPLIT}/{label.name}"
+        target = output / relative_path
+        data = label.read_bytes()
+        if not (target.is_file() and target.read_bytes() == data):
+            write_bytes_atomic(target, data)
+        checksums[relative_path] = sha256_hex(data)
+    return checksums
+
+
+def prepare_ade20k_c(
+    source: Path,
+    output: Path,
+    *,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = (SEVERITY,),
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Corrupt SOURCE/images/validation/*.jpg (an ADEChallengeData2016 folder) into OUTPUT.
+
+    Resumable like ImageNet-C: files that exist, decode and have the source's size are kept.
+    Returns the manifest, written last as OUTPUT/manifest.json.
+    """
+    corruption_names, severity_levels = check_corruptions(corruptions, severities)
+    jobs, labels = _source_jobs(source)
+    if output.exists() and not output.is_dir():
+        raise DusaError(f"output is not a directory: {output}")
+    _claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options})
+
+    plan = Plan(
+        output=output,
+        corruptions=corruption_names,
+        severities=severity_levels,
+        seed=seed,
+        image_format=JPEG,
+        image_size=None,  # native: every image keeps its own size
+        resume=True,
+    )
+    checksums = _copy_labels(labels, output)
+    checksums |= run_jobs(plan, jobs, default_workers() if workers is None else workers, progress)
+    description = {
+        "dataset": "ade20k-c",
+        "source": str(source),
+        "preprocessing": "none: full validation images at native size (dusa_official.md §3.8)",
+        "jpeg_quality": JPEG.save_options["quality"],
+        "annotations": f"annotations/{SPLIT}",
+        "images": len(jobs),
+    }
+    return write_manifest(plan, checksums, description)

@@ -1,0 +1,111 @@
+"""Readers for corrupted segmentation test sets (ADE20K-C).
+
+Every item is `(image, label)`: the image a uint8 3×H×W RGB tensor at its stored (native) size,
+the label an int64 H×W tensor in the model's 150 classes, 255 where a pixel is not scored. Two
+layouts are read; the label maps are the unchanged ADE20K PNGs in both:
+
+- official (DUSA's ADE20K_val-c and `dusa prepare-data ade20k-c`):
+  `ROOT/<corruption>/<severity>/validation/*.jpg`, labels in `ROOT/annotations/validation`
+  (written there by prepare-data; for the downloaded set pass `annotations=`);
+- corruptions beside the clean images: `ROOT/images/validation/<corruption>_<severity>/*.jpg`,
+  labels in `ROOT/annotations/validation`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from dusa_cli.data.datasets import _subset, _to_tensor
+from dusa_cli.data.files import image_files, read_rgb, require_directory
+from dusa_cli.errors import ConfigError, DusaError
+
+Item = tuple[torch.Tensor, torch.Tensor]
+NUM_CLASSES = 150
+IGNORE_INDEX = 255
+
+
+def reduce_ade_labels(label: np.ndarray) -> np.ndarray:
+    """ADE20K's 0 ("other") becomes the ignore index and classes 1..150 become 0..149, the
+    classes the SegFormer checkpoints predict (dusa_official.md §3, peers.md §E.1)."""
+    reduced = label.astype(np.int64) - 1
+    reduced[label == 0] = IGNORE_INDEX
+    return reduced
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A single-channel label map as stored (H×W); a missing or unreadable file names it."""
+    try:
+        with Image.open(path) as image:
+            label = np.asarray(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DusaError(f"cannot read label map {path}: {exc}") from exc
+    if label.ndim != 2:
+        raise DusaError(f"label map {path} has {label.shape[-1]} channels, expected one")
+    return label
+
+
+class SegmentationTask(Dataset[Item]):
+    """The images of one folder paired by file stem with `<stem>.png` label maps."""
+
+    def __init__(self, images: Path, annotations: Path) -> None:
+        require_directory(images, "image folder")
+        require_directory(annotations, "annotation folder")
+        paths = image_files(images)
+        if not paths:
+            raise DusaError(f"no images in {images}")
+        labels = {path.name for path in annotations.iterdir()}
+        for path in paths:
+            if f"{path.stem}.png" not in labels:
+                raise DusaError(f"no label map for {path}: {annotations / (path.stem + '.png')} not found")
+        self.samples = [(path, annotations / f"{path.stem}.png") for path in paths]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        image_path, label_path = self.samples[index]
+        image = np.asarray(read_rgb(image_path))
+        label = read_label(label_path)
+        if image.shape[:2] != label.shape:
+            raise DusaError(
+                f"{image_path} is {image.shape[1]}×{image.shape[0]} but its label map "
+                f"{label_path} is {label.shape[1]}×{label.shape[0]}"
+            )
+        return _to_tensor(image), torch.from_numpy(reduce_ade_labels(label))
+
+
+def open_seg_task(
+    root: Path,
+    corruption: str,
+    severity: int,
+    *,
+    annotations: Path | None = None,
+    num_ex: int | None = None,
+    seed: int = 0,
+) -> Dataset[Item]:
+    """The ADE20K-C test set of one (corruption, severity) under `root`, in either layout.
+
+    `annotations` is the folder of label PNGs (default `root/annotations/validation`). `num_ex`
+    picks a seeded subset the way `open_task` does.
+    """
+    if corruption not in ALL_CORRUPTIONS:
+        raise ConfigError(f"unknown corruption '{corruption}'; choose from: " + ", ".join(ALL_CORRUPTIONS))
+    if severity not in SEVERITIES:
+        raise ConfigError(f"severity must be one of 1..5, got {severity!r}")
+    require_directory(root, "data directory")
+    official = root / corruption / str(severity) / "validation"
+    beside_clean = root / "images" / "validation" / f"{corruption}_{severity}"
+    if official.is_dir():
+        images = official
+    elif beside_clean.is_dir():
+        images = beside_clean
+    else:
+        raise DusaError(f"no '{corruption}' severity {severity} data in {root}: expected folder {official} or {beside_clean}")
+    labels = annotations if annotations is not None else root / "annotations" / "validation"
+    return _subset(SegmentationTask(images, labels), num_ex, seed)
