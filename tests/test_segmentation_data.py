@@ -161,6 +161,11 @@ def test_miou_on_a_hand_computed_example() -> None:
     first += second
     assert torch.equal(first.confusion, score.confusion)
     assert math.isnan(SegmentationScore(num_classes=4).compute()["miou"])
+    # A class only predicted (never in the ground truth) counts, with IoU 0, as in MMSeg.
+    only_predicted = SegmentationScore(num_classes=2)
+    only_predicted.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    assert only_predicted.compute()["per_class_iou"] == [0.5, 0.0]
+    assert only_predicted.compute()["miou"] == pytest.approx(0.25)
     with pytest.raises(DusaError, match="outside"):
         score.update(torch.tensor([4]), torch.tensor([0]))
 
