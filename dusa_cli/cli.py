@@ -360,13 +360,26 @@ def _guarded(call: Callable[[], Any]) -> None:
             raise
         if str(failure):  # empty: another process reports it (engine.distributed.ReportedElsewhere)
             error(origin + str(failure))
-        sys.exit(int(failure.exit_code))
+        _exit(int(failure.exit_code))
     except KeyboardInterrupt:
         if not origin:
             error("interrupted; finished tasks are saved (continue with --resume)")
-        sys.exit(int(ExitCode.INTERRUPTED))
+        _exit(int(ExitCode.INTERRUPTED))
     except Exception as failure:  # anything unexpected still ends in one line (traceback with --debug)
         if debug:
             raise
         error(f"{origin}internal error: {type(failure).__name__}: {failure} (rerun with --debug for the traceback)")
-        sys.exit(int(ExitCode.RUNTIME))
+        _exit(int(ExitCode.RUNTIME))
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A process whose run failed inside a process group skips interpreter
+    teardown: destroying a gloo/NCCL group with a lost peer can block or abort (SIGABRT), which
+    would replace the one-line error and its exit code with a crash report."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
