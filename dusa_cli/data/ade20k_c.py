@@ -30,11 +30,11 @@ from dusa_cli.data.generate import (
     Plan,
     Progress,
     check_corruptions,
+    claim_output,
     default_workers,
     run_jobs,
     write_manifest,
 )
-from dusa_cli.data.imagenet_c import _claim_output
 from dusa_cli.errors import DusaError
 
 SPLIT = "validation"
@@ -114,7 +114,7 @@ def prepare_ade20k_c(
     jobs, labels = _source_jobs(source)
     if output.exists() and not output.is_dir():
         raise DusaError(f"output is not a directory: {output}")
-    _claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options})
+    claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options})
 
     plan = Plan(
         output=output,

@@ -27,7 +27,7 @@ from PIL import Image
 
 from dusa_cli.data.corruptions import SEVERITIES, resolve_corruptions
 from dusa_cli.data.files import sha256_hex, write_bytes_atomic
-from dusa_cli.errors import ConfigError
+from dusa_cli.errors import ConfigError, DusaError
 
 Progress = Callable[[int, int], None]
 
@@ -277,3 +277,24 @@ def write_manifest(plan: Plan, checksums: dict[str, str], description: dict[str,
 def default_workers() -> int:
     """The CPU cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Records a resumable build's settings in its output directory.
+SETTINGS_FILE = ".dusa-prepare.json"
+
+
+def claim_output(output: Path, settings: dict[str, Any]) -> None:
+    """Record the settings in `output`, refusing to resume a build made with different ones."""
+    settings_path = output / SETTINGS_FILE
+    if settings_path.is_file():
+        try:
+            previous = json.loads(settings_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DusaError(f"cannot read {settings_path}: {exc}") from exc
+        if previous != settings:
+            raise DusaError(
+                f"{output} holds files made with other settings ({previous}, see {settings_path}); "
+                "use the same seed or a new output directory"
+            )
+        return
+    write_bytes_atomic(settings_path, json.dumps(settings).encode())

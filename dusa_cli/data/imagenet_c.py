@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from dusa_cli.data.generate import (
     Plan,
     Progress,
     check_corruptions,
+    claim_output,
     default_workers,
     run_jobs,
     write_manifest,
@@ -37,7 +37,6 @@ CROP = 224
 # artefacts a model sees alike.
 JPEG = ImageFormat(".JPEG", "JPEG", {"quality": 85})
 # Settings that decide the bytes of every file; a resumed run must use the same ones.
-SETTINGS_FILE = ".dusa-prepare.json"
 
 
 def load_center_crop(path: Path) -> np.ndarray:
@@ -79,23 +78,6 @@ def _source_jobs(source: Path) -> tuple[list[str], list[Job]]:
     return [folder.name for folder in folders], jobs
 
 
-def _claim_output(output: Path, settings: dict[str, Any]) -> None:
-    """Record the settings in `output`, refusing to resume a run made with different ones."""
-    settings_path = output / SETTINGS_FILE
-    if settings_path.is_file():
-        try:
-            previous = json.loads(settings_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DusaError(f"cannot read {settings_path}: {exc}") from exc
-        if previous != settings:
-            raise DusaError(
-                f"{output} holds files made with other settings ({previous}, see {settings_path}); "
-                "use the same seed or a new output directory"
-            )
-        return
-    write_bytes_atomic(settings_path, json.dumps(settings).encode())
-
-
 def prepare_imagenet_c(
     source: Path,
     output: Path,
@@ -115,7 +97,7 @@ def prepare_imagenet_c(
     classes, jobs = _source_jobs(source)
     if output.exists() and not output.is_dir():
         raise DusaError(f"output is not a directory: {output}")
-    _claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options})
+    claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options})
 
     plan = Plan(
         output=output,
