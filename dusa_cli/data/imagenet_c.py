@@ -11,13 +11,7 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import CORRUPTIONS, SEVERITIES
-from dusa_cli.data.files import (
-    class_folders,
-    image_files,
-    read_rgb,
-    require_directory,
-    write_bytes_atomic,
-)
+from dusa_cli.data.files import class_folders, image_files, read_rgb, require_directory
 from dusa_cli.data.generate import (
     ImageFormat,
     Job,
