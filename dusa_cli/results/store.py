@@ -109,7 +109,8 @@ class ResultsStore:
     def load_state(self) -> dict[str, Any]:
         if not self.state_path.is_file():
             raise DusaError(f"cannot resume the continual run in {self.root}: state.pt is missing")
-        return torch.load(self.state_path, map_location="cpu", weights_only=False)
+        # mmap: every process of a multi-process resume reads the file without its own copy in RAM.
+        return torch.load(self.state_path, map_location="cpu", weights_only=False, mmap=True)
 
     def _save(self) -> None:
         if self.writable:
