@@ -8,6 +8,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -26,29 +28,38 @@ def info(message: str) -> None:
     stderr.print(escape(message), highlight=False, soft_wrap=True)
 
 
-class TaskProgress:
-    """One bar per task with running online accuracy, throughput and ETA."""
+class _Bars:
+    """A rich progress display on stderr, started and stopped as a context manager."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, *columns: ProgressColumn, enabled: bool):
         self.progress = Progress(
-            TextColumn("[bold]{task.description:<24}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("acc {task.fields[accuracy]:6.1%}"),
-            TextColumn("{task.fields[rate]:>6.0f} img/s"),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not enabled,
+            *columns, BarColumn(), MofNCompleteColumn(), *self.extra_columns(), TextColumn("eta"),
+            TimeRemainingColumn(), console=stderr, disable=not enabled,
         )
-        self.task_id = None
+        self.task_id: TaskID | None = None
 
-    def __enter__(self) -> TaskProgress:
+    def extra_columns(self) -> tuple[ProgressColumn, ...]:
+        return ()
+
+    def __enter__(self):
         self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
+
+
+class TaskProgress(_Bars):
+    """One bar per task with running online accuracy, throughput and ETA."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(TextColumn("[bold]{task.description:<24}"), enabled=enabled)
+
+    def extra_columns(self) -> tuple[ProgressColumn, ...]:
+        return (
+            TextColumn("acc {task.fields[accuracy]:6.1%}"),
+            TextColumn("{task.fields[rate]:>6.0f} img/s"),
+        )
 
     def start_task(self, name: str, total: int) -> None:
         self.task_id = self.progress.add_task(name, total=total, accuracy=0.0, rate=0.0)
@@ -63,30 +74,20 @@ class TaskProgress:
         self.task_id = None
 
 
-class FileProgress:
-    """A single bar for data preparation, fed with (done, total) callbacks."""
+class FileProgress(_Bars):
+    """A single bar for data preparation or training, fed with (done, total) callbacks."""
 
     def __init__(self, description: str, enabled: bool = True):
+        super().__init__(TextColumn("[bold]{task.description}"), enabled=enabled)
         self.description = description
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not enabled,
-        )
-        self.task_id = None
 
-    def __enter__(self) -> FileProgress:
-        self.progress.start()
+    def extra_columns(self) -> tuple[ProgressColumn, ...]:
+        return (TimeElapsedColumn(),)
+
+    def __enter__(self):
+        super().__enter__()
         self.task_id = self.progress.add_task(self.description, total=None)
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
 
     def __call__(self, done: int, total: int) -> None:
         self.progress.update(self.task_id, completed=done, total=total)
