@@ -286,8 +286,7 @@ def adapt_cls(
     gpus: GpusOpt = None,
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
-    overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
-    overrides |= _overrides(prior=prior, prior_checkpoint=prior_checkpoint, vae=vae)
+    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
     _run(config, overrides, set_, resume, quiet, gpus, with_prior=True)
 
 
