@@ -135,6 +135,15 @@ def test_ddpm_timestep_and_range(tiny_vae: Path) -> None:
     assert len(values) > 1 and all(0.2 <= v < 0.4 for v in values)
 
 
+def test_a_timestep_off_the_priors_path_is_a_config_error(tiny_vae: Path) -> None:
+    from dusa_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="linear flow time"):
+        make("dusa", "sit_tiny", tiny_vae, timestep=100)  # the DDPM step on a flow prior
+    with pytest.raises(ConfigError, match="ddpm timestep"):
+        make("dusa", "dit_tiny", tiny_vae, timestep_range=(0.2, 0.4))
+
+
 def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
     method = make("dusa", "sit_tiny", tiny_vae)
     adapter = OnlineAdapter(method, load_config(PRESET, {}).optim.model_copy(update={"lr": 1e-3}), "fp32", torch.device("cpu"))

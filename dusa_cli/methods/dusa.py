@@ -72,6 +72,10 @@ class Dusa(TTAMethod):
             vae=config.vae,
             gradient_checkpointing=config.gradient_checkpointing,
         )
+        # A DDPM step on a flow path (or the reverse) would run silently with a meaningless noise level.
+        start = config.timestep if config.timestep is not None else (config.timestep_range or (None,))[0]
+        if start is not None:
+            self.prior.path.check_time(start)
         super().__init__(model, config)
 
     def configure_model(self) -> None:
