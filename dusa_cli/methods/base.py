@@ -26,7 +26,8 @@ class StepOutput:
 class TTAMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    uses_prior: ClassVar[bool] = False  # adapt-cls runs methods with a generative prior, baseline the rest
+    uses_prior: ClassVar[bool] = False  # adapt-cls/adapt-seg run methods with a generative prior, baseline the rest
+    tasks: ClassVar[frozenset[str]] = frozenset({"cls", "seg"})  # "cls": logits (B, C); "seg": (B, C, h, w)
 
     def __init__(self, model: nn.Module, config: MethodConfig):
         self.model = model

@@ -60,6 +60,7 @@ class Dusa(TTAMethod):
     name = "dusa"
     Config = DusaConfig
     uses_prior = True
+    tasks = frozenset({"cls"})
     config: DusaConfig
 
     def __init__(self, model: nn.Module, config: DusaConfig):
