@@ -16,7 +16,9 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from dusa_cli.data.corruptions import resolve_corruptions
@@ -37,9 +39,13 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    name: str = Field(description="timm model name, e.g. convnext_large.fb_in1k or dusa_digits_resnet")
+    name: str = Field(
+        description="cls: timm model name, e.g. convnext_large.fb_in1k or dusa_digits_resnet; seg: segformer"
+    )
     checkpoint: Path | None = Field(
-        default=None, description="local .pth/.safetensors weights; strict loading"
+        default=None,
+        description="cls: local .pth/.safetensors weights, strict loading; seg: a local transformers "
+        "SegFormer directory (from_pretrained)",
     )
     pretrained: bool = Field(
         default=False,
@@ -51,7 +57,7 @@ class ModelConfig(StrictModel):
 
 class DataConfig(StrictModel):
     root: Path = Field(description="ImageNet-C layout <corruption>/<severity>/<class>/ or CIFAR-C .npy files")
-    corruptions: list[str] = Field(default_factory=lambda: ["all"])
+    corruptions: list[str] = Field(default_factory=lambda: ["all"], validate_default=True)
     severities: list[int] = Field(default_factory=lambda: [5])
     num_ex: int | None = Field(default=None, ge=1, description="deterministic subset per task")
     batch_size: int = Field(default=64, ge=1, description="images per online step (micro-batch)")
@@ -71,6 +77,21 @@ class DataConfig(StrictModel):
         if not value or any(s not in range(1, 6) for s in value):
             raise ValueError("severities must be a non-empty list of integers 1..5")
         return value
+
+
+class SegDataConfig(DataConfig):
+    """ADE20K-C: one image per online step, resized so its short side is `short_side`
+    (mmseg's Resize(scale=(2048, 512), keep_ratio=True), research/dusa_official.md §3.2)."""
+
+    root: Path = Field(
+        description="ADE20K-C: <corruption>/<severity>/validation/ (official) or images/validation/<corruption>_<severity>/"
+    )
+    annotations: Path | None = Field(
+        default=None, description="folder of label PNGs; default ROOT/annotations/validation"
+    )
+    batch_size: Literal[1] = Field(default=1, description="one image per step (images differ in size)")
+    short_side: int = Field(default=512, ge=8, description="the segmenter's input: short side resized to this")
+    max_long_side: int = Field(default=2048, ge=8, description="…unless the long side would exceed this")
 
 
 class OptimConfig(StrictModel):
@@ -98,12 +119,32 @@ class RunConfig(StrictModel):
 
 
 class ExperimentConfig(StrictModel):
-    task: Literal["cls"] = "cls"
+    task: Literal["cls", "seg"] = Field(default="cls", description="classification or semantic segmentation")
     model: ModelConfig
-    data: DataConfig
+    data: SerializeAsAny[DataConfig]
     method: SerializeAsAny[MethodConfig]
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_for_task(cls, value: Any, info: ValidationInfo) -> DataConfig:
+        if isinstance(value, DataConfig):
+            return value
+        schema = SegDataConfig if info.data.get("task") == "seg" else DataConfig
+        try:
+            return schema.model_validate(value)
+        except ValidationError as error:
+            raise ValueError(format_validation_error(error, prefix="data")) from None
+
+    @model_validator(mode="after")
+    def _method_serves_task(self) -> ExperimentConfig:
+        from dusa_cli.methods import get_method
+
+        tasks = get_method(self.method.name).tasks
+        if self.task not in tasks:
+            raise ValueError(f"method '{self.method.name}' serves task {'/'.join(sorted(tasks))}, not {self.task}")
+        return self
 
     @field_validator("method", mode="before")
     @classmethod
