@@ -13,30 +13,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from dusa_cli.config.schema import MethodConfig
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
+from dusa_cli.methods.guided import GuidedConfig, draw_timestep
 from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
 from dusa_cli.priors import GenerativePrior, create_prior
 from dusa_cli.priors.registry import packaged_weights
 
 
-class DusaConfig(MethodConfig):
+class DusaConfig(GuidedConfig):
     prior: str = Field(default="dit_xl_2_256", description="prior preset (dusa_cli.priors registry)")
     prior_checkpoint: Path | None = Field(default=None, description="local weights of the prior")
     prior_pretrained: bool = Field(
         default=False, description="use the weights shipped in the package for this preset (sit_digits)"
     )
     vae: str = Field(default="none", description="'none' (pixel space) or a local VAE directory/file")
-    timestep: float | None = Field(
-        default=None, description="fixed timestep; default: the path's (DDPM 100, flow 0.25)"
-    )
-    timestep_range: tuple[float, float] | None = Field(
-        default=None, description="draw one timestep per step uniformly from [lo, hi) instead"
-    )
     topk: int = Field(default=4, ge=1)
     extra: int = Field(default=2, ge=0, description="m classes sampled beyond the top-k")
     temperature: float = Field(default=1.0, gt=0, description="of the extra-class sampling")
@@ -44,15 +38,7 @@ class DusaConfig(MethodConfig):
     normalize_logits: bool = Field(default=True, description="L2-normalise logits (off: the no_lc ablation)")
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     update_classifier: Literal["all", "norm", "none"] = "all"
-    update_prior: bool = Field(default=True, description="false: frozen prior (freezeDiff ablation)")
     classifier_fp32: bool = Field(default=True, description="classifier outside autocast, as the official code")
-    gradient_checkpointing: bool = False
-
-    @model_validator(mode="after")
-    def _one_timestep_rule(self) -> DusaConfig:
-        if self.timestep is not None and self.timestep_range is not None:
-            raise ValueError("set either timestep or timestep_range, not both")
-        return self
 
 
 @register_method
@@ -73,10 +59,7 @@ class Dusa(TTAMethod):
             vae=config.vae,
             gradient_checkpointing=config.gradient_checkpointing,
         )
-        # A DDPM step on a flow path (or the reverse) would run silently with a meaningless noise level.
-        start = config.timestep if config.timestep is not None else (config.timestep_range or (None,))[0]
-        if start is not None:
-            self.prior.path.check_time(start)
+        config.check_timestep(self.prior.path)
         super().__init__(model, config)
 
     def configure_model(self) -> None:
@@ -111,16 +94,7 @@ class Dusa(TTAMethod):
         return self.model(images).float()
 
     def timestep(self, batch: int, device: torch.device) -> torch.Tensor:
-        """One timestep shared by the whole micro-batch, as the official code draws it (§1.4.7)."""
-        if self.config.timestep_range is not None:
-            low, high = self.config.timestep_range
-            value = low + (high - low) * torch.rand((), device=device)
-        else:
-            value = torch.tensor(
-                self.config.timestep if self.config.timestep is not None else self.prior.path.default_timestep,
-                device=device,
-            )
-        return value.expand(batch)
+        return draw_timestep(self.config, self.prior.path, batch, device)
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         logits = self.classify(images)

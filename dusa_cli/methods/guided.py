@@ -1,0 +1,44 @@
+"""What the diffusion-guided methods (DUSA for classification and for segmentation) share: the
+timestep they noise at, whether the prior adapts, and activation checkpointing."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from dusa_cli.config.schema import MethodConfig
+from dusa_cli.priors.paths import NoisePath
+
+
+class GuidedConfig(MethodConfig):
+    timestep: float | None = Field(
+        default=None, description="fixed timestep; default: the prior path's (DDPM 100, flow σ 0.25)"
+    )
+    timestep_range: tuple[float, float] | None = Field(
+        default=None, description="draw one timestep per step uniformly from [lo, hi) instead"
+    )
+    update_prior: bool = Field(default=True, description="false: frozen prior (freezeDiff ablation)")
+    gradient_checkpointing: bool = Field(default=False, description="recompute the prior's activations in backward")
+
+    @model_validator(mode="after")
+    def _one_timestep_rule(self) -> GuidedConfig:
+        if self.timestep is not None and self.timestep_range is not None:
+            raise ValueError("set either timestep or timestep_range, not both")
+        return self
+
+    def check_timestep(self, path: NoisePath) -> None:
+        """A DDPM step on a flow path (or the reverse) would run silently at a meaningless noise
+        level: ConfigError. For a range, its start is checked."""
+        start = self.timestep if self.timestep is not None else (self.timestep_range or (None,))[0]
+        if start is not None:
+            path.check_time(start)
+
+
+def draw_timestep(config: GuidedConfig, path: NoisePath, batch: int, device: torch.device) -> torch.Tensor:
+    """One timestep shared by the whole step, as the official code draws it (§1.4.7), as (batch,)."""
+    if config.timestep_range is not None:
+        low, high = config.timestep_range
+        value = low + (high - low) * torch.rand((), device=device)
+    else:
+        value = torch.tensor(config.timestep if config.timestep is not None else path.default_timestep, device=device)
+    return value.expand(batch)
