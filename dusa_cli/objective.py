@@ -90,3 +90,88 @@ def prediction_loss(prediction: torch.Tensor, target: torch.Tensor, weights: Los
         cosine = F.cosine_similarity(prediction.flatten(1), target.flatten(1), dim=1)
         loss = loss + weights.cosine * (1 - cosine).mean()
     return loss
+
+
+# ---- segmentation: windows, per-pixel classes (research/dusa_official.md §3.2-§3.5) ----
+
+
+@dataclass(frozen=True)
+class Window:
+    top: int
+    left: int
+    size: int
+
+
+def sliding_windows(height: int, width: int, size: int, stride: int) -> list[Window]:
+    """Square windows over an image, mmseg's slide rule on each axis: starts every `stride`
+    pixels, the last one flush with the far edge. With the short side resized to the window size
+    (the default) this is one row of windows along the long side, whichever side that is; the
+    official code fixes the row to the top, so portrait images only got their top square (§3.2)."""
+    if size > min(height, width):
+        raise ValueError(f"window {size} is larger than the image's short side {min(height, width)}")
+
+    def starts(length: int) -> list[int]:
+        count = max(length - size + stride - 1, 0) // stride + 1
+        return [min(index * stride, length - size) for index in range(count)]
+
+    return [Window(top, left, size) for top in starts(height) for left in starts(width)]
+
+
+def sample_window(values: torch.Tensor, image_size: tuple[int, int], window: Window, grid: int) -> torch.Tensor:
+    """Bilinear samples of a (C, h, w) map that covers the whole image (any resolution, e.g.
+    SegFormer's stride-4 logits) at the centres of a grid × grid partition of `window` → (C, grid, grid).
+
+    The map is read the way predictions are upsampled (align_corners=False over the image), so a
+    latent pixel's value comes from exactly the image region it encodes. The official code crops
+    the logits with the image geometry divided by 8 although SegFormer's stride is 4, which
+    weights each latent pixel with classes from elsewhere (§3.2); this does not.
+    """
+    height, width = image_size
+    centres = (torch.arange(grid, device=values.device, dtype=torch.float32) + 0.5) * (window.size / grid)
+    ys = 2 * (window.top + centres) / height - 1
+    xs = 2 * (window.left + centres) / width - 1
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    points = torch.stack([x, y], dim=-1)[None].to(values.dtype)
+    return F.grid_sample(values[None], points, mode="bilinear", align_corners=False)[0]
+
+
+@dataclass
+class PixelCandidates:
+    classes: torch.Tensor  # (K,) long, ascending: the window's selected classes
+    weights: torch.Tensor  # (K, h, w) per-pixel softmax over them; carries the segmenter's gradient
+    mask: torch.Tensor  # (h, w) bool: pixels that count in the loss
+
+
+def select_pixel_classes(
+    scores: torch.Tensor, *, topk: int = 5, cap: int = 20, temperature: float = 1.0
+) -> PixelCandidates:
+    """The window's classes from (C, h, w) scores (§3.3): the union over pixels of each pixel's
+    top-k; above `cap` classes, every class that is top-1 somewhere is kept and the rest filled at
+    random from the union; if the top-1 classes alone exceed `cap`, a random `cap` of them are
+    kept and the pixels whose top-1 class was dropped leave the loss. Draws use torch's global RNG.
+    """
+    ranked = scores.detach().topk(min(topk, scores.shape[0]), dim=0).indices
+    union, top1 = ranked.unique(), ranked[0].unique()
+    mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=scores.device)
+    if union.numel() <= cap:
+        classes = union
+    elif top1.numel() <= cap:
+        others = union[~torch.isin(union, top1)]
+        fill = others[torch.randperm(others.numel(), device=others.device)[: cap - top1.numel()]]
+        classes = torch.cat([top1, fill]).sort().values
+    else:
+        classes = top1[torch.randperm(top1.numel(), device=top1.device)[:cap]].sort().values
+        mask = torch.isin(ranked[0], classes)
+    weights = (scores[classes].float() / temperature).softmax(dim=0)
+    return PixelCandidates(classes=classes, weights=weights, mask=mask)
+
+
+def masked_mixture_loss(
+    predictions: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """MSE between Σ_k w_k(h, w)·pred_k(h, w) and the target, for predictions (K, C, h, w),
+    weights (K, h, w) and target (C, h, w). Masked pixels are zero in both and still count in
+    the mean, as in the official loss (§3.5)."""
+    mixture = (weights[:, None] * predictions.float()).sum(dim=0)
+    keep = mask.to(mixture.dtype)
+    return F.mse_loss(mixture * keep, target.float() * keep)

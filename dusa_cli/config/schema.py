@@ -115,6 +115,12 @@ class RunConfig(StrictModel):
     seed: int = 2024
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    split_devices: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="seg: devices the prior's transformer blocks are split across (model parallelism); "
+        "the first also holds the segmenter, the VAE and the prompt cache",
+    )
     output: Path = Path("results/run")
 
 

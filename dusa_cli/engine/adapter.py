@@ -42,17 +42,30 @@ class OnlineAdapter:
             device.type, enabled=precision == "fp16" and self.optimizer is not None
         )
         self.pending = 0
+        self.loss_factor = 1.0
+        method.backward = self.backward
 
     def step(self, images: torch.Tensor, share: float = 1.0) -> StepOutput:
         """`share`: the images' fraction of the whole micro-batch (1 in a single process). A
         method's loss is a mean over its images, so the share-weighted losses of the shards sum
         to the loss of the whole micro-batch, uneven shards included."""
+        self.loss_factor = share / self.accumulation
         with autocast(self.device, self.precision):
             output = self.method.forward(images)
-        if output.loss is not None and self.optimizer is not None:
-            self.scaler.scale(output.loss * share / self.accumulation).backward()
+        if output.loss is not None and not output.backpropagated:
+            self.backward(output.loss)
         self._count_micro_batch()
         return output
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate (a part of) this micro-batch's loss outside autocast, scaled for fp16.
+        Every part goes through the same scale, so parts sent back separately (segmentation
+        windows) add up to the gradient of their sum (the official code scales only the last
+        window, §3.5)."""
+        if self.optimizer is None or not loss.requires_grad:
+            return
+        with torch.autocast(self.device.type, enabled=False):
+            self.scaler.scale(loss * self.loss_factor).backward()
 
     def skip(self) -> None:
         """A micro-batch with no image for this process: it still takes part in the update."""
@@ -74,6 +87,7 @@ class OnlineAdapter:
         all_reduce_gradients(self.params)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.method.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending = 0
 

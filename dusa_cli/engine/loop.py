@@ -2,128 +2,30 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
-from dusa_cli.data.datasets import open_task
 from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.classification import CLASSIFICATION
 from dusa_cli.engine.distributed import (
     ShardedBatches,
     World,
     agree,
-    all_reduce_,
     broadcast_from_main,
     collate_shard,
     gather_to_main,
     process_group,
 )
-from dusa_cli.engine.runtime import (
-    peak_memory,
-    reset_peak_memory,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from dusa_cli.errors import DusaError
+from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from dusa_cli.engine.segmentation import SEGMENTATION
+from dusa_cli.engine.tasks import NoProgress, Progress, TaskKind
+from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.methods import get_method
-from dusa_cli.models.classifier import create_classifier
 from dusa_cli.results.environment import collect_environment
 from dusa_cli.results.store import ResultsStore, task_id
-
-
-class Progress(Protocol):
-    def start_task(self, name: str, total: int) -> None: ...
-    def advance(self, images: int, accuracy: float) -> None: ...
-    def end_task(self) -> None: ...
-
-
-class NoProgress:
-    def start_task(self, name: str, total: int) -> None: ...
-    def advance(self, images: int, accuracy: float) -> None: ...
-    def end_task(self) -> None: ...
-
-
-@dataclass
-class OnlineMetrics:
-    """Counts kept on the device; read back once per progress update. With several processes
-    each counts its own shards (the progress shows rank 0's) and `record` sums them."""
-
-    device: torch.device
-    top1: torch.Tensor = field(init=False)
-    top5: torch.Tensor = field(init=False)
-    loss: torch.Tensor = field(init=False)
-    count: int = 0
-    loss_batches: float = 0.0  # micro-batches with a loss; a shard counts as its share of one
-
-    def __post_init__(self) -> None:
-        self.top1, self.top5, self.loss = (torch.zeros((), device=self.device) for _ in range(3))
-
-    def update(
-        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float = 1.0
-    ) -> None:
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = ranked == labels[:, None]
-        self.top1 += hits[:, 0].sum()
-        self.top5 += hits.any(dim=1).sum()
-        self.count += labels.numel()
-        if loss is not None:  # a shard's mean loss weighted by its share: the shards sum to the batch's
-            self.loss += loss.detach().float() * share
-            self.loss_batches += share
-
-    def accuracy(self) -> float:
-        return self.top1.item() / max(self.count, 1)
-
-    def record(self) -> dict[str, Any]:
-        """The task's metrics over every process's shards."""
-        counts = torch.tensor([self.count, self.loss_batches], dtype=torch.float64, device=self.device)
-        totals = all_reduce_(torch.cat([torch.stack([self.top1, self.top5, self.loss]).double(), counts]))
-        hits, top5, loss, count, loss_batches = totals.tolist()
-        top1 = hits / count
-        return {
-            "num_samples": round(count),
-            "top1": top1,
-            "top5": top5 / count,
-            "error": 1.0 - top1,
-            "mean_loss": loss / loss_batches if loss_batches else None,
-        }
-
-
-def run_task(
-    adapter: OnlineAdapter, loader: DataLoader, device: torch.device, progress: Progress
-) -> dict[str, Any]:
-    batches: ShardedBatches = loader.batch_sampler  # type: ignore[assignment]
-    metrics = OnlineMetrics(device)
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    for shard, size in zip(loader, batches.global_sizes()):
-        if shard is None:
-            adapter.skip()
-        else:
-            images, labels = shard
-            images = images.to(device, non_blocking=True).float().div_(255)
-            labels = labels.to(device, non_blocking=True)
-            share = labels.numel() / size
-            output = adapter.step(images, share)
-            metrics.update(output.logits, labels, output.loss, share)
-        progress.advance(size, metrics.accuracy())
-    adapter.flush()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
-    record = metrics.record()
-    memory, memory_kind = peak_memory(device)
-    peak = all_reduce_(torch.tensor(memory, dtype=torch.float64, device=device), "max").item()
-    return record | {
-        "wall_time_s": wall,
-        "images_per_s": record["num_samples"] / wall if wall > 0 else None,
-        "peak_memory_gib": peak,  # of the process that used the most
-        "memory_kind": memory_kind,
-    }
 
 
 def task_loader(dataset: Dataset, data: DataConfig, world: World, seed: int) -> DataLoader:
@@ -157,25 +59,34 @@ def run_experiment(
 ) -> ResultsStore:
     """One process, or one of several under torchrun / `--gpus` (rank 0 alone writes and shows
     progress). Returns the run's results store (an unwritten copy on ranks other than 0)."""
-    with process_group(config.run.device) as world:
+    split = config.run.split_devices
+    with process_group(split[0] if split else config.run.device) as world:
         shown = progress if progress is not None and world.is_main else NoProgress()
         return _run(config, world, resume, shown)
 
 
+TASKS: dict[str, TaskKind] = {"cls": CLASSIFICATION, "seg": SEGMENTATION}
+
+
 def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progress) -> ResultsStore:
     device, seed = world.device, config.run.seed
+    kind = TASKS[config.task]
+    if world.size > 1 and not kind.multi_process:
+        raise ConfigError(
+            f"task {config.task} runs in one process; split its prior over GPUs with --gpus instead of torchrun"
+        )
+    split = config.run.split_devices
+    devices = [resolve_device(spec) for spec in split] if split else [device]
     continual = config.run.setting == "continual"
     tasks = [(c, s) for c in config.data.corruptions for s in config.data.severities]
 
     def setup() -> tuple[OnlineAdapter, list[Dataset]]:
         seed_everything(seed)  # the same on every process, so the replicas start identical
-        model = create_classifier(config.model)
-        method = get_method(config.method.name)(model, config.method).to(device)
+        model = kind.create_model(config.model)
+        method = get_method(config.method.name)(model, config.method).place(devices)
         adapter = OnlineAdapter(method, config.optim, config.run.precision, device)
         # Open every task first: a missing corruption folder fails before any compute is spent.
-        datasets = [
-            open_task(config.data.root, c, s, num_ex=config.data.num_ex, seed=seed) for c, s in tasks
-        ]
+        datasets = [kind.open_dataset(config.data, c, s, seed) for c, s in tasks]
         return adapter, datasets
 
     adapter, datasets = agree(setup)
@@ -196,7 +107,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
         loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
         progress.start_task(task_id(corruption, severity), len(dataset))
-        record = run_task(adapter, loader, device, progress)
+        record = kind.run(adapter, loader, config.data, devices, progress)
         progress.end_task()
         record = {"corruption": corruption, "severity": severity} | record
         if continual:  # state first, carrying the records, so a kill between the writes loses nothing
@@ -204,7 +115,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             rng = gather_to_main(rng_state())  # one stream per process
             store.save_state({"adapter": adapter.state_dict(), "rng": rng, "records": records})
         store.record_task(record)
-    store.complete(summarize(store.results["tasks"]))
+    store.complete(kind.summarize(store.results["tasks"]))
     return store
 
 
@@ -235,17 +146,3 @@ def _restore(store: ResultsStore, adapter: OnlineAdapter, world: World) -> None:
     store.adopt_records(saved["records"])
     adapter.load_state_dict(saved["adapter"])
     set_rng_state(streams[world.rank])
-
-
-def summarize(tasks: list[dict[str, Any]]) -> dict[str, Any]:
-    images = sum(t["num_samples"] for t in tasks)
-    wall = sum(t["wall_time_s"] for t in tasks)
-    return {
-        "mean_top1": sum(t["top1"] for t in tasks) / len(tasks),
-        "mean_error": sum(t["error"] for t in tasks) / len(tasks),
-        "num_tasks": len(tasks),
-        "num_samples": images,
-        "wall_time_s": wall,
-        "images_per_s": images / wall if wall > 0 else None,
-        "peak_memory_gib": max(t["peak_memory_gib"] for t in tasks),
-    }

@@ -8,6 +8,7 @@ so a method reads like the official Tent: configure, collect, forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from dusa_cli.config.schema import MethodConfig
 class StepOutput:
     logits: torch.Tensor  # predictions from the pre-update forward pass
     loss: torch.Tensor | None = None  # None: nothing to back-propagate
+    backpropagated: bool = False  # the method already sent `loss` back in parts through `backward`
 
 
 class TTAMethod:
@@ -32,6 +34,9 @@ class TTAMethod:
     def __init__(self, model: nn.Module, config: MethodConfig):
         self.model = model
         self.config = config
+        # The engine's loss back-propagation (loss scaling, accumulation, shard share). A method
+        # whose loss is too big for one graph calls it once per part and returns `backpropagated`.
+        self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
         self.configure_model()
 
     def configure_model(self) -> None:
@@ -48,12 +53,19 @@ class TTAMethod:
             module.to(device)
         return self
 
+    def place(self, devices: list[torch.device]) -> TTAMethod:
+        """Put the networks on the run's devices: all on the first unless a method splits a model."""
+        return self.to(devices[0])
+
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (none for gradient-free methods)."""
         return [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called by the engine after each optimizer step."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a reset restores (the engine adds optimizer, scaler and RNG)."""

@@ -1,0 +1,107 @@
+"""Classification: online top-1/top-5 over a test set in micro-batches, sharded over processes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dusa_cli.config.schema import DataConfig
+from dusa_cli.data.datasets import open_task
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
+from dusa_cli.engine.runtime import reset_peak_memory
+from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
+from dusa_cli.models.classifier import create_classifier
+
+
+@dataclass
+class OnlineMetrics:
+    """Counts kept on the device; read back once per progress update. With several processes
+    each counts its own shards (the progress shows rank 0's) and `record` sums them."""
+
+    device: torch.device
+    top1: torch.Tensor = field(init=False)
+    top5: torch.Tensor = field(init=False)
+    loss: torch.Tensor = field(init=False)
+    count: int = 0
+    loss_batches: float = 0.0  # micro-batches with a loss; a shard counts as its share of one
+
+    def __post_init__(self) -> None:
+        self.top1, self.top5, self.loss = (torch.zeros((), device=self.device) for _ in range(3))
+
+    def update(
+        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float = 1.0
+    ) -> None:
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = ranked == labels[:, None]
+        self.top1 += hits[:, 0].sum()
+        self.top5 += hits.any(dim=1).sum()
+        self.count += labels.numel()
+        if loss is not None:  # a shard's mean loss weighted by its share: the shards sum to the batch's
+            self.loss += loss.detach().float() * share
+            self.loss_batches += share
+
+    def accuracy(self) -> float:
+        return self.top1.item() / max(self.count, 1)
+
+    def record(self) -> dict[str, Any]:
+        """The task's metrics over every process's shards."""
+        counts = torch.tensor([self.count, self.loss_batches], dtype=torch.float64, device=self.device)
+        totals = all_reduce_(torch.cat([torch.stack([self.top1, self.top5, self.loss]).double(), counts]))
+        hits, top5, loss, count, loss_batches = totals.tolist()
+        top1 = hits / count
+        return {
+            "num_samples": round(count),
+            "top1": top1,
+            "top5": top5 / count,
+            "error": 1.0 - top1,
+            "mean_loss": loss / loss_batches if loss_batches else None,
+        }
+
+
+def run_task(
+    adapter: OnlineAdapter, loader: DataLoader, data: DataConfig, devices: list[torch.device], progress: Progress
+) -> dict[str, Any]:
+    device = devices[0]
+    batches: ShardedBatches = loader.batch_sampler  # type: ignore[assignment]
+    metrics = OnlineMetrics(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for shard, size in zip(loader, batches.global_sizes()):
+        if shard is None:
+            adapter.skip()
+        else:
+            images, labels = shard
+            images = images.to(device, non_blocking=True).float().div_(255)
+            labels = labels.to(device, non_blocking=True)
+            share = labels.numel() / size
+            output = adapter.step(images, share)
+            metrics.update(output.logits, labels, output.loss, share)
+        progress.advance(size, metrics.accuracy())
+    adapter.flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    record = metrics.record()
+    return record | timing_record(record["num_samples"], time.perf_counter() - start, devices)
+
+
+def summarize(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "mean_top1": sum(t["top1"] for t in tasks) / len(tasks),
+        "mean_error": sum(t["error"] for t in tasks) / len(tasks),
+    } | summarize_timing(tasks)
+
+
+CLASSIFICATION = TaskKind(
+    create_model=create_classifier,
+    open_dataset=lambda data, corruption, severity, seed: open_task(
+        data.root, corruption, severity, num_ex=data.num_ex, seed=seed
+    ),
+    run=run_task,
+    summarize=summarize,
+    multi_process=True,
+)

@@ -1,0 +1,82 @@
+"""Segmentation: one image per online step, resized for the segmenter, scored at its original
+resolution (mIoU, per-class IoU, pixel accuracy; research/dusa_official.md §3.2, §3.6)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dusa_cli.config.schema import DataConfig, SegDataConfig
+from dusa_cli.data.segmentation import open_seg_task
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.runtime import reset_peak_memory
+from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
+from dusa_cli.models.segmenter import create_segmenter
+from dusa_cli.results.seg_metrics import SegmentationScore
+
+
+def resized_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """mmseg's Resize(scale=(max_long_side, short_side), keep_ratio=True): the largest scale at
+    which the short side is at most `short_side` and the long side at most `max_long_side`."""
+    scale = min(short_side / min(height, width), max_long_side / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def prepare_image(image: torch.Tensor, data: SegDataConfig) -> torch.Tensor:
+    """uint8 (1, 3, H, W) on the device → float [0, 1] at the segmenter's input size (bilinear)."""
+    size = resized_size(*image.shape[-2:], data.short_side, data.max_long_side)
+    return F.interpolate(image.float().div_(255), size=size, mode="bilinear", align_corners=False)
+
+
+def predict_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class per pixel at the original resolution: logits upsampled bilinearly, then argmax."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+
+
+def run_task(
+    adapter: OnlineAdapter, loader: DataLoader, data: DataConfig, devices: list[torch.device], progress: Progress
+) -> dict[str, Any]:
+    assert isinstance(data, SegDataConfig)
+    device = devices[0]
+    score = SegmentationScore(num_classes=adapter.method.model.num_classes)
+    losses: list[torch.Tensor] = []
+    count = 0
+    for each in devices:
+        reset_peak_memory(each)
+    start = time.perf_counter()
+    for images, labels in loader:
+        output = adapter.step(prepare_image(images.to(device, non_blocking=True), data))
+        score.update(predict_labels(output.logits, labels.shape[-2:]), labels)
+        if output.loss is not None:
+            losses.append(output.loss.detach().float())
+        count += 1
+        progress.advance(1, score.compute()["miou"])
+    adapter.flush()
+    for each in devices:
+        if each.type == "cuda":
+            torch.cuda.synchronize(each)
+    record = {"num_samples": count} | score.compute()
+    record["mean_loss"] = torch.stack(losses).mean().item() if losses else None
+    return record | timing_record(count, time.perf_counter() - start, devices)
+
+
+def summarize(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "mean_miou": sum(t["miou"] for t in tasks) / len(tasks),
+        "mean_pixel_accuracy": sum(t["pixel_accuracy"] for t in tasks) / len(tasks),
+    } | summarize_timing(tasks)
+
+
+SEGMENTATION = TaskKind(
+    create_model=create_segmenter,
+    open_dataset=lambda data, corruption, severity, seed: open_seg_task(
+        data.root, corruption, severity, annotations=data.annotations, num_ex=data.num_ex, seed=seed
+    ),
+    run=run_task,
+    summarize=summarize,
+    multi_process=False,
+)

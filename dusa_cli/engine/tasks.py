@@ -1,0 +1,63 @@
+"""What the loop needs from a task (classification, segmentation): its model, its test sets,
+how one test set runs online and how finished sets summarise. The loop knows no task's details."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dusa_cli.config.schema import DataConfig, ModelConfig
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.distributed import all_reduce_
+from dusa_cli.engine.runtime import peak_memory
+
+
+class Progress(Protocol):
+    def start_task(self, name: str, total: int) -> None: ...
+    def advance(self, images: int, score: float) -> None: ...
+    def end_task(self) -> None: ...
+
+
+class NoProgress:
+    def start_task(self, name: str, total: int) -> None: ...
+    def advance(self, images: int, score: float) -> None: ...
+    def end_task(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    create_model: Callable[[ModelConfig], nn.Module]
+    open_dataset: Callable[[DataConfig, str, int, int], Dataset]  # (data, corruption, severity, seed)
+    run: Callable[[OnlineAdapter, DataLoader, DataConfig, list[torch.device], Progress], dict[str, Any]]
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    multi_process: bool  # data parallelism over processes (else model parallelism at most)
+
+
+def timing_record(num_samples: int, wall: float, devices: list[torch.device]) -> dict[str, Any]:
+    """Throughput and the peak memory of the device (over processes and split devices) that used most."""
+    peaks = [peak_memory(device) for device in devices]
+    memory, memory_kind = max(peaks)
+    peak = all_reduce_(torch.tensor(memory, dtype=torch.float64, device=devices[0]), "max").item()
+    return {
+        "wall_time_s": wall,
+        "images_per_s": num_samples / wall if wall > 0 else None,
+        "peak_memory_gib": peak,
+        "memory_kind": memory_kind,
+    }
+
+
+def summarize_timing(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    images = sum(t["num_samples"] for t in tasks)
+    wall = sum(t["wall_time_s"] for t in tasks)
+    return {
+        "num_tasks": len(tasks),
+        "num_samples": images,
+        "wall_time_s": wall,
+        "images_per_s": images / wall if wall > 0 else None,
+        "peak_memory_gib": max(t["peak_memory_gib"] for t in tasks),
+    }
