@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from dusa_cli.config.schema import ExperimentConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the progress shown is dusa's own
 
 app = typer.Typer(
     name="dusa",
@@ -40,6 +41,12 @@ class Setting(str, Enum):
 class Metric(str, Enum):
     acc = "acc"
     err = "err"
+    miou = "miou"
+
+
+class Task(str, Enum):
+    cls = "cls"
+    seg = "seg"
 
 
 class Format(str, Enum):
@@ -79,6 +86,7 @@ GpusOpt = Annotated[
 
 def _overrides(**flags: Any) -> dict[str, Any]:
     keys = {
+        "task": "task",
         "model": "model.name",
         "checkpoint": "model.checkpoint",
         "data": "data.root",
@@ -101,25 +109,49 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return overrides
 
 
-def _run(config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str], *, with_prior: bool) -> None:
-    from dusa_cli.config.loader import load_config
+# What each run command runs: methods with or without a generative prior, for which task (None: any).
+COMMANDS = {"adapt-cls": (True, "cls"), "adapt-seg": (True, "seg"), "baseline": (False, None)}
+
+
+def _check_command(command: str, config: ExperimentConfig) -> None:
     from dusa_cli.methods import available_methods, get_method
 
+    with_prior, task = COMMANDS[command]
+    method = get_method(config.method.name)
+    if task is not None and config.task != task:
+        raise ConfigError(f"`dusa {command}` runs task {task}, but the config's task is {config.task}")
+    if method.uses_prior != with_prior:
+        there = f"adapt-{config.task}" if method.uses_prior else "baseline"
+        fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior and config.task in get_method(m).tasks]
+        raise ConfigError(f"method '{config.method.name}' runs with `dusa {there}`; `dusa {command}` runs {', '.join(fitting)}")
+
+
+def split_devices(text: str) -> list[str]:
+    """`--gpus 0,1` (or `cpu,cpu`, `cuda:2,cuda:3`) for model parallelism: one device per part."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--gpus takes a comma list of GPU indices (or cpu), got '{text}'")
+    return [f"cuda:{part}" if part.isdecimal() else part for part in parts]
+
+
+def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str]) -> None:
+    from dusa_cli.config.loader import load_config
+
+    if command == "adapt-seg" and gpus is not None:  # model parallelism within one process
+        assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
+        gpus = None
     devices = None
     if gpus is not None:
         from dusa_cli.engine.distributed import parse_gpus
 
         devices = parse_gpus(gpus)
     config = load_config(config_path, overrides, assignments)
-    if get_method(config.method.name).uses_prior != with_prior:
-        fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior]
-        here, there = ("adapt-cls", "baseline") if with_prior else ("baseline", "adapt-cls")
-        raise ConfigError(
-            f"method '{config.method.name}' runs with `dusa {there}`; `dusa {here}` runs {', '.join(fitting)}"
-        )
+    _check_command(command, config)
     if devices is None:
         _execute(config, resume, quiet)
         return
+    if config.task != "cls":
+        raise ConfigError("--gpus runs data parallelism for classification; segmentation baselines run on one device")
     if config.run.device not in ("auto", "cuda"):
         raise ConfigError(f"--gpus runs one process per GPU: run.device must be auto or cuda, not '{config.run.device}'")
     from dusa_cli.engine.distributed import launch
@@ -135,7 +167,8 @@ def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
     from dusa_cli.ui import TaskProgress, info, stdout
 
     main_process = is_main_process()
-    with TaskProgress(enabled=not quiet and main_process) as progress:
+    score = "mIoU" if config.task == "seg" else "acc"
+    with TaskProgress(enabled=not quiet and main_process, score=score) as progress:
         store = run_experiment(config, resume=resume, progress=progress)
     if main_process:
         stdout.print(to_rich(build_table([store.results]), stdout.width))
@@ -244,7 +277,8 @@ def pretrain_digits_prior(
 @app.command()
 def baseline(
     config: ConfigOpt = None,
-    method: Annotated[Optional[str], typer.Option(help="source | norm | tent → method.name.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="source | norm | tent | cotta → method.name.")] = None,
+    task: Annotated[Optional[Task], typer.Option(help="cls: classification; seg: segmentation (ADE20K-C, SegFormer) → task.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
@@ -259,9 +293,10 @@ def baseline(
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
-    """Run a classification baseline (source, norm, tent) online over the corruptions."""
-    overrides = _overrides(method=method, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
-    _run(config, overrides, set_, resume, quiet, gpus, with_prior=False)
+    """Run a baseline (source, norm, tent, cotta) online over the corruptions, for classification
+    or segmentation (--task seg)."""
+    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
+    _run("baseline", config, overrides, set_, resume, quiet, gpus)
 
 
 @app.command("adapt-cls")
@@ -287,7 +322,35 @@ def adapt_cls(
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
     overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
-    _run(config, overrides, set_, resume, quiet, gpus, with_prior=True)
+    _run("adapt-cls", config, overrides, set_, resume, quiet, gpus)
+
+
+@app.command("adapt-seg")
+def adapt_seg(
+    config: ConfigOpt = None,
+    method: Annotated[Optional[str], typer.Option(help="dusa_seg → method.name.")] = None,
+    prior: Annotated[Optional[Path], typer.Option(help="Local Stable Diffusion 3 directory (diffusers layout) → method.prior.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Segmenter: segformer → model.name.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Local transformers SegFormer directory → model.checkpoint.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="ADE20K-C root (official or images/validation/<c>_5 layout) → data.root.")] = None,
+    corruption: CorruptionOpt = None,
+    severity: SeverityOpt = None,
+    num_ex: NumExOpt = None,
+    setting: SettingOpt = None,
+    seed: SeedOpt = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+    gpus: Annotated[
+        Optional[str],
+        typer.Option("--gpus", help="Model parallelism: split the SD3 transformer's blocks over these devices, e.g. 0,1 (or cpu,cpu) → run.split_devices."),
+    ] = None,
+) -> None:
+    """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
+    # Without a preset the flags describe a segmentation run; a preset must say task: seg itself.
+    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
+    _run("adapt-seg", config, overrides, set_, resume, quiet, gpus)
 
 
 bench_app = typer.Typer(help="Measure throughput and memory (figures for docs/BENCHMARKS.md).", no_args_is_help=True)
@@ -326,14 +389,14 @@ def bench_cls_command(
 @app.command()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs.")],
-    metric: Annotated[Metric, typer.Option(help="acc: top-1 accuracy; err: top-1 error.")] = Metric.acc,
+    metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:
     """Tables over results: rows = methods (mean ± std over seeds), columns = corruptions + mean."""
     from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
     from dusa_cli.ui import stdout
 
-    table = build_table(find_runs(paths), metric.value)
+    table = build_table(find_runs(paths), metric.value if metric else None)
     if format is Format.table:
         stdout.print(to_rich(table, stdout.width))
     else:

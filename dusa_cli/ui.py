@@ -50,22 +50,23 @@ class _Bars:
 
 
 class TaskProgress(_Bars):
-    """One bar per task with running online accuracy, throughput and ETA."""
+    """One bar per task with the running online score (accuracy, mIoU), throughput and ETA."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, score: str = "acc"):
+        self.score = score
         super().__init__(TextColumn("[bold]{task.description:<24}"), enabled=enabled)
 
     def extra_columns(self) -> tuple[ProgressColumn, ...]:
         return (
-            TextColumn("acc {task.fields[accuracy]:6.1%}"),
-            TextColumn("{task.fields[rate]:>6.0f} img/s"),
+            TextColumn(self.score + " {task.fields[score]:6.1%}"),
+            TextColumn("{task.fields[rate]:>6.1f} img/s"),
         )
 
     def start_task(self, name: str, total: int) -> None:
-        self.task_id = self.progress.add_task(name, total=total, accuracy=0.0, rate=0.0)
+        self.task_id = self.progress.add_task(name, total=total, score=0.0, rate=0.0)
 
-    def advance(self, images: int, accuracy: float) -> None:
-        self.progress.update(self.task_id, advance=images, accuracy=accuracy)
+    def advance(self, images: int, score: float) -> None:
+        self.progress.update(self.task_id, advance=images, score=score)
         speed = self.progress.tasks[-1].speed
         if speed:
             self.progress.update(self.task_id, rate=speed)

@@ -15,7 +15,12 @@ from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.errors import DusaError
 from dusa_cli.results.store import RESULTS_FILE, RESULTS_FORMAT
 
-METRICS = {"acc": ("top1", "accuracy (%)"), "err": ("error", "error (%)")}
+# metric → (task record key, title, the task it belongs to)
+METRICS = {
+    "acc": ("top1", "accuracy (%)", "cls"),
+    "err": ("error", "error (%)", "cls"),
+    "miou": ("miou", "mIoU (%)", "seg"),
+}
 GROUP_FIELDS = ("method", "model", "setting", "task")
 MEAN = "mean"
 
@@ -70,8 +75,20 @@ def _run_columns(run: dict[str, Any], key: str) -> dict[str, float]:
     return {name: statistics.fmean(values) for name, values in by_corruption.items()}
 
 
-def build_table(runs: list[dict[str, Any]], metric: str = "acc") -> Table:
-    key, title = METRICS[metric]
+def default_metric(runs: list[dict[str, Any]]) -> str:
+    """acc for classification runs, miou for segmentation runs."""
+    tasks = {run.get("task", "cls") for run in runs}
+    if len(tasks) > 1:
+        raise DusaError("these runs mix classification and segmentation; report them separately")
+    return "miou" if tasks == {"seg"} else "acc"
+
+
+def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
+    metric = metric or default_metric(runs)
+    key, title, task = METRICS[metric]
+    other = sorted({run.get("path", "a run") for run in runs if run.get("task", "cls") != task})
+    if other:
+        raise DusaError(f"--metric {metric} scores task {task}, but {other[0]} is not a {task} run")
     varying = [f for f in GROUP_FIELDS if len({r.get(f) for r in runs}) > 1]
     rows: dict[tuple, Row] = {}
     names: set[str] = set()
