@@ -1,0 +1,299 @@
+"""The Stable Diffusion 3 prior on a tiny random SD3 folder: flow path vs the diffusers scheduler,
+text conditioning vs the diffusers pipeline, the prompt cache, loading and its errors, encoding,
+prediction, model-parallel placement (outputs and gradients unchanged) and eval mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_sd3 import IMAGE_SIZE, LATENT_SIZE, SHIFT, TRANSFORMER, VAE, write_tiny_sd3
+
+import dusa_cli  # noqa: F401  (torchvision shim before timm/diffusers)
+from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.priors import SD3FlowPath, SD3Prior
+from dusa_cli.priors.prompts import PromptEmbeddings, encode_prompts, load_prompt_embeddings
+from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, random_prompt_embeddings
+from dusa_cli.priors.split import balance_blocks, module_bytes, place_transformer
+
+PROMPTS = ["a photo of a wall", "a photo of a bed ", "a photo of a sky", "a photo of a person"]
+T5_LENGTH = 12  # a short T5 sequence keeps the tiny models quick; the layout is the same at 256
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "sd3", t5=True)
+
+
+@pytest.fixture
+def sd3_copy(sd3_dir: Path, tmp_path: Path) -> Path:
+    """A private copy, for tests that damage the folder."""
+    return Path(shutil.copytree(sd3_dir, tmp_path / "sd3"))
+
+
+def load_prior(folder: Path, devices: list[torch.device] | None = None, **options) -> SD3Prior:
+    options.setdefault("max_sequence_length", T5_LENGTH)
+    return SD3Prior.from_pretrained(folder, prompts=PROMPTS, devices=devices or [CPU], **options)
+
+
+def pipeline_conditioning(folder: Path, prompts: list[str], use_t5: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the diffusers SD3 pipeline itself feeds its transformer for these prompts."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    pipeline = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(folder / "transformer"),
+        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=T5EncoderModel.from_pretrained(folder / "text_encoder_3") if use_t5 else None,
+        tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3") if use_t5 else None,
+    )
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=T5_LENGTH
+        )
+    return embeds, pooled
+
+
+def velocity_and_gradients(prior: SD3Prior, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A DUSA-like step: class-weighted velocity error, back-propagated to the weights (as the
+    segmenter's logits would be) and to every transformer parameter."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(3, 16, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    weights = torch.rand(3, 1, LATENT_SIZE, LATENT_SIZE, generator=generator).requires_grad_()
+    sigma = torch.full((3,), 0.25)
+    prior.transformer.zero_grad()
+    velocity = prior.predict(prior.path.add_noise(latents, noise, sigma), sigma, torch.tensor([3, 0, 2]))
+    loss = ((weights * velocity).sum(0) - (noise - latents).mean(0)).square().mean()
+    loss.backward()
+    return velocity.detach(), weights.grad, [p.grad.clone() for p in prior.trainable_parameters()]
+
+
+# --- noise path ---------------------------------------------------------------------------------
+
+
+def test_sd3_flow_path_matches_the_diffusers_scheduler() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    path = SD3FlowPath(shift=SHIFT)
+    uniform = torch.linspace(1, 1000, 1000).flip(0) / 1000
+    torch.testing.assert_close(path.shifted(uniform), scheduler.sigmas)
+    torch.testing.assert_close(path.model_time(scheduler.sigmas), scheduler.timesteps)
+    assert path.shifted(0.5).item() == pytest.approx(0.75) and path.shifted(0.0).item() == 0.0
+
+    x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    step = torch.tensor([700, 100])
+    expected = scheduler.scale_noise(x0, scheduler.timesteps[step], noise)
+    torch.testing.assert_close(path.add_noise(x0, noise, scheduler.sigmas[step]), expected)
+    torch.testing.assert_close(path.target(x0, noise), noise - x0)
+    assert path.name == "sd3_flow" and path.default_timestep == 0.25
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def test_conditioning_pads_clip_and_appends_zero_t5_tokens() -> None:
+    clip, pooled = torch.randn(5, 77, 28), torch.randn(5, 16)
+    states, selected_pooled = PromptEmbeddings(clip, pooled).conditioning(torch.tensor([4, 1]), 32, T5_LENGTH)
+    assert states.shape == (2, 77 + T5_LENGTH, 32)
+    torch.testing.assert_close(states[:, :77, :28], clip[[4, 1]])
+    assert not states[:, :77, 28:].any() and not states[:, 77:].any()
+    torch.testing.assert_close(selected_pooled, pooled[[4, 1]])
+
+    t5 = torch.randn(5, T5_LENGTH, 32)
+    states, _ = PromptEmbeddings(clip, pooled, t5).conditioning(torch.tensor([2]), 32, T5_LENGTH)
+    torch.testing.assert_close(states[:, 77:], t5[[2]])
+    with pytest.raises(DusaError, match="T5 states"):
+        PromptEmbeddings(clip, pooled, t5).conditioning(torch.tensor([2]), 32, 256)
+
+
+@pytest.mark.parametrize("use_t5", [False, True])
+def test_prompt_conditioning_equals_the_pipeline(sd3_dir: Path, use_t5: bool) -> None:
+    embeddings = encode_prompts(sd3_dir, PROMPTS, use_t5=use_t5, max_sequence_length=T5_LENGTH)
+    assert embeddings.clip.shape == (4, 77, 12 + 16) and embeddings.pooled.shape == (4, 6 + 10)
+    classes = torch.tensor([3, 0, 2])
+    states, pooled = embeddings.conditioning(classes, TRANSFORMER["joint_attention_dim"], T5_LENGTH)
+    expected_states, expected_pooled = pipeline_conditioning(sd3_dir, PROMPTS, use_t5)
+    torch.testing.assert_close(states, expected_states[classes])
+    torch.testing.assert_close(pooled, expected_pooled[classes])
+    assert states[:, 77:].any() == use_t5  # the T5 states, or the zeros standing in for them
+
+
+def test_prompt_cache_hits_without_reading_the_encoders(sd3_copy: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+
+    def load(prompts: list[str], use_t5: bool = False) -> PromptEmbeddings:
+        return load_prompt_embeddings(
+            sd3_copy, prompts, use_t5=use_t5, max_sequence_length=T5_LENGTH, cache_dir=cache
+        )
+
+    first = load(PROMPTS)
+    load(PROMPTS)
+    assert len(list(cache.glob("prompts-*.safetensors"))) == 1
+    load(PROMPTS[:2])  # other prompts
+    with_t5 = load(PROMPTS, use_t5=True)
+    assert len(list(cache.glob("prompts-*.safetensors"))) == 3 and with_t5.t5 is not None
+
+    # Same names and sizes, unusable content: only a cache hit can still succeed.
+    for weights in sd3_copy.glob("text_encoder*/*.safetensors"):
+        weights.write_bytes(bytes(weights.stat().st_size))
+    hit = load(PROMPTS)
+    torch.testing.assert_close(hit.tensors(), first.tensors())
+    assert hit.t5 is None
+    with pytest.raises(DusaError, match="cannot load .*text_encoder"):
+        load(["a photo of a tree"])  # a miss, which must read them
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def test_from_pretrained_reads_the_folder(sd3_copy: Path) -> None:
+    config = sd3_copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 2.5}))
+    prior = load_prior(sd3_copy)
+    assert prior.path.shift == 2.5 and prior.transformer.config.num_layers == TRANSFORMER["num_layers"]
+    assert prior.vae.config.scaling_factor == 1.5305 and prior.vae.config.shift_factor == 0.0609
+    assert len(prior.prompts) == len(PROMPTS) and prior.prompts.t5 is None and prior.t5_length == T5_LENGTH
+    assert prior.block_devices == [CPU] * TRANSFORMER["num_layers"]
+    assert not any(p.requires_grad for p in prior.vae.parameters())
+    assert {id(p) for p in prior.trainable_parameters()} == {id(p) for p in prior.transformer.parameters()}
+    assert all(p.requires_grad for p in prior.trainable_parameters())
+
+    config.unlink()  # absent scheduler config: SD3's shift
+    assert load_prior(sd3_copy).path.shift == 3.0
+
+
+@pytest.mark.parametrize("missing", ["transformer", "vae", "text_encoder", "tokenizer_2", "text_encoder_3", "."])
+def test_missing_folders_are_one_line_errors(sd3_copy: Path, missing: str) -> None:
+    shutil.rmtree(sd3_copy / missing)
+    with pytest.raises(DusaError) as error:
+        load_prior(sd3_copy, use_t5=True)
+    message = str(error.value)
+    assert "\n" not in message and str((sd3_copy / missing).resolve() if missing == "." else missing) in message
+    if missing == "text_encoder_3":
+        assert "optional" in message
+
+
+def test_prior_from_config_and_the_sd3_medium_architecture() -> None:
+    prompts = random_prompt_embeddings(3, clip_dim=28, pooled_dim=16, generator=torch.Generator().manual_seed(0))
+    prior = SD3Prior.from_config(TRANSFORMER, VAE, prompts, devices=[CPU], max_sequence_length=T5_LENGTH)
+    latents = torch.randn(2, 16, LATENT_SIZE, LATENT_SIZE)
+    assert prior.predict(latents, torch.tensor([0.2, 0.7]), torch.tensor([0, 2])).shape == latents.shape
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    with torch.device("meta"):  # shapes only: 2B parameters would not fit a test
+        transformer, vae = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER), AutoencoderKL(**SD3_VAE)
+    assert sum(p.numel() for p in transformer.parameters()) == 2_028_328_000  # SD3 "medium" (2B)
+    assert transformer.pos_embed.pos_embed.shape == (1, 192 * 192, 1536)
+    assert vae.config.latent_channels == 16 and vae.encoder.conv_out.out_channels == 32  # mean ‖ logvar
+
+
+# --- encode and predict -------------------------------------------------------------------------
+
+
+def test_encode_is_the_shifted_scaled_posterior_mean(sd3_dir: Path) -> None:
+    prior = load_prior(sd3_dir)
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    latents = prior.encode(images)
+    with torch.no_grad():
+        mean = prior.vae.encode(images * 2 - 1).latent_dist.mean
+    assert latents.shape == (2, 16, LATENT_SIZE, LATENT_SIZE)
+    torch.testing.assert_close(latents, (mean - 0.0609) * 1.5305)
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        prior.encode(torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE - 8))
+
+
+@pytest.mark.parametrize("use_t5", [False, True])
+def test_predict_equals_the_transformer_with_the_pipeline_conditioning(sd3_dir: Path, use_t5: bool) -> None:
+    prior = load_prior(sd3_dir, use_t5=use_t5)
+    noisy = torch.randn(3, 16, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(2))
+    sigma, classes = torch.tensor([0.1, 0.25, 0.9]), torch.tensor([3, 0, 3])
+    states, pooled = pipeline_conditioning(sd3_dir, PROMPTS, use_t5)
+    with torch.no_grad():
+        velocity = prior.predict(noisy, sigma, classes)
+        expected = prior.transformer(
+            noisy, encoder_hidden_states=states[classes], pooled_projections=pooled[classes], timestep=sigma * 1000
+        ).sample
+    torch.testing.assert_close(velocity, expected)
+    assert velocity.abs().mean() > 0.1  # random weights, not the zero-initialised output
+
+
+# --- model-parallel placement -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("block_bytes", "num_devices", "first_extra", "last_extra", "starts"),
+    [
+        ([1] * 24, 2, 0, 0, [0, 12]),
+        ([1] * 24, 2, 4, 0, [0, 10]),  # 4 + 10 = 14 on the first device
+        ([2, 2, 2, 2], 2, 0, 4, [0, 3]),  # 6 | 2 + 4
+        ([4, 1, 1, 1, 1, 4], 3, 0, 0, [0, 1, 5]),  # 4 | 4 | 4, not 5 | 3 | 4
+        ([3, 3, 3], 1, 5, 5, [0]),
+        ([5, 5], 3, 0, 0, [0, 1, 2]),  # more devices than blocks: the last one holds none
+    ],
+)
+def test_balance_blocks_minimises_the_largest_device(
+    block_bytes: list[int], num_devices: int, first_extra: int, last_extra: int, starts: list[int]
+) -> None:
+    assert balance_blocks(block_bytes, num_devices, first_extra, last_extra) == starts
+
+
+@pytest.mark.parametrize("split", [[1, 2], [0, 0], [0, 4], [0], [0, 2, 1]])
+def test_bad_split_is_a_config_error(split: list[int]) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    devices = [torch.device("cpu", index) for index in range(max(2, len(split)))]
+    with pytest.raises(ConfigError, match="split") as error:
+        place_transformer(SD3Transformer2DModel(**TRANSFORMER), devices, split)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("num_devices", [2, 3])
+def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_devices: int) -> None:
+    reference = velocity_and_gradients(load_prior(sd3_dir))
+    # Distinct device objects that are all the CPU: the bookkeeping is that of real GPUs.
+    devices = [torch.device("cpu", index) for index in range(num_devices)]
+    prior = load_prior(sd3_dir, devices)
+    transformer = prior.transformer
+    embedders = (transformer.pos_embed, transformer.time_text_embed, transformer.context_embedder)
+    starts = balance_blocks(
+        [module_bytes(block) for block in transformer.transformer_blocks],
+        num_devices,
+        first_extra=module_bytes(prior.vae) + prior.prompts.nbytes + sum(map(module_bytes, embedders)),
+        last_extra=module_bytes(transformer.norm_out) + module_bytes(transformer.proj_out),
+    )
+    # The tiny VAE outweighs all blocks: the first device keeps only the one block it must have.
+    assert starts[:2] == [0, 1]
+    assert prior.block_devices == [devices[sum(index >= start for start in starts) - 1] for index in range(4)]
+
+    for got, expected in zip(velocity_and_gradients(prior), reference):
+        torch.testing.assert_close(got, expected)
+    explicit = load_prior(sd3_dir, devices[:2], split=[0, 2])
+    assert explicit.block_devices == [devices[0]] * 2 + [devices[1]] * 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sd3_dir: Path) -> None:
+    reference = velocity_and_gradients(load_prior(sd3_dir))
+    devices = [torch.device("cpu", index) for index in range(2)]
+    prior = load_prior(sd3_dir, devices, gradient_checkpointing=True)
+    assert prior.transformer.gradient_checkpointing
+    for got, expected in zip(velocity_and_gradients(prior), reference):
+        torch.testing.assert_close(got, expected)
+
+
+def test_train_keeps_the_prior_in_eval_mode(sd3_dir: Path) -> None:
+    prior = load_prior(sd3_dir)
+    prior.train()
+    assert not any(module.training for module in prior.modules())
