@@ -96,7 +96,6 @@ class LinearFlowPath(NoisePath):
             raise ConfigError(f"linear flow time must lie in [0, 1] (0 = data, 1 = noise), got {t}")
 
 
-
 class SD3FlowPath(LinearFlowPath):
     """Stable Diffusion 3's rectified flow (diffusers FlowMatchEulerDiscreteScheduler): the same
     interpolant and velocity target as `linear` with σ as path time (σ = 1 noise, σ = 0 data),
@@ -118,6 +117,7 @@ class SD3FlowPath(LinearFlowPath):
         """The scheduler's map from a uniform u ∈ [0, 1] to σ, which spends more steps at high noise."""
         u = torch.as_tensor(u).float()
         return self.shift * u / (1 + (self.shift - 1) * u)
+
 
 PATHS: dict[str, type[NoisePath]] = {path.name: path for path in (DDPMPath, LinearFlowPath)}
 
