@@ -174,11 +174,11 @@ def load_prompt_embeddings(
     path = Path(cache_dir) / f"prompts-{_cache_key(model_dir, prompts, use_t5, max_sequence_length)[:32]}.safetensors"
     if path.is_file():
         try:
-            tensors = load_file(path, device=str(device))
+            tensors = load_file(path)  # to the CPU: safetensors rejects some device names torch accepts
         except Exception as error:  # safetensors raises its own error types for damaged files
             raise DusaError(f"cannot read the prompt cache {path} (delete it to re-encode): {error}") from error
-        return PromptEmbeddings(tensors["clip"], tensors["pooled"], tensors.get("t5"))
+        return PromptEmbeddings(tensors["clip"], tensors["pooled"], tensors.get("t5")).to(device)
     embeddings = encode_prompts(model_dir, prompts, use_t5=use_t5, max_sequence_length=max_sequence_length, device=device)
-    data = save({name: tensor.contiguous() for name, tensor in embeddings.tensors().items()})
+    data = save({name: tensor.cpu().contiguous() for name, tensor in embeddings.tensors().items()})
     write_atomic(path, lambda stream: stream.write(data))
     return embeddings
