@@ -386,6 +386,36 @@ def bench_cls_command(
         info(f"figures written to {output}")
 
 
+class SegRecipeName(str, Enum):
+    baseline = "baseline"
+    fast = "fast"
+
+
+@bench_app.command("seg")
+def bench_seg_command(
+    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
+    updates: Annotated[int, typer.Option(min=1, help="Timed window updates per recipe.")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
+    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
+    gpus: Annotated[Optional[str], typer.Option("--gpus", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
+    window with 20 classes and each device's peak memory, for two recipes in the same run."""
+    from dusa_cli.engine.bench_seg import BASELINE, FAST, bench_seg, to_rich
+    from dusa_cli.engine.runtime import resolve_device
+    from dusa_cli.results.io import write_json_atomic
+    from dusa_cli.ui import info, stdout
+
+    devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
+    chosen = tuple(r for r in (BASELINE, FAST) if recipe is None or SegRecipeName(r.name) in recipe)
+    result = bench_seg(tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen)
+    stdout.print(to_rich(result))
+    if output is not None:
+        write_json_atomic(output, result)
+        info(f"figures written to {output}")
+
+
 @app.command()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs.")],

@@ -25,3 +25,20 @@ def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
     # Same objective and shapes: the same FLOPs per image whatever the recipe.
     assert official["tflop_per_image"] == fast["tflop_per_image"] > 0
     assert figures["ratio_fast_over_official"] == pytest.approx(fast["images_per_s"] / official["images_per_s"])
+
+
+def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> None:
+    output = tmp_path / "bench_seg.json"
+    result = dusa("bench", "seg", "--tiny", "--updates", "1", "--warmup", "0", "--gpus", "cpu,cpu", "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    assert figures["devices"] == ["cpu", "cpu"] and figures["classes"] == 20
+    names = [row["name"] for row in figures["recipes"]]
+    assert names == ["baseline", "fast"]
+    for row in figures["recipes"]:
+        assert row["seconds_per_window"] > 0 and len(row["peak_memory_gib"]) == 2
+        assert row["gradient_checkpointing"] and not row["compile_blocks"]  # CPU rows say what ran
+        assert set(row["block_devices"]) == {"cpu"} and len(row["block_devices"]) == 2
+    assert figures["speedup_fast_over_baseline"] == pytest.approx(
+        figures["recipes"][0]["seconds_per_window"] / figures["recipes"][1]["seconds_per_window"]
+    )

@@ -92,7 +92,7 @@ class DusaSeg(TTAMethod):
     def place(self, devices: list[torch.device]) -> DusaSeg:
         """The segmenter goes to the first device; the prior is loaded straight onto its split."""
         self.model.to(devices[0])
-        self.prior = SD3Prior.from_pretrained(
+        prior = SD3Prior.from_pretrained(
             self.config.prior,
             prompts=[self.config.prompt_template.format(name) for name in self.class_names()],
             devices=devices,
@@ -102,10 +102,15 @@ class DusaSeg(TTAMethod):
             cache_dir=self.config.prompt_cache or default_prompt_cache(),
             gradient_checkpointing=self.config.gradient_checkpointing,
         )
-        self.config.check_timestep(self.prior.path)
-        self.prior.requires_grad_(False)
+        return self.adopt_prior(prior)
+
+    def adopt_prior(self, prior: SD3Prior) -> DusaSeg:
+        """Use `prior` (already on its devices; benchmarks pass random-initialised ones)."""
+        self.config.check_timestep(prior.path)
+        self.prior = prior
+        prior.requires_grad_(False)
         if self.config.update_prior:
-            for param in self.prior.trainable_parameters():
+            for param in prior.trainable_parameters():
                 param.requires_grad_(True)
         return self
 

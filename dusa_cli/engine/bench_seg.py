@@ -1,0 +1,174 @@
+"""`dusa bench seg`: one DUSA segmentation window update at the paper's shapes with random
+weights — SegFormer-B5 + an SD3-medium-sized transformer (2.03 B) + the SD3 VAE encoder, one
+512² window, 20 classes, bf16, AdamW over both — timed for two recipes in the same process.
+
+- baseline: the team's anchor (SPEC.md "Measured anchors"): bf16 autocast, gradient
+  checkpointing of every transformer block, eager, foreach AdamW.
+- fast: the same with `torch.compile` on each transformer block and fused AdamW on CUDA.
+
+`--gpus 0,1` splits the transformer over the devices for both recipes and reports each device's
+peak memory (the 2 × 24 GB target of issue 5).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from dusa_cli.config.schema import ModelConfig, OptimConfig
+from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything
+from dusa_cli.methods import get_method
+from dusa_cli.models.segmenter import Segmenter
+from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, SD3Prior, random_prompt_embeddings
+
+CLASSES = 20  # every window is filled to the cap (`classes_threshold`)
+
+
+@dataclass(frozen=True)
+class SegRecipe:
+    name: str
+    gradient_checkpointing: bool
+    compile_blocks: bool
+    fused_adamw: bool
+
+
+BASELINE = SegRecipe("baseline", gradient_checkpointing=True, compile_blocks=False, fused_adamw=False)
+FAST = SegRecipe("fast", gradient_checkpointing=True, compile_blocks=True, fused_adamw=True)
+
+
+@dataclass(frozen=True)
+class SegShapes:
+    segformer: dict[str, Any]
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    clip_dim: int
+    window: int
+
+
+# nvidia/segformer-b5 (research/peers.md §E.1) with ADE20K's 150 classes.
+SEGFORMER_B5 = {
+    "depths": [3, 6, 40, 3], "hidden_sizes": [64, 128, 320, 512], "num_attention_heads": [1, 2, 5, 8],
+    "sr_ratios": [8, 4, 2, 1], "decoder_hidden_size": 768, "num_labels": 150,
+}  # fmt: skip
+PAPER = SegShapes(SEGFORMER_B5, SD3_MEDIUM_TRANSFORMER, SD3_VAE, clip_dim=2048, window=512)
+TINY = SegShapes(
+    segformer={
+        "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 16, 16], "num_attention_heads": [1, 1, 1, 1],
+        "decoder_hidden_size": 16, "num_labels": 150,
+    },
+    transformer=SD3_MEDIUM_TRANSFORMER | {
+        "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+        "caption_projection_dim": 16, "pooled_projection_dim": 16, "pos_embed_max_size": 8,
+    },
+    vae=SD3_VAE | {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4},
+    clip_dim=16,
+    window=32,
+)  # fmt: skip
+
+
+def _build(shapes: SegShapes, recipe: SegRecipe, devices: list[torch.device]) -> OnlineAdapter:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from dusa_cli.models.segmenter import IMAGENET_MEAN, IMAGENET_STD
+
+    seed_everything(0)
+    segmenter = Segmenter(SegformerForSemanticSegmentation(SegformerConfig(**shapes.segformer)), IMAGENET_MEAN, IMAGENET_STD)
+    method_class = get_method("dusa_seg")
+    config = method_class.Config(
+        name="dusa_seg", prior="random", window=shapes.window, classes_threshold=CLASSES,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+    )  # fmt: skip
+    method = method_class(segmenter, config)
+    method.model.to(devices[0])
+    pooled = shapes.transformer["pooled_projection_dim"]
+    prompts = random_prompt_embeddings(150, clip_dim=shapes.clip_dim, pooled_dim=pooled)
+    prior = SD3Prior.from_config(
+        shapes.transformer, shapes.vae, prompts, devices=devices, gradient_checkpointing=recipe.gradient_checkpointing
+    )
+    if recipe.compile_blocks:
+        for block in prior.transformer.transformer_blocks:
+            block.compile()
+    method.adopt_prior(prior)
+    optim = OptimConfig(name="adamw", lr=7.5e-6, fused=recipe.fused_adamw)
+    return OnlineAdapter(method, optim, "bf16", devices[0])
+
+
+def run_recipe(recipe: SegRecipe, shapes: SegShapes, *, updates: int, warmup: int, devices: list[torch.device]) -> dict[str, Any]:
+    adapter = _build(shapes, recipe, devices)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, shapes.window, shapes.window, generator=generator).to(devices[0])
+    for _ in range(warmup):  # compilation, autotuning, allocator warm-up
+        adapter.step(image)
+    _synchronize(devices)
+    for device in devices:
+        reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        adapter.step(image)
+    _synchronize(devices)
+    seconds = (time.perf_counter() - start) / updates
+    peaks = [peak_memory(device) for device in devices]
+    return asdict(recipe) | {
+        "seconds_per_window": seconds,
+        "updates": updates,
+        "peak_memory_gib": [memory for memory, _ in peaks],
+        "memory_kind": peaks[0][1],
+        "block_devices": [str(device) for device in adapter.method.prior.block_devices],
+    }
+
+
+def _synchronize(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def bench_seg(
+    *, tiny: bool, updates: int, warmup: int, devices: list[torch.device], recipes: tuple[SegRecipe, ...] = (BASELINE, FAST)
+) -> dict[str, Any]:
+    shapes = TINY if tiny else PAPER
+    if devices[0].type != "cuda":  # compile takes minutes on a CPU and fused AdamW needs CUDA
+        recipes = tuple(replace(r, compile_blocks=False, fused_adamw=False) for r in recipes)
+    rows = [run_recipe(r, shapes, updates=updates, warmup=warmup, devices=devices) for r in recipes]
+    by_name = {row["name"]: row for row in rows}
+    speedup = (
+        by_name["baseline"]["seconds_per_window"] / by_name["fast"]["seconds_per_window"]
+        if {"baseline", "fast"} <= by_name.keys()
+        else None
+    )
+    return {
+        "shapes": "tiny" if tiny else "segformer-b5 + sd3-medium (2.03 B) + sd3 vae, 512² window",
+        "classes": CLASSES,
+        "devices": [str(device) for device in devices],
+        "device_name": torch.cuda.get_device_name(devices[0]) if devices[0].type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "recipes": rows,
+        "speedup_fast_over_baseline": speedup,
+    }
+
+
+def to_rich(result: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(
+        title=f"DUSA segmentation window update ({result['shapes']}, {result['classes']} classes, bf16, AdamW), "
+        f"{result['device_name']} × {len(result['devices'])}",
+        header_style="bold",
+    )
+    for column in ("recipe", "checkpointing", "compiled", "s / window", "peak GiB per device"):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for row in result["recipes"]:
+        table.add_row(
+            row["name"],
+            "yes" if row["gradient_checkpointing"] else "no",
+            "yes" if row["compile_blocks"] else "no",
+            f"{row['seconds_per_window']:.3f}",
+            " / ".join(f"{memory:.1f}" for memory in row["peak_memory_gib"]),
+        )
+    if result["speedup_fast_over_baseline"] is not None:
+        table.caption = f"baseline / fast = {result['speedup_fast_over_baseline']:.2f}×"
+    return table
