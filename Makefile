@@ -37,11 +37,13 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
 
-# Side-by-side throughput of the official and the fast DUSA recipe (paper shapes on a GPU,
-# tiny models on a CPU). Figures go in docs/BENCHMARKS.md.
+# Side-by-side throughput of the official and the fast DUSA recipe, and the segmentation window
+# update (paper shapes on a GPU, tiny models on a CPU). Figures go in docs/BENCHMARKS.md.
 bench: $(STAMP)
 	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
-		$(BIN)/dusa bench cls --output results/bench_cls.json; \
+		$(BIN)/dusa bench cls --output results/bench_cls.json && \
+		$(BIN)/dusa bench seg --output results/bench_seg.json; \
 	else \
-		$(BIN)/dusa bench cls --tiny --updates 1 --warmup 0 --output results/bench_cls_tiny.json; \
+		$(BIN)/dusa bench cls --tiny --updates 1 --warmup 0 --output results/bench_cls_tiny.json && \
+		$(BIN)/dusa bench seg --tiny --updates 1 --warmup 0 --output results/bench_seg_tiny.json; \
 	fi
