@@ -375,12 +375,18 @@ def bench_cls_command(
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, to_rich
     from dusa_cli.engine.runtime import resolve_device
-    from dusa_cli.results.io import write_json_atomic
-    from dusa_cli.ui import info, stdout
 
     chosen = tuple(r for r in (OFFICIAL, FAST) if recipe is None or RecipeName(r.name) in recipe)
     result = bench_cls(tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen)
-    stdout.print(to_rich(result))
+    _show_figures(to_rich(result), result, output)
+
+
+def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path]) -> None:
+    """A benchmark's table on stdout and, if asked, its figures as JSON."""
+    from dusa_cli.results.io import write_json_atomic
+    from dusa_cli.ui import info, stdout
+
+    stdout.print(table)
     if output is not None:
         write_json_atomic(output, result)
         info(f"figures written to {output}")
@@ -404,16 +410,11 @@ def bench_seg_command(
     window with 20 classes and each device's peak memory, for two recipes in the same run."""
     from dusa_cli.engine.bench_seg import BASELINE, FAST, bench_seg, to_rich
     from dusa_cli.engine.runtime import resolve_device
-    from dusa_cli.results.io import write_json_atomic
-    from dusa_cli.ui import info, stdout
 
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
     chosen = tuple(r for r in (BASELINE, FAST) if recipe is None or SegRecipeName(r.name) in recipe)
     result = bench_seg(tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen)
-    stdout.print(to_rich(result))
-    if output is not None:
-        write_json_atomic(output, result)
-        info(f"figures written to {output}")
+    _show_figures(to_rich(result), result, output)
 
 
 @app.command()

@@ -20,7 +20,7 @@ import torch
 
 from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything
+from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, SD3Prior, random_prompt_embeddings
@@ -103,13 +103,13 @@ def run_recipe(recipe: SegRecipe, shapes: SegShapes, *, updates: int, warmup: in
     image = torch.rand(1, 3, shapes.window, shapes.window, generator=generator).to(devices[0])
     for _ in range(warmup):  # compilation, autotuning, allocator warm-up
         adapter.step(image)
-    _synchronize(devices)
+    synchronize(devices)
     for device in devices:
         reset_peak_memory(device)
     start = time.perf_counter()
     for _ in range(updates):
         adapter.step(image)
-    _synchronize(devices)
+    synchronize(devices)
     seconds = (time.perf_counter() - start) / updates
     peaks = [peak_memory(device) for device in devices]
     return asdict(recipe) | {
@@ -119,12 +119,6 @@ def run_recipe(recipe: SegRecipe, shapes: SegShapes, *, updates: int, warmup: in
         "memory_kind": peaks[0][1],
         "block_devices": [str(device) for device in adapter.method.prior.block_devices],
     }
-
-
-def _synchronize(devices: list[torch.device]) -> None:
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
 
 def bench_seg(

@@ -13,7 +13,7 @@ from dusa_cli.config.schema import DataConfig
 from dusa_cli.data.datasets import open_task
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
-from dusa_cli.engine.runtime import reset_peak_memory
+from dusa_cli.engine.runtime import reset_peak_memory, synchronize
 from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
 from dusa_cli.models.classifier import create_classifier
 
@@ -83,8 +83,7 @@ def run_task(
             metrics.update(output.logits, labels, output.loss, share)
         progress.advance(size, metrics.accuracy())
     adapter.flush()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(devices)
     record = metrics.record()
     return record | timing_record(record["num_samples"], time.perf_counter() - start, devices)
 

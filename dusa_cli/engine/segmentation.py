@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from dusa_cli.config.schema import DataConfig, SegDataConfig
 from dusa_cli.data.segmentation import open_seg_task
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.runtime import reset_peak_memory
+from dusa_cli.engine.runtime import reset_peak_memory, synchronize
 from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.results.seg_metrics import SegmentationScore
@@ -56,9 +56,7 @@ def run_task(
         count += 1
         progress.advance(1, score.compute()["miou"])
     adapter.flush()
-    for each in devices:
-        if each.type == "cuda":
-            torch.cuda.synchronize(each)
+    synchronize(devices)
     record = {"num_samples": count} | score.compute()
     record["mean_loss"] = torch.stack(losses).mean().item() if losses else None
     return record | timing_record(count, time.perf_counter() - start, devices)

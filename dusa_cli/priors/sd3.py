@@ -15,6 +15,7 @@ from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.priors.paths import SD3FlowPath
 from dusa_cli.priors.prompts import CLIP_LENGTH, PromptEmbeddings, load_prompt_embeddings
 from dusa_cli.priors.split import module_bytes, place_transformer
+from dusa_cli.priors.vae import SD_VAE_CONFIG
 
 # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (research/peers.md §D).
 SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
@@ -31,17 +32,10 @@ SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "pos_embed_max_size": 192,
 }
 
-# The SD3 16-channel AutoencoderKL (vae/config.json of the same repository).
-SD3_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "act_fn": "silu",
+# The SD3 16-channel AutoencoderKL (vae/config.json of the same repository): the SD VAE's
+# architecture with 16 latent channels, a shift and no quant convolutions.
+SD3_VAE: dict[str, Any] = SD_VAE_CONFIG | {
     "latent_channels": 16,
-    "norm_num_groups": 32,
     "sample_size": 1024,
     "scaling_factor": 1.5305,
     "shift_factor": 0.0609,
