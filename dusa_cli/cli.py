@@ -65,7 +65,7 @@ class Dataset(str, Enum):
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="timm model name → model.name.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local .pth/.safetensors weights → model.checkpoint.")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root (ImageNet-C or CIFAR-C layout) → data.root.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root (ImageNet-C, CIFAR-C or, with --task seg, ADE20K-C layout) → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
     typer.Option("--corruption", help="Corruption name, comma list, 'all' (15) or 'extra' (4); repeatable → data.corruptions."),

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from dusa_cli.draws import Draws
+
 
 class LossWeights(BaseModel):
     """`mse` is the paper's loss; the seed-000 variant is `norm_l2: 1, cosine: 1, mse: 0`."""
@@ -39,7 +41,7 @@ def select_candidates(
     temperature: float = 1.0,
     normalize_logits: bool = True,
     extra_sampling: Literal["multinomial", "uniform"] = "multinomial",
-    generator: torch.Generator | None = None,
+    draws: Draws | None = None,
 ) -> Candidates:
     """Top-k classes plus `extra` classes drawn without replacement from the rest (§1.4 steps 2-5).
 
@@ -58,7 +60,7 @@ def select_candidates(
         if extra_sampling == "uniform":
             rest = torch.zeros_like(rest)
         rest = rest.scatter(-1, top, float("-inf"))  # never draw a top-k class
-        drawn = torch.multinomial(rest.softmax(dim=-1), extra, replacement=False, generator=generator)
+        drawn = (draws or Draws()).multinomial(rest.softmax(dim=-1), extra)
         classes = torch.cat([top, drawn], dim=-1)
     weights = scores.gather(-1, classes).softmax(dim=-1)
     return Candidates(classes=classes, weights=weights)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dusa_cli.draws import Draws, ImageDraws
 from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
 
 
@@ -43,7 +44,7 @@ def test_extra_classes_never_repeat_or_hit_the_top_k() -> None:
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
         logits = torch.randn(8, 10, generator=generator) * 5
-        candidates = select_candidates(logits, topk=4, extra=2, generator=generator)
+        candidates = select_candidates(logits, topk=4, extra=2, draws=Draws(generator))
         top = logits.topk(4).indices
         assert torch.equal(candidates.classes[:, :4], top)
         for row in candidates.classes.tolist():
@@ -55,7 +56,7 @@ def test_extra_classes_never_repeat_or_hit_the_top_k() -> None:
 def test_extra_classes_follow_the_softmax_of_the_raw_logits_over_the_rest() -> None:
     logits = torch.tensor([[9.0, 8.0, 7.0, 6.0, 2.0, 1.0, 0.0]]).expand(20000, -1)
     generator = torch.Generator().manual_seed(1)
-    drawn = select_candidates(logits, topk=4, extra=1, temperature=2.0, generator=generator).classes[:, 4]
+    drawn = select_candidates(logits, topk=4, extra=1, temperature=2.0, draws=Draws(generator)).classes[:, 4]
     frequencies = torch.bincount(drawn, minlength=7)[4:].float() / len(drawn)
     expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)
     assert torch.allclose(frequencies, expected, atol=0.015)
@@ -65,7 +66,7 @@ def test_gradient_reaches_the_classifier_only_through_the_weights() -> None:
     logits = torch.randn(2, 10, requires_grad=True)
     predictions = torch.randn(2, 6, 3, 4, 4, requires_grad=True)
     target = torch.randn(2, 3, 4, 4)
-    candidates = select_candidates(logits, generator=torch.Generator().manual_seed(0))
+    candidates = select_candidates(logits, draws=Draws(torch.Generator().manual_seed(0)))
     loss = prediction_loss(mix(predictions, candidates.weights), target, LossWeights())
     grad_logits, grad_predictions = torch.autograd.grad(loss, [logits, predictions])
     expected_prediction_grad = (
@@ -85,3 +86,19 @@ def test_loss_terms_against_torch_reference() -> None:
     cosine = 1 - F.cosine_similarity(prediction.flatten(1), target.flatten(1)).mean()
     expected = 0.5 * F.mse_loss(prediction, target) + 2.0 * rmse + 3.0 * cosine
     assert prediction_loss(prediction, target, weights).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_image_draws_do_not_depend_on_how_images_are_batched() -> None:
+    like = torch.zeros(4, 3, 2, 2)
+    probabilities = torch.rand(4, 10)
+    whole = ImageDraws([11, 12, 13, 14])
+    halves = ImageDraws([11, 12]), ImageDraws([13, 14])
+    noise = whole.normal(like)
+    assert torch.equal(noise, torch.cat([half.normal(like[:2]) for half in halves]))
+    classes = whole.multinomial(probabilities, 3)
+    assert torch.equal(classes, torch.cat([h.multinomial(p, 3) for h, p in zip(halves, probabilities.split(2))]))
+    assert all(row.unique().numel() == 3 for row in classes)  # without replacement
+    # Images differ from each other, and a second draw in the same step differs from the first.
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise, whole.normal(like))
+    with pytest.raises(ValueError, match="keys"):
+        ImageDraws([1]).normal(like)

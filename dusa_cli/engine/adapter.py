@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dusa_cli.config.schema import OptimConfig
+from dusa_cli.draws import Draws
 from dusa_cli.engine.distributed import all_reduce_gradients
 from dusa_cli.engine.runtime import autocast
 from dusa_cli.methods import StepOutput, TTAMethod
@@ -45,11 +46,13 @@ class OnlineAdapter:
         self.loss_factor = 1.0
         method.backward = self.backward
 
-    def step(self, images: torch.Tensor, share: float = 1.0) -> StepOutput:
+    def step(self, images: torch.Tensor, share: float = 1.0, draws: Draws | None = None) -> StepOutput:
         """`share`: the images' fraction of the whole micro-batch (1 in a single process). A
         method's loss is a mean over its images, so the share-weighted losses of the shards sum
-        to the loss of the whole micro-batch, uneven shards included."""
+        to the loss of the whole micro-batch, uneven shards included. `draws`: the images' own
+        random streams (default: torch's global stream)."""
         self.loss_factor = share / self.accumulation
+        self.method.draws = draws or Draws()
         with autocast(self.device, self.precision):
             output = self.method.forward(images)
         if output.loss is not None and not output.backpropagated:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from dusa_cli.config.schema import ModelConfig, OptimConfig
+from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything
 from dusa_cli.methods import get_method
@@ -105,8 +106,11 @@ def run_recipe(
     flops = flops_per_image(adapter, batch)
 
     def update() -> None:
-        for _ in range(recipe.accumulation):
-            adapter.step(batch)
+        # Per-image random streams, as the engine draws them: both recipes sample the same
+        # noise and classes for the same image positions (dusa_cli/draws.py).
+        for index in range(recipe.accumulation):
+            first = index * recipe.micro_batch
+            adapter.step(batch, draws=ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)]))
 
     for _ in range(warmup):  # compilation, cuDNN autotuning, allocator warm-up
         update()

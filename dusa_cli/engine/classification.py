@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from dusa_cli.config.schema import DataConfig
 from dusa_cli.data.datasets import open_task
+from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
 from dusa_cli.engine.runtime import reset_peak_memory, synchronize
@@ -64,13 +65,19 @@ class OnlineMetrics:
 
 
 def run_task(
-    adapter: OnlineAdapter, loader: DataLoader, data: DataConfig, devices: list[torch.device], progress: Progress
+    adapter: OnlineAdapter,
+    loader: DataLoader,
+    data: DataConfig,
+    devices: list[torch.device],
+    progress: Progress,
+    task_key: int,
 ) -> dict[str, Any]:
     device = devices[0]
     batches: ShardedBatches = loader.batch_sampler  # type: ignore[assignment]
     metrics = OnlineMetrics(device)
     reset_peak_memory(device)
     start = time.perf_counter()
+    position = 0  # of the micro-batch's first image in the task's order
     for shard, size in zip(loader, batches.global_sizes()):
         if shard is None:
             adapter.skip()
@@ -79,8 +86,11 @@ def run_task(
             images = images.to(device, non_blocking=True).float().div_(255)
             labels = labels.to(device, non_blocking=True)
             share = labels.numel() / size
-            output = adapter.step(images, share)
+            first = position + batches.shard_start(size)
+            draws = ImageDraws([mix(task_key, first + index) for index in range(labels.numel())])
+            output = adapter.step(images, share, draws)
             metrics.update(output.logits, labels, output.loss, share)
+        position += size
         progress.advance(size, metrics.accuracy())
     adapter.flush()
     synchronize(devices)

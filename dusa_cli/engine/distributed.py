@@ -266,8 +266,12 @@ class ShardedBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
-            size, rank, ranks = len(batch), self.world.rank, self.world.size
-            yield batch[size * rank // ranks : size * (rank + 1) // ranks]
+            yield batch[self.shard_start(len(batch)) : self.shard_start(len(batch), self.world.rank + 1)]
+
+    def shard_start(self, size: int, rank: int | None = None) -> int:
+        """Where this process's (or `rank`'s) shard starts in a micro-batch of `size` images."""
+        rank = self.world.rank if rank is None else rank
+        return size * rank // self.world.size
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
+from dusa_cli.draws import mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.classification import CLASSIFICATION
 from dusa_cli.engine.distributed import (
@@ -107,7 +108,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
         loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
         progress.start_task(task_id(corruption, severity), len(dataset))
-        record = kind.run(adapter, loader, config.data, devices, progress)
+        record = kind.run(adapter, loader, config.data, devices, progress, mix(seed, index))
         progress.end_task()
         record = {"corruption": corruption, "severity": severity} | record
         if continual:  # state first, carrying the records, so a kill between the writes loses nothing

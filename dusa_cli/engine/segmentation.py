@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from dusa_cli.config.schema import DataConfig, SegDataConfig
 from dusa_cli.data.segmentation import open_seg_task
+from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.runtime import reset_peak_memory, synchronize
 from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
@@ -38,7 +39,12 @@ def predict_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def run_task(
-    adapter: OnlineAdapter, loader: DataLoader, data: DataConfig, devices: list[torch.device], progress: Progress
+    adapter: OnlineAdapter,
+    loader: DataLoader,
+    data: DataConfig,
+    devices: list[torch.device],
+    progress: Progress,
+    task_key: int,
 ) -> dict[str, Any]:
     assert isinstance(data, SegDataConfig)
     device = devices[0]
@@ -49,7 +55,8 @@ def run_task(
         reset_peak_memory(each)
     start = time.perf_counter()
     for images, labels in loader:
-        output = adapter.step(prepare_image(images.to(device, non_blocking=True), data))
+        draws = ImageDraws([mix(task_key, count)])
+        output = adapter.step(prepare_image(images.to(device, non_blocking=True), data), draws=draws)
         score.update(predict_labels(output.logits, labels.shape[-2:]), labels)
         if output.loss is not None:
             losses.append(output.loss.detach().float())

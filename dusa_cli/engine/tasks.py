@@ -33,7 +33,8 @@ class NoProgress:
 class TaskKind:
     create_model: Callable[[ModelConfig], nn.Module]
     open_dataset: Callable[[DataConfig, str, int, int], Dataset]  # (data, corruption, severity, seed)
-    run: Callable[[OnlineAdapter, DataLoader, DataConfig, list[torch.device], Progress], dict[str, Any]]
+    # (adapter, loader, data, devices, progress, task key: the images' random streams derive from it)
+    run: Callable[[OnlineAdapter, DataLoader, DataConfig, list[torch.device], Progress, int], dict[str, Any]]
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
     multi_process: bool  # data parallelism over processes (else model parallelism at most)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dusa_cli.config.schema import MethodConfig
+from dusa_cli.draws import Draws
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TTAMethod:
         # The engine's loss back-propagation (loss scaling, accumulation, shard share). A method
         # whose loss is too big for one graph calls it once per part and returns `backpropagated`.
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+        # Where random draws come from; the engine sets per-image streams for each step (dusa_cli/draws.py).
+        self.draws: Draws = Draws()
         self.configure_model()
 
     def configure_model(self) -> None:

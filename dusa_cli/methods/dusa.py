@@ -105,9 +105,10 @@ class Dusa(TTAMethod):
             temperature=self.config.temperature,
             normalize_logits=self.config.normalize_logits,
             extra_sampling=self.config.extra_sampling,
+            draws=self.draws,
         )
         latents = self.prior.encode(images)
-        noise = torch.randn_like(latents)  # one draw per image, shared by its K candidates
+        noise = self.draws.normal(latents)  # one draw per image, shared by its K candidates
         t = self.timestep(latents.shape[0], latents.device)
         noisy = self.prior.path.add_noise(latents, noise, t)
         target = self.prior.path.target(latents, noise)

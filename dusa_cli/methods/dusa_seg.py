@@ -173,7 +173,7 @@ class DusaSeg(TTAMethod):
         candidates = select_pixel_classes(
             scores, topk=self.config.topk, cap=self.config.classes_threshold, temperature=self.config.temperature
         )
-        noise = torch.randn_like(latents)  # one draw per window, shared by its classes
+        noise = self.draws.normal(latents)  # one draw per window, shared by its classes
         count = candidates.classes.numel()
         sigma = draw_timestep(self.config, self.prior.path, count, latents.device)
         noisy = self.prior.path.add_noise(latents, noise, sigma[:1]).expand(count, -1, -1, -1)

@@ -1,0 +1,74 @@
+"""Where a method's random draws come from.
+
+`Draws` uses torch's global stream, in micro-batch order. `ImageDraws` gives every image its own
+stream, keyed by the run's seed, the task and the image's position in the task's (seeded) order,
+so an image's noise and sampled classes are the same whatever the micro-batch size, the
+accumulation or the number of processes (issue 6: "the same sampled classes given the seed").
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): different inputs, unrelated streams."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & MASK64
+        state ^= state >> 29
+    return state >> 1
+
+
+class Draws:
+    """Torch's global stream (or `generator`): draws depend on how images are batched."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard-normal noise shaped like `like` (B, ...)."""
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def multinomial(self, probabilities: torch.Tensor, count: int) -> torch.Tensor:
+        """`count` distinct classes per row of (B, C) probabilities."""
+        return torch.multinomial(probabilities, count, replacement=False, generator=self.generator)
+
+
+class ImageDraws(Draws):
+    """One stream per image, from its key; each draw of a step uses a fresh sub-stream, so the
+    order of draws within a step matters but the batching does not."""
+
+    def __init__(self, keys: list[int]):
+        super().__init__()
+        self.keys = keys
+        self.calls = 0
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _per_image(self, device: torch.device):
+        self.calls += 1
+        generator = self.generators.get(device)
+        if generator is None:
+            generator = self.generators[device] = torch.Generator(device=device)
+        for key in self.keys:
+            yield generator.manual_seed(mix(key, self.calls))
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        self._check(like.shape[0])
+        return torch.stack(
+            [torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype) for g in self._per_image(like.device)]
+        )
+
+    def multinomial(self, probabilities: torch.Tensor, count: int) -> torch.Tensor:
+        self._check(probabilities.shape[0])
+        generators = self._per_image(probabilities.device)
+        return torch.stack(
+            [torch.multinomial(row, count, replacement=False, generator=g) for row, g in zip(probabilities, generators)]
+        )
+
+    def _check(self, batch: int) -> None:
+        if batch != len(self.keys):
+            raise ValueError(f"{batch} images but {len(self.keys)} keys")
