@@ -113,7 +113,9 @@ class MethodConfig(StrictModel):
 class RunConfig(StrictModel):
     setting: Literal["reset_each_shift", "continual"] = "reset_each_shift"
     seed: int = 2024
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="autocast precision (fp16 adds a GradScaler); segmentation defaults to bf16"
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     split_devices: list[str] | None = Field(
         default=None,
@@ -131,6 +133,16 @@ class ExperimentConfig(StrictModel):
     method: SerializeAsAny[MethodConfig]
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _segmentation_defaults_to_bf16(cls, data: Any) -> Any:
+        """SD3-sized priors run in bf16 unless the config says otherwise (seed 001)."""
+        if isinstance(data, dict) and data.get("task") == "seg":
+            run = data.get("run") if isinstance(data.get("run"), dict) else {}
+            if "precision" not in run and not isinstance(data.get("run"), RunConfig):
+                data = data | {"run": run | {"precision": "bf16"}}
+        return data
 
     @field_validator("data", mode="before")
     @classmethod

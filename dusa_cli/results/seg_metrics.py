@@ -4,7 +4,9 @@ The official DUSA code scores each corruption with MMSeg's IoUMetric at the orig
 (dusa_official.md §3.6): per class IoU = intersection / union over all pixels of the task, and
 mIoU the NaN-mean over classes, where a class with an empty union (in neither prediction nor
 ground truth) is NaN and so left out; a class only predicted counts with IoU 0. Everything derives
-from one confusion matrix, which processes can sum (`torch.distributed.all_reduce(confusion)`).
+from one confusion matrix, counted by torchmetrics, which processes can sum
+(`torch.distributed.all_reduce(confusion)`). torchmetrics' own JaccardIndex scores absent classes
+as 0 instead of leaving them out, hence the IoU arithmetic here.
 """
 
 from __future__ import annotations
@@ -29,13 +31,18 @@ class SegmentationScore:
         """Add predicted class indices and ground truth of equal shape (any batch layout)."""
         if pred.shape != target.shape:
             raise DusaError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ in shape")
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+        target = target.to(pred.device)
         scored = target != self.ignore_index
-        pred, target = pred[scored].long().cpu(), target[scored].long().cpu()
-        for name, values in (("prediction", pred), ("label", target)):
+        for name, values in (("prediction", pred[scored]), ("label", target[scored])):
             if values.numel() and (values.min() < 0 or values.max() >= self.num_classes):
                 raise DusaError(f"{name} holds classes outside 0..{self.num_classes - 1}")
-        counts = torch.bincount(target * self.num_classes + pred, minlength=self.num_classes**2)
-        self.confusion += counts.view(self.num_classes, self.num_classes)
+        # Counted where the prediction lives (the GPU); only the C×C matrix comes back.
+        counts = multiclass_confusion_matrix(
+            pred.long(), target.long(), self.num_classes, ignore_index=self.ignore_index, validate_args=False
+        )
+        self.confusion += counts.cpu()
 
     def __iadd__(self, other: SegmentationScore) -> SegmentationScore:
         self.confusion += other.confusion.to(self.confusion.device)
