@@ -369,13 +369,24 @@ def bench_cls_command(
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
     recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
+    tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
-    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, to_rich
+    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich
     from dusa_cli.engine.runtime import resolve_device
 
+    if trajectory:
+        result = compare_trajectories(tiny=tiny, updates=trajectory, device=resolve_device(device))
+        _show_figures(trajectory_to_rich(result), result, output)
+        if result["max_relative_loss_deviation"] > tolerance:
+            raise DusaError(
+                f"the fast recipe's loss deviates from fp32 by {result['max_relative_loss_deviation']:.2%}, "
+                f"more than --tolerance {tolerance:.2%}"
+            )
+        return
     chosen = tuple(r for r in (OFFICIAL, FAST) if recipe is None or RecipeName(r.name) in recipe)
     result = bench_cls(tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen)
     _show_figures(to_rich(result), result, output)

@@ -42,3 +42,18 @@ def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> 
     assert figures["speedup_fast_over_baseline"] == pytest.approx(
         figures["recipes"][0]["seconds_per_window"] / figures["recipes"][1]["seconds_per_window"]
     )
+
+
+def test_tiny_trajectory_check_compares_fast_with_fp32(tmp_path: Path) -> None:
+    output = tmp_path / "trajectory.json"
+    result = dusa("bench", "cls", "--tiny", "--trajectory", "2", "--device", "cpu", "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    reference, candidate = figures["reference"], figures["candidate"]
+    assert reference["recipe"]["precision"] == "fp32" and candidate["recipe"]["precision"] == "bf16"
+    assert len(reference["losses"]) == len(candidate["losses"]) == 2
+    deviation = max(abs(b - a) / a for a, b in zip(reference["losses"], candidate["losses"]))
+    assert figures["max_relative_loss_deviation"] == pytest.approx(deviation) and deviation < 0.01
+    assert 0.5 < figures["prediction_agreement"] <= 1
+    strict = dusa("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "--tolerance", "0")
+    assert strict.returncode == 1 and "more than --tolerance" in strict.stderr

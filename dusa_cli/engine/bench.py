@@ -44,6 +44,8 @@ class Recipe:
 
 OFFICIAL = Recipe("official", "fp16", True, 8, 8, compile_prior=False, fused_adam=False)
 FAST = Recipe("fast", "bf16", False, 16, 4, compile_prior=True, fused_adam=True)
+# The numerical reference of the trajectory check: everything in fp32, eager.
+FP32 = Recipe("fp32", "fp32", True, 8, 8, compile_prior=False, fused_adam=False)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ def flops_per_image(adapter: OnlineAdapter, images: torch.Tensor) -> float:
     return counter.get_total_flops() / images.shape[0]
 
 
+def _draws(recipe: Recipe, micro_batch: int, first_image: int) -> ImageDraws:
+    """Per-image random streams, as the engine draws them: every recipe samples the same noise
+    and classes for the same image positions, whatever its micro-batch size (dusa_cli/draws.py)."""
+    first = first_image + micro_batch * recipe.micro_batch
+    return ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)])
+
+
 def run_recipe(
     recipe: Recipe, shapes: Shapes, *, updates: int, warmup: int, device: torch.device, vae: Path
 ) -> dict[str, Any]:
@@ -106,11 +115,8 @@ def run_recipe(
     flops = flops_per_image(adapter, batch)
 
     def update() -> None:
-        # Per-image random streams, as the engine draws them: both recipes sample the same
-        # noise and classes for the same image positions (dusa_cli/draws.py).
         for index in range(recipe.accumulation):
-            first = index * recipe.micro_batch
-            adapter.step(batch, draws=ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)]))
+            adapter.step(batch, draws=_draws(recipe, index, 0))
 
     for _ in range(warmup):  # compilation, cuDNN autotuning, allocator warm-up
         update()
@@ -164,6 +170,69 @@ def bench_cls(
         "recipes": rows,
         "ratio_fast_over_official": ratio,
     }
+
+
+def run_trajectory(recipe: Recipe, shapes: Shapes, *, updates: int, device: torch.device, vae: Path) -> dict[str, Any]:
+    """`updates` DUSA updates on fresh images each (the same images and draws for every recipe):
+    the mean loss of each update and the online prediction of every image."""
+    adapter = _build(shapes, recipe, vae, device)
+    images_per_update = recipe.micro_batch * recipe.accumulation
+    losses, predictions = [], []
+    for update in range(updates):
+        generator = torch.Generator().manual_seed(update)
+        size = (images_per_update, 3, shapes.image_size, shapes.image_size)
+        images = torch.randint(0, 256, size, generator=generator).to(device).float().div_(255)
+        update_loss = 0.0
+        for index, batch in enumerate(images.split(recipe.micro_batch)):
+            output = adapter.step(batch, draws=_draws(recipe, index, update * images_per_update))
+            update_loss += output.loss.item() / recipe.accumulation
+            predictions.append(output.logits.argmax(dim=1).cpu())
+        losses.append(update_loss)
+    return {"name": recipe.name, "losses": losses, "predictions": torch.cat(predictions)}
+
+
+def compare_trajectories(
+    *, tiny: bool, updates: int, device: torch.device, reference: Recipe = FP32, candidate: Recipe = FAST
+) -> dict[str, Any]:
+    """The fast recipe against an fp32 run over the same `updates` (issue 6's numerical check):
+    per-update losses, their largest relative deviation, and how often the online predictions agree."""
+    shapes = TINY if tiny else PAPER
+    if device.type != "cuda":
+        candidate = replace(candidate, compile_prior=False, fused_adam=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        vae = _random_vae(Path(scratch) / "vae", tiny)
+        runs = [run_trajectory(r, shapes, updates=updates, device=device, vae=vae) for r in (reference, candidate)]
+    base, other = runs
+    deviations = [abs(b - a) / abs(a) for a, b in zip(base["losses"], other["losses"])]
+    return {
+        "shapes": asdict(shapes),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "updates": updates,
+        "reference": {"recipe": asdict(reference), "losses": base["losses"]},
+        "candidate": {"recipe": asdict(candidate), "losses": other["losses"]},
+        "max_relative_loss_deviation": max(deviations),
+        "prediction_agreement": (base["predictions"] == other["predictions"]).float().mean().item(),
+    }
+
+
+def trajectory_to_rich(result: dict[str, Any]):
+    from rich.table import Table
+
+    reference, candidate = result["reference"], result["candidate"]
+    table = Table(
+        title=f"DUSA loss over {result['updates']} updates: {candidate['recipe']['name']} vs {reference['recipe']['name']}, "
+        f"{result['shapes']['classifier']} + {result['shapes']['prior']}, {result['device_name']}",
+        header_style="bold",
+    )
+    for column in ("update", reference["recipe"]["name"], candidate["recipe"]["name"], "relative deviation"):
+        table.add_column(column, justify="right")
+    for index, (a, b) in enumerate(zip(reference["losses"], candidate["losses"]), start=1):
+        table.add_row(str(index), f"{a:.5f}", f"{b:.5f}", f"{abs(b - a) / abs(a):.2%}")
+    table.caption = (
+        f"largest deviation {result['max_relative_loss_deviation']:.2%}; "
+        f"online predictions agree on {result['prediction_agreement']:.1%} of the images"
+    )
+    return table
 
 
 def to_rich(result: dict[str, Any]):
