@@ -90,7 +90,7 @@ class SegDataConfig(DataConfig):
         default=None, description="folder of label PNGs; default ROOT/annotations/validation"
     )
     batch_size: Literal[1] = Field(default=1, description="one image per step (images differ in size)")
-    short_side: int = Field(default=512, ge=8, description="the segmenter's input: short side resized to this")
+    short_side: int = Field(default=512, ge=16, description="the segmenter's input: short side resized to this")
     max_long_side: int = Field(default=2048, ge=8, description="…unless the long side would exceed this")
 
 
