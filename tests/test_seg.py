@@ -203,6 +203,27 @@ def test_every_window_goes_through_the_loss_scale(models: dict[str, Path], tmp_p
         assert torch.allclose(param.grad, 1024.0 * expected, rtol=1e-4, atol=1e-7)
 
 
+def test_segmenter_checkpointing_gives_the_same_gradients(models: dict[str, Path], tmp_path: Path) -> None:
+    from transformers.models.segformer.modeling_segformer import SegformerLayer
+
+    images = torch.rand(1, 3, 32, 40)
+    gradients, calls = [], []
+    for checkpointing in (False, True):
+        method = dusa_method(models, tmp_path, segmenter_checkpointing=checkpointing).place([torch.device("cpu")])
+        layer = next(m for m in method.model.modules() if isinstance(m, SegformerLayer))
+        count = [0]
+        layer.attention.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        torch.manual_seed(0)
+        method.forward(images)
+        gradients.append({n: p.grad for n, p in method.model.named_parameters() if p.grad is not None})
+        calls.append(count[0])
+    assert calls == [1, 2]  # recomputed in backward
+    plain, recomputed = gradients
+    assert plain.keys() == recomputed.keys() and len(plain) > 50
+    for name, grad in plain.items():
+        assert torch.allclose(grad, recomputed[name], rtol=1e-5, atol=1e-8), name
+
+
 def test_reset_restores_segmenter_and_prior(models: dict[str, Path], tmp_path: Path) -> None:
     method = dusa_method(models, tmp_path).place([torch.device("cpu")])
     adapter = OnlineAdapter(method, OptimConfig(name="adamw", lr=1e-3), "fp32", torch.device("cpu"))

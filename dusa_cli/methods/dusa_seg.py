@@ -54,6 +54,9 @@ class DusaSegConfig(GuidedConfig):
         default="all", description="all (official), norm-layer affine parameters only, or none"
     )
     segmenter_fp32: bool = Field(default=True, description="segmenter outside autocast, as the official code")
+    segmenter_checkpointing: bool = Field(
+        default=False, description="recompute the segmenter's encoder layers in backward (the official code does)"
+    )
     split: list[int] | None = Field(
         default=None, description="first transformer block of each split device (default: balanced by memory)"
     )
@@ -88,6 +91,8 @@ class DusaSeg(TTAMethod):
         elif self.config.update_segmenter == "norm":
             for param in norm_parameters(self.model):
                 param.requires_grad_(True)
+        if self.config.segmenter_checkpointing:
+            self.model.checkpoint_layers()
 
     def place(self, devices: list[torch.device]) -> DusaSeg:
         """The segmenter goes to the first device; the prior is loaded straight onto its split."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +34,17 @@ class Segmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(pixel_values=(images - self.mean) / self.std).logits
+
+    def checkpoint_layers(self) -> None:
+        """Recompute each transformer layer of the encoder in backward (the official code
+        checkpoints the MiT backbone, research/dusa_official.md §3.6). transformers' own switch
+        acts in train mode only, which would also turn on drop-path; this works in eval mode."""
+        from torch.utils.checkpoint import checkpoint
+        from transformers.models.segformer.modeling_segformer import SegformerLayer
+
+        for layer in self.network.modules():
+            if isinstance(layer, SegformerLayer):
+                layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 def _normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
