@@ -406,6 +406,7 @@ def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path]) ->
 class SegRecipeName(str, Enum):
     baseline = "baseline"
     fast = "fast"
+    no_checkpointing = "no-checkpointing"
 
 
 @bench_app.command("seg")
@@ -413,17 +414,18 @@ def bench_seg_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, help="Timed window updates per recipe.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
-    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
+    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
     window with 20 classes and each device's peak memory, for two recipes in the same run."""
-    from dusa_cli.engine.bench_seg import BASELINE, FAST, bench_seg, to_rich
+    from dusa_cli.engine.bench_seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
     from dusa_cli.engine.runtime import resolve_device
 
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
-    chosen = tuple(r for r in (BASELINE, FAST) if recipe is None or SegRecipeName(r.name) in recipe)
+    wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
+    chosen = tuple(r for r in (BASELINE, FAST, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
     result = bench_seg(tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen)
     _show_figures(to_rich(result), result, output)
 

@@ -57,3 +57,28 @@ def test_tiny_trajectory_check_compares_fast_with_fp32(tmp_path: Path) -> None:
     assert 0.5 < figures["prediction_agreement"] <= 1
     strict = dusa("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "--tolerance", "0")
     assert strict.returncode == 1 and "more than --tolerance" in strict.stderr
+
+
+def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from dusa_cli.engine.bench import FAST, OFFICIAL, ratio, to_rich, unless_out_of_memory
+
+    def too_big() -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    fitted = {"name": "official", "images_per_s": 30.0}
+    row = unless_out_of_memory(FAST, too_big)
+    assert row["out_of_memory"] and row["name"] == "fast" and row["micro_batch"] == 16
+    assert ratio([fitted, row], "images_per_s", "fast", "official") is None
+    assert ratio([fitted, {"name": "fast", "images_per_s": 60.0}], "images_per_s", "fast", "official") == 2.0
+    official = unless_out_of_memory(OFFICIAL, lambda: {**OFFICIAL.__dict__, "images_per_s": 30.0, "tflops": 1.0,
+                                                        "fraction_of_bf16_peak": 0.1, "peak_memory_gib": 2.0})
+    result = {"shapes": {"classifier": "c", "prior": "p"}, "device_name": "cpu", "recipes": [official, row],
+              "ratio_fast_over_official": None}
+    console = Console(file=io.StringIO(), width=200)
+    console.print(to_rich(result))
+    assert "out of memory" in console.file.getvalue()

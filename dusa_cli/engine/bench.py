@@ -12,8 +12,10 @@ once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLO
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,27 @@ def _draws(recipe: Recipe, micro_batch: int, first_image: int) -> ImageDraws:
     return ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)])
 
 
+def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A recipe that does not fit is a result (the row says "out of memory"), not the end of the
+    benchmark; its memory is released before the next recipe is built."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        return asdict(recipe) | {"out_of_memory": True}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str) -> float | None:
+    """rows[numerator][key] / rows[denominator][key], None unless both recipes ran."""
+    by_name = {row["name"]: row for row in rows if not row.get("out_of_memory")}
+    if not {numerator, denominator} <= by_name.keys():
+        return None
+    return by_name[numerator][key] / by_name[denominator][key]
+
+
 def run_recipe(
     recipe: Recipe, shapes: Shapes, *, updates: int, warmup: int, device: torch.device, vae: Path
 ) -> dict[str, Any]:
@@ -155,20 +178,17 @@ def bench_cls(
         recipes = tuple(replace(r, compile_prior=False, fused_adam=False) for r in recipes)
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
-        rows = [run_recipe(r, shapes, updates=updates, warmup=warmup, device=device, vae=vae) for r in recipes]
-    by_name = {row["name"]: row for row in rows}
-    ratio = (
-        by_name["fast"]["images_per_s"] / by_name["official"]["images_per_s"]
-        if {"fast", "official"} <= by_name.keys()
-        else None
-    )
+        rows = [
+            unless_out_of_memory(r, lambda r=r: run_recipe(r, shapes, updates=updates, warmup=warmup, device=device, vae=vae))
+            for r in recipes
+        ]
     return {
         "shapes": asdict(shapes),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "recipes": rows,
-        "ratio_fast_over_official": ratio,
+        "ratio_fast_over_official": ratio(rows, "images_per_s", "fast", "official"),
     }
 
 
@@ -246,11 +266,17 @@ def to_rich(result: dict[str, Any]):
     for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for row in result["recipes"]:
-        table.add_row(
+        recipe = [
             row["name"],
             row["precision"] + ("/fp32" if row["classifier_fp32"] else ""),
             f"{row['micro_batch']} × {row['accumulation']}",
             "yes" if row["compile_prior"] else "no",
+        ]
+        if row.get("out_of_memory"):
+            table.add_row(*recipe, "out of memory", "", "", "")
+            continue
+        table.add_row(
+            *recipe,
             f"{row['images_per_s']:.1f}",
             f"{row['tflops']:.3g}",
             f"{100 * row['fraction_of_bf16_peak']:.1f}",
