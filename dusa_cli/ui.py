@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -17,6 +20,7 @@ from rich.progress import (
 
 stdout = Console()
 stderr = Console(stderr=True)
+SCORE_PERIOD_S = 0.5  # how often a progress bar reads the running score
 
 
 def error(message: str) -> None:
@@ -64,10 +68,17 @@ class TaskProgress(_Bars):
 
     def start_task(self, name: str, total: int) -> None:
         self.task_id = self.progress.add_task(name, total=total, score=0.0, rate=0.0)
+        self.score_read = 0.0
 
-    def advance(self, images: int, score: float) -> None:
-        self.progress.update(self.task_id, advance=images, score=score)
-        speed = self.progress.tasks[-1].speed
+    def advance(self, images: int, score: Callable[[], float]) -> None:
+        """The score is read (a host sync on a GPU) at most every SCORE_PERIOD_S, and at the end."""
+        self.progress.update(self.task_id, advance=images)
+        task = self.progress.tasks[-1]
+        now = time.monotonic()
+        if not self.progress.disable and (now - self.score_read >= SCORE_PERIOD_S or task.finished):
+            self.progress.update(self.task_id, score=score())
+            self.score_read = now
+        speed = task.speed
         if speed:
             self.progress.update(self.task_id, rate=speed)
 

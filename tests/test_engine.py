@@ -80,7 +80,7 @@ class StopAfter:
     def start_task(self, name: str, total: int) -> None: ...
     def end_task(self) -> None: ...
 
-    def advance(self, images: int, accuracy: float) -> None:
+    def advance(self, images: int, score) -> None:
         self.batches -= 1
         if self.batches < 0:
             raise KeyboardInterrupt

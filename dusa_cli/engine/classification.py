@@ -91,7 +91,7 @@ def run_task(
             output = adapter.step(images, share, draws)
             metrics.update(output.logits, labels, output.loss, share)
         position += size
-        progress.advance(size, metrics.accuracy())
+        progress.advance(size, metrics.accuracy)
     adapter.flush()
     synchronize(devices)
     record = metrics.record()

@@ -61,7 +61,7 @@ def run_task(
         if output.loss is not None:
             losses.append(output.loss.detach().float())
         count += 1
-        progress.advance(1, score.compute()["miou"])
+        progress.advance(1, lambda: score.compute()["miou"])
     adapter.flush()
     synchronize(devices)
     record = {"num_samples": count} | score.compute()

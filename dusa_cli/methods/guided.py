@@ -38,7 +38,6 @@ def draw_timestep(config: GuidedConfig, path: NoisePath, batch: int, device: tor
     """One timestep shared by the whole step, as the official code draws it (§1.4.7), as (batch,)."""
     if config.timestep_range is not None:
         low, high = config.timestep_range
-        value = low + (high - low) * torch.rand((), device=device)
-    else:
-        value = torch.tensor(config.timestep if config.timestep is not None else path.default_timestep, device=device)
-    return value.expand(batch)
+        return (low + (high - low) * torch.rand((), device=device)).expand(batch)
+    # Filled on the device: a tensor built from a Python number would be a blocking host copy.
+    return torch.full((batch,), config.timestep if config.timestep is not None else path.default_timestep, device=device)

@@ -50,15 +50,21 @@ class DDPMPath(NoisePath):
         # float64 as ADM computes its tables; cast to the data's dtype only when used.
         betas = torch.linspace(1e-4, 0.02, self.num_steps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
     def alpha_bar(self, t: torch.Tensor | float) -> torch.Tensor:
-        return self.alphas_cumprod[self._step(t)]
+        """Looked up on t's device: a step never waits for the GPU to hand t back to the host."""
+        steps = self._step(t)
+        table = self._tables.get(steps.device)
+        if table is None:
+            table = self._tables[steps.device] = self.alphas_cumprod.to(steps.device)
+        return table[steps]
 
     @staticmethod
     def _step(t: torch.Tensor | float) -> torch.Tensor:
         """Integer steps; a fractional t (e.g. drawn from [100, 101)) is truncated, the same way
         for the noise level and the model time."""
-        return torch.as_tensor(t, device="cpu").long()
+        return torch.as_tensor(t).long()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         alpha_bar = _per_sample(self.alpha_bar(t), x0)
