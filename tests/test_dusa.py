@@ -197,3 +197,24 @@ def test_micro_batch_layout_does_not_change_a_dusa_run(digits_c: Path, tmp_path:
     assert one["num_samples"] == two["num_samples"] == 32
     assert one["top1"] == two["top1"]
     assert one["mean_loss"] == pytest.approx(two["mean_loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation only exists with a GPU")
+@pytest.mark.parametrize("prior", ["sit_tiny", "dit_tiny"])
+def test_a_bf16_dusa_step_never_waits_for_the_gpu(prior: str, tiny_vae: Path) -> None:
+    """Issue 6: no host synchronisation in the step (class sampling, timesteps, the DDPM table,
+    per-image draws, the optimizer). torch raises on any synchronising call in "error" mode."""
+    from dusa_cli.config.schema import OptimConfig
+    from dusa_cli.draws import ImageDraws
+
+    device = torch.device("cuda")
+    method = make("dusa", prior, tiny_vae, classifier_fp32=False).to(device)
+    adapter = OnlineAdapter(method, OptimConfig(name="adam", lr=1e-5, fused=True), "bf16", device)
+    images = torch.rand(4, 3, 32, 32, device=device)
+    adapter.step(images, draws=ImageDraws([0, 1, 2, 3]))  # first use: lazy library initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        adapter.step(images, draws=ImageDraws([4, 5, 6, 7]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
