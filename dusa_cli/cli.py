@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -369,6 +370,9 @@ def bench_cls_command(
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
     recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
+    compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="The fast recipe recomputes the prior's blocks in backward (room for larger micro-batches).")] = False,
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
@@ -378,8 +382,11 @@ def bench_cls_command(
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich
     from dusa_cli.engine.runtime import resolve_device
 
+    fast = replace(FAST, compile_classifier=compile_classifier, gradient_checkpointing=checkpointing)
+    if micro_batch is not None:
+        fast = fast.with_micro_batch(micro_batch)
     if trajectory:
-        result = compare_trajectories(tiny=tiny, updates=trajectory, device=resolve_device(device))
+        result = compare_trajectories(tiny=tiny, updates=trajectory, device=resolve_device(device), candidate=fast)
         _show_figures(trajectory_to_rich(result), result, output)
         if result["max_relative_loss_deviation"] > tolerance:
             raise DusaError(
@@ -387,7 +394,7 @@ def bench_cls_command(
                 f"more than --tolerance {tolerance:.2%}"
             )
         return
-    chosen = tuple(r for r in (OFFICIAL, FAST) if recipe is None or RecipeName(r.name) in recipe)
+    chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
     result = bench_cls(tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen)
     _show_figures(to_rich(result), result, output)
 

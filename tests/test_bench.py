@@ -82,3 +82,15 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
     console = Console(file=io.StringIO(), width=200)
     console.print(to_rich(result))
     assert "out of memory" in console.file.getvalue()
+
+
+def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing"]
+    result = dusa(*args, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    (fast,) = json.loads(output.read_text())["recipes"]
+    assert (fast["micro_batch"], fast["accumulation"], fast["gradient_checkpointing"]) == (32, 2, True)
+    assert fast["images_per_update"] == 64
+    bad = dusa("bench", "cls", "--tiny", "--micro-batch", "5")
+    assert bad.returncode == 2 and "must divide the 64 images" in bad.stderr

@@ -26,6 +26,7 @@ from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything
+from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
 
@@ -42,6 +43,13 @@ class Recipe:
     accumulation: int
     compile_prior: bool
     fused_adam: bool
+    compile_classifier: bool = False
+    gradient_checkpointing: bool = False  # of the prior's blocks: room for larger micro-batches
+
+    def with_micro_batch(self, micro_batch: int, images_per_update: int = 64) -> Recipe:
+        if images_per_update % micro_batch:
+            raise ConfigError(f"--micro-batch must divide the {images_per_update} images of an update, got {micro_batch}")
+        return replace(self, micro_batch=micro_batch, accumulation=images_per_update // micro_batch)
 
 
 OFFICIAL = Recipe("official", "fp16", True, 8, 8, compile_prior=False, fused_adam=False)
@@ -76,11 +84,15 @@ def _build(shapes: Shapes, recipe: Recipe, vae: Path, device: torch.device) -> O
     classifier = create_classifier(ModelConfig(name=shapes.classifier, num_classes=shapes.num_classes))
     dusa = get_method("dusa")
     config = dusa.Config(
-        name="dusa", prior=shapes.prior, vae=str(vae), topk=4, extra=2, classifier_fp32=recipe.classifier_fp32
-    )
+        name="dusa", prior=shapes.prior, vae=str(vae), topk=4, extra=2, classifier_fp32=recipe.classifier_fp32,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+    )  # fmt: skip
     method = dusa(classifier, config).to(device)
+    # Module.compile compiles in place: parameter names (and so the optimizer) stay as they are.
     if recipe.compile_prior:
-        method.prior.transformer = torch.compile(method.prior.transformer)
+        method.prior.transformer.compile()
+    if recipe.compile_classifier:
+        method.model.compile()
     optim = OptimConfig(name="adam", lr=1e-5, accumulation=recipe.accumulation, fused=recipe.fused_adam)
     return OnlineAdapter(method, optim, recipe.precision, device)
 
@@ -175,7 +187,7 @@ def bench_cls(
     if device.type != "cuda":
         # torch.compile needs minutes and a C++ toolchain on a CPU, fused Adam needs CUDA: the CPU
         # run keeps the code path alive in eager mode, and its rows say so.
-        recipes = tuple(replace(r, compile_prior=False, fused_adam=False) for r in recipes)
+        recipes = tuple(replace(r, compile_prior=False, compile_classifier=False, fused_adam=False) for r in recipes)
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
         rows = [
@@ -218,7 +230,7 @@ def compare_trajectories(
     per-update losses, their largest relative deviation, and how often the online predictions agree."""
     shapes = TINY if tiny else PAPER
     if device.type != "cuda":
-        candidate = replace(candidate, compile_prior=False, fused_adam=False)
+        candidate = replace(candidate, compile_prior=False, compile_classifier=False, fused_adam=False)
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
         runs = [run_trajectory(r, shapes, updates=updates, device=device, vae=vae) for r in (reference, candidate)]
@@ -263,14 +275,15 @@ def to_rich(result: dict[str, Any]):
         title=f"DUSA update, {shapes['classifier']} + {shapes['prior']}, k=4 m=2, 64 images/update, {result['device_name']}",
         header_style="bold",
     )
-    for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
+    for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "checkpointing", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for row in result["recipes"]:
         recipe = [
             row["name"],
             row["precision"] + ("/fp32" if row["classifier_fp32"] else ""),
             f"{row['micro_batch']} × {row['accumulation']}",
-            "yes" if row["compile_prior"] else "no",
+            "+".join(name for name, on in (("prior", row["compile_prior"]), ("classifier", row["compile_classifier"])) if on) or "no",
+            "yes" if row["gradient_checkpointing"] else "no",
         ]
         if row.get("out_of_memory"):
             table.add_row(*recipe, "out of memory", "", "", "")
