@@ -472,7 +472,7 @@ def _guarded(call: Callable[[], Any]) -> None:
         if debug:
             raise
         if str(failure):  # empty: another process reports it (engine.distributed.ReportedElsewhere)
-            error(origin + str(failure))
+            error(origin + _own_message(failure))
         _exit(int(failure.exit_code))
     except KeyboardInterrupt:
         if not origin:
@@ -483,6 +483,17 @@ def _guarded(call: Callable[[], Any]) -> None:
             raise
         error(f"{origin}internal error: {type(failure).__name__}: {failure} (rerun with --debug for the traceback)")
         _exit(int(ExitCode.RUNTIME))
+
+
+def _own_message(failure: DusaError) -> str:
+    """The error's message. A DataLoader worker's error comes back with the worker's traceback
+    prepended; its last line is the message (after the exception's class name)."""
+    text = str(failure).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = f"{type(failure).__module__}.{type(failure).__name__}: "
+    return last.removeprefix(name)
 
 
 def _exit(code: int) -> None:

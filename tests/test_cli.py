@@ -69,6 +69,18 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     assert not Path(out).exists()
 
 
+def test_a_data_worker_error_is_one_line_too(tmp_path: Path, digits_c: Path) -> None:
+    import shutil
+
+    root = tmp_path / "digits-c"
+    shutil.copytree(digits_c / "fog", root / "fog")
+    broken = sorted((root / "fog" / "5").rglob("*.png"))[3]
+    broken.write_bytes(b"not an image")
+    args = ["baseline", "-c", PRESET, "--data", str(root), "--corruption", "fog", "-o", str(tmp_path / "out"), "-q"]
+    result = dusa(*args, "--set", "data.num_workers=1")
+    assert_one_line_error(result, 1, f"cannot read image {broken}")
+
+
 def test_checkpoint_that_does_not_fit_is_reported(tmp_path: Path, digits_c: Path) -> None:
     import timm
 
