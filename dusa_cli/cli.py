@@ -294,8 +294,7 @@ def baseline(
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
-    """Run a baseline (source, norm, tent, cotta) online over the corruptions, for classification
-    or segmentation (--task seg)."""
+    """Run a baseline (source, norm, tent, cotta) online over the corruptions (--task seg: segmentation)."""
     overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
     _run("baseline", config, overrides, set_, resume, quiet, gpus)
 
