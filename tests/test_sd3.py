@@ -17,7 +17,7 @@ from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.priors import SD3FlowPath, SD3Prior
 from dusa_cli.priors.prompts import PromptEmbeddings, encode_prompts, load_prompt_embeddings
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, random_prompt_embeddings
-from dusa_cli.priors.split import balance_blocks, module_bytes, place_transformer
+from dusa_cli.priors.split import balance_blocks, module_bytes, place_transformer, training_bytes
 
 PROMPTS = ["a photo of a wall", "a photo of a bed ", "a photo of a sky", "a photo of a person"]
 T5_LENGTH = 12  # a short T5 sequence keeps the tiny models quick; the layout is the same at 256
@@ -269,11 +269,12 @@ def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_dev
     prior = load_prior(sd3_dir, devices)
     transformer = prior.transformer
     embedders = (transformer.pos_embed, transformer.time_text_embed, transformer.context_embedder)
+    # Balanced by what each part holds while adapting: trainable blocks four times over.
     starts = balance_blocks(
-        [module_bytes(block) for block in transformer.transformer_blocks],
+        [training_bytes(block) for block in transformer.transformer_blocks],
         num_devices,
-        first_extra=module_bytes(prior.vae) + prior.prompts.nbytes + sum(map(module_bytes, embedders)),
-        last_extra=module_bytes(transformer.norm_out) + module_bytes(transformer.proj_out),
+        first_extra=module_bytes(prior.vae) + prior.prompts.nbytes + sum(map(training_bytes, embedders)),
+        last_extra=training_bytes(transformer.norm_out) + training_bytes(transformer.proj_out),
     )
     # The tiny VAE outweighs all blocks: the first device keeps only the one block it must have.
     assert starts[:2] == [0, 1]
@@ -298,3 +299,13 @@ def test_train_keeps_the_prior_in_eval_mode(sd3_dir: Path) -> None:
     prior = load_prior(sd3_dir)
     prior.train()
     assert not any(module.training for module in prior.modules())
+
+
+def test_training_bytes_count_adam_state_for_trainable_parameters_only() -> None:
+    layer = torch.nn.Linear(4, 4)  # 20 fp32 parameters = 80 bytes
+    norm = torch.nn.BatchNorm1d(4)  # 8 parameters + running stats and counter as buffers
+    assert training_bytes(layer) == 4 * 80
+    layer.requires_grad_(False)
+    assert training_bytes(layer) == 80
+    buffers = sum(b.nbytes for b in norm.buffers())
+    assert training_bytes(norm) == 4 * 32 + buffers

@@ -25,6 +25,7 @@ from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everyth
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, SD3Prior, random_prompt_embeddings
+from dusa_cli.priors.split import training_bytes
 
 CLASSES = 20  # every window is filled to the cap (`classes_threshold`)
 
@@ -90,8 +91,9 @@ def _build(shapes: SegShapes, recipe: SegRecipe, devices: list[torch.device]) ->
     pooled = shapes.transformer["pooled_projection_dim"]
     prompts = random_prompt_embeddings(150, clip_dim=shapes.clip_dim, pooled_dim=pooled)
     prior = SD3Prior.from_config(
-        shapes.transformer, shapes.vae, prompts, devices=devices, gradient_checkpointing=recipe.gradient_checkpointing
-    )
+        shapes.transformer, shapes.vae, prompts, devices=devices, gradient_checkpointing=recipe.gradient_checkpointing,
+        reserved_first=training_bytes(method.model),
+    )  # fmt: skip
     if recipe.compile_blocks:
         for block in prior.transformer.transformer_blocks:
             block.compile()

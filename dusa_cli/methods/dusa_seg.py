@@ -24,6 +24,7 @@ from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_ba
 from dusa_cli.methods.guided import GuidedConfig, draw_timestep
 from dusa_cli.objective import Window, masked_mixture_loss, sample_window, select_pixel_classes, sliding_windows
 from dusa_cli.priors.sd3 import SD3Prior
+from dusa_cli.priors.split import training_bytes
 
 
 def default_prompt_cache() -> Path:
@@ -106,6 +107,8 @@ class DusaSeg(TTAMethod):
             max_sequence_length=self.config.t5_length,
             cache_dir=self.config.prompt_cache or default_prompt_cache(),
             gradient_checkpointing=self.config.gradient_checkpointing,
+            trainable=self.config.update_prior,
+            reserved_first=training_bytes(self.model),  # the segmenter and its optimizer state
         )
         return self.adopt_prior(prior)
 

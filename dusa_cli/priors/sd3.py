@@ -100,7 +100,11 @@ class SD3Prior(nn.Module):
         shift: float = DEFAULT_SHIFT,
         max_sequence_length: int = 256,
         gradient_checkpointing: bool = False,
+        trainable: bool = True,
+        reserved_first: int = 0,
     ):
+        """`trainable`: whether the transformer will adapt (its Adam state then weighs in the
+        split); `reserved_first`: bytes other models keep on devices[0] (the segmenter)."""
         super().__init__()
         config = transformer.config
         if prompts.pooled.shape[-1] != config.pooled_projection_dim:
@@ -117,9 +121,9 @@ class SD3Prior(nn.Module):
         # Every transformer tensor adapts (DUSA-seg trains its whole diffusion model,
         # dusa_official.md §3.6); the fixed sin-cos position table is already a buffer in
         # diffusers' PatchEmbed, so there is nothing to freeze.
-        self.transformer = transformer
+        self.transformer = transformer.requires_grad_(trainable)
         self.block_devices = place_transformer(
-            transformer, self.devices, split, first_extra=module_bytes(self.vae) + prompts.nbytes
+            transformer, self.devices, split, first_extra=module_bytes(self.vae) + prompts.nbytes + reserved_first
         )
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -140,6 +144,8 @@ class SD3Prior(nn.Module):
         max_sequence_length: int = 256,
         cache_dir: Path | None = None,
         gradient_checkpointing: bool = False,
+        trainable: bool = True,
+        reserved_first: int = 0,
     ) -> SD3Prior:
         """A local diffusers SD3 folder (transformer/, vae/, text encoders, scheduler/), in fp32."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -168,6 +174,8 @@ class SD3Prior(nn.Module):
             shift=shift,
             max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing,
+            trainable=trainable,
+            reserved_first=reserved_first,
         )
 
     @classmethod
@@ -182,6 +190,8 @@ class SD3Prior(nn.Module):
         shift: float = DEFAULT_SHIFT,
         max_sequence_length: int = 256,
         gradient_checkpointing: bool = False,
+        trainable: bool = True,
+        reserved_first: int = 0,
     ) -> SD3Prior:
         """Randomly initialised models of the given architectures (benchmarks)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -195,6 +205,8 @@ class SD3Prior(nn.Module):
             shift=shift,
             max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing,
+            trainable=trainable,
+            reserved_first=reserved_first,
         )
 
     @property

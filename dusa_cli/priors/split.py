@@ -21,6 +21,17 @@ def module_bytes(module: nn.Module) -> int:
     return sum(tensor.nbytes for tensor in (*module.parameters(), *module.buffers()))
 
 
+# A parameter that trains holds its weights, its gradient and Adam's two moments.
+TRAINING_COPIES = 4
+
+
+def training_bytes(module: nn.Module) -> int:
+    """What a module keeps on its device while adapting: trainable parameters four times over,
+    frozen ones and buffers once (activations come on top, roughly in proportion)."""
+    parameters = sum(p.nbytes * (TRAINING_COPIES if p.requires_grad else 1) for p in module.parameters())
+    return parameters + sum(buffer.nbytes for buffer in module.buffers())
+
+
 def balance_blocks(block_bytes: list[int], num_devices: int, first_extra: int = 0, last_extra: int = 0) -> list[int]:
     """Start index of each device's contiguous run of blocks, minimising the largest per-device
     total, where device 0 also carries `first_extra` bytes and the last device `last_extra`.
@@ -91,18 +102,19 @@ def place_transformer(
     first_extra: int = 0,
 ) -> list[torch.device]:
     """Spread a diffusers SD3Transformer2DModel over `devices`: embedders on the first, block i
-    on its run's device, norm_out/proj_out on the last. Runs are balanced by bytes (device 0 also
-    holding `first_extra`: VAE, prompt cache, segmenter) unless `starts` is given. Returns the
-    device of each block. Call once per transformer (every call adds hooks)."""
+    on its run's device, norm_out/proj_out on the last. Runs are balanced by the bytes each part
+    holds while adapting (`training_bytes`: set requires_grad first; device 0 also holds
+    `first_extra`: VAE, prompt cache, segmenter) unless `starts` is given. Returns the device of
+    each block. Call once per transformer (every call adds hooks)."""
     blocks = transformer.transformer_blocks
     embedders = (transformer.pos_embed, transformer.time_text_embed, transformer.context_embedder)
     outputs = (transformer.norm_out, transformer.proj_out)
     if starts is None:
         starts = balance_blocks(
-            [module_bytes(block) for block in blocks],
+            [training_bytes(block) for block in blocks],
             len(devices),
-            first_extra=first_extra + sum(module_bytes(module) for module in embedders),
-            last_extra=sum(module_bytes(module) for module in outputs),
+            first_extra=first_extra + sum(training_bytes(module) for module in embedders),
+            last_extra=sum(training_bytes(module) for module in outputs),
         )
     else:
         check_split(starts, len(blocks), len(devices))
