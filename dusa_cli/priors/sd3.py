@@ -139,15 +139,13 @@ class SD3Prior(nn.Module):
         *,
         prompts: list[str],
         devices: list[torch.device],
-        split: list[int] | None = None,
         use_t5: bool = False,
         max_sequence_length: int = 256,
         cache_dir: Path | None = None,
-        gradient_checkpointing: bool = False,
-        trainable: bool = True,
-        reserved_first: int = 0,
+        **placement: Any,
     ) -> SD3Prior:
-        """A local diffusers SD3 folder (transformer/, vae/, text encoders, scheduler/), in fp32."""
+        """A local diffusers SD3 folder (transformer/, vae/, text encoders, scheduler/), in fp32.
+        `placement`: the constructor's split, gradient_checkpointing, trainable, reserved_first."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
         devices = _check_devices(devices)
@@ -170,44 +168,20 @@ class SD3Prior(nn.Module):
             _load_diffusers(AutoencoderKL, vae_folder),
             embeddings,
             devices=devices,
-            split=split,
             shift=shift,
             max_sequence_length=max_sequence_length,
-            gradient_checkpointing=gradient_checkpointing,
-            trainable=trainable,
-            reserved_first=reserved_first,
+            **placement,
         )
 
     @classmethod
     def from_config(
-        cls,
-        transformer_config: dict[str, Any],
-        vae_config: dict[str, Any],
-        prompts: PromptEmbeddings,
-        *,
-        devices: list[torch.device],
-        split: list[int] | None = None,
-        shift: float = DEFAULT_SHIFT,
-        max_sequence_length: int = 256,
-        gradient_checkpointing: bool = False,
-        trainable: bool = True,
-        reserved_first: int = 0,
+        cls, transformer_config: dict[str, Any], vae_config: dict[str, Any], prompts: PromptEmbeddings, **options: Any
     ) -> SD3Prior:
-        """Randomly initialised models of the given architectures (benchmarks)."""
+        """Randomly initialised models of the given architectures (benchmarks); `options` as the
+        constructor's (devices, split, shift, …)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-        return cls(
-            SD3Transformer2DModel(**transformer_config),
-            AutoencoderKL(**vae_config),
-            prompts,
-            devices=devices,
-            split=split,
-            shift=shift,
-            max_sequence_length=max_sequence_length,
-            gradient_checkpointing=gradient_checkpointing,
-            trainable=trainable,
-            reserved_first=reserved_first,
-        )
+        return cls(SD3Transformer2DModel(**transformer_config), AutoencoderKL(**vae_config), prompts, **options)
 
     @property
     def latent_channels(self) -> int:
