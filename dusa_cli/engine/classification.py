@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
 from dusa_cli.engine.runtime import reset_peak_memory, synchronize
-from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
+from dusa_cli.engine.tasks import Progress, TaskKind, summarize, timing_record
 from dusa_cli.models.classifier import create_classifier
 
 
@@ -98,19 +99,12 @@ def run_task(
     return record | timing_record(record["num_samples"], time.perf_counter() - start, devices)
 
 
-def summarize(tasks: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "mean_top1": sum(t["top1"] for t in tasks) / len(tasks),
-        "mean_error": sum(t["error"] for t in tasks) / len(tasks),
-    } | summarize_timing(tasks)
-
-
 CLASSIFICATION = TaskKind(
     create_model=create_classifier,
     open_dataset=lambda data, corruption, severity, seed: open_task(
         data.root, corruption, severity, num_ex=data.num_ex, seed=seed
     ),
     run=run_task,
-    summarize=summarize,
+    summarize=partial(summarize, mean_top1="top1", mean_error="error"),
     multi_process=True,
 )

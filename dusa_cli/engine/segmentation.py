@@ -4,6 +4,7 @@ resolution (mIoU, per-class IoU, pixel accuracy; research/dusa_official.md §3.2
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from dusa_cli.data.segmentation import open_seg_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.runtime import reset_peak_memory, synchronize
-from dusa_cli.engine.tasks import Progress, TaskKind, summarize_timing, timing_record
+from dusa_cli.engine.tasks import Progress, TaskKind, summarize, timing_record
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.results.seg_metrics import SegmentationScore
 
@@ -69,19 +70,12 @@ def run_task(
     return record | timing_record(count, time.perf_counter() - start, devices)
 
 
-def summarize(tasks: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "mean_miou": sum(t["miou"] for t in tasks) / len(tasks),
-        "mean_pixel_accuracy": sum(t["pixel_accuracy"] for t in tasks) / len(tasks),
-    } | summarize_timing(tasks)
-
-
 SEGMENTATION = TaskKind(
     create_model=create_segmenter,
     open_dataset=lambda data, corruption, severity, seed: open_seg_task(
         data.root, corruption, severity, annotations=data.annotations, num_ex=data.num_ex, seed=seed
     ),
     run=run_task,
-    summarize=summarize,
+    summarize=partial(summarize, mean_miou="miou", mean_pixel_accuracy="pixel_accuracy"),
     multi_process=False,
 )

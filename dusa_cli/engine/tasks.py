@@ -54,10 +54,11 @@ def timing_record(num_samples: int, wall: float, devices: list[torch.device]) ->
     }
 
 
-def summarize_timing(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(tasks: list[dict[str, Any]], **means: str) -> dict[str, Any]:
+    """The run's summary: each `name=key` the mean of the tasks' `key`, then counts and timing."""
     images = sum(t["num_samples"] for t in tasks)
     wall = sum(t["wall_time_s"] for t in tasks)
-    return {
+    return {name: sum(t[key] for t in tasks) / len(tasks) for name, key in means.items()} | {
         "num_tasks": len(tasks),
         "num_samples": images,
         "wall_time_s": wall,
