@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -15,8 +14,7 @@ from dusa_cli.data.datasets import open_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
-from dusa_cli.engine.runtime import reset_peak_memory, synchronize
-from dusa_cli.engine.tasks import Progress, TaskKind, summarize, timing_record
+from dusa_cli.engine.tasks import Progress, TaskKind, start_timing, summarize, timing_record
 from dusa_cli.models.classifier import create_classifier
 
 
@@ -76,8 +74,7 @@ def run_task(
     device = devices[0]
     batches: ShardedBatches = loader.batch_sampler  # type: ignore[assignment]
     metrics = OnlineMetrics(device)
-    reset_peak_memory(device)
-    start = time.perf_counter()
+    start = start_timing(devices)
     position = 0  # of the micro-batch's first image in the task's order
     for shard, size in zip(loader, batches.global_sizes()):
         if shard is None:
@@ -94,9 +91,8 @@ def run_task(
         position += size
         progress.advance(size, metrics.accuracy)
     adapter.flush()
-    synchronize(devices)
     record = metrics.record()
-    return record | timing_record(record["num_samples"], time.perf_counter() - start, devices)
+    return record | timing_record(record["num_samples"], start, devices)
 
 
 CLASSIFICATION = TaskKind(

@@ -3,7 +3,6 @@ resolution (mIoU, per-class IoU, pixel accuracy; research/dusa_official.md §3.2
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Any
 
@@ -15,8 +14,7 @@ from dusa_cli.config.schema import DataConfig, SegDataConfig
 from dusa_cli.data.segmentation import open_seg_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.runtime import reset_peak_memory, synchronize
-from dusa_cli.engine.tasks import Progress, TaskKind, summarize, timing_record
+from dusa_cli.engine.tasks import Progress, TaskKind, start_timing, summarize, timing_record
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.results.seg_metrics import SegmentationScore
 
@@ -52,9 +50,7 @@ def run_task(
     score = SegmentationScore(num_classes=adapter.method.model.num_classes)
     losses: list[torch.Tensor] = []
     count = 0
-    for each in devices:
-        reset_peak_memory(each)
-    start = time.perf_counter()
+    start = start_timing(devices)
     for images, labels in loader:
         draws = ImageDraws([mix(task_key, count)])
         output = adapter.step(prepare_image(images.to(device, non_blocking=True), data), draws=draws)
@@ -64,10 +60,9 @@ def run_task(
         count += 1
         progress.advance(1, lambda: score.compute()["miou"])
     adapter.flush()
-    synchronize(devices)
     record = {"num_samples": count} | score.compute()
     record["mean_loss"] = torch.stack(losses).mean().item() if losses else None
-    return record | timing_record(count, time.perf_counter() - start, devices)
+    return record | timing_record(count, start, devices)
 
 
 SEGMENTATION = TaskKind(

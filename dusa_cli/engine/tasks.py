@@ -3,6 +3,7 @@ how one test set runs online and how finished sets summarise. The loop knows no 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dusa_cli.config.schema import DataConfig, ModelConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import all_reduce_
-from dusa_cli.engine.runtime import peak_memory
+from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, synchronize
 
 
 class Progress(Protocol):
@@ -41,8 +42,18 @@ class TaskKind:
     multi_process: bool  # data parallelism over processes (else model parallelism at most)
 
 
-def timing_record(num_samples: int, wall: float, devices: list[torch.device]) -> dict[str, Any]:
-    """Throughput and the peak memory of the device (over processes and split devices) that used most."""
+def start_timing(devices: list[torch.device]) -> float:
+    """A task's clock and every device's peak-memory counter start here."""
+    for device in devices:
+        reset_peak_memory(device)
+    return time.perf_counter()
+
+
+def timing_record(num_samples: int, start: float, devices: list[torch.device]) -> dict[str, Any]:
+    """Once the devices' queued work is done: throughput since `start`, and the peak memory of the
+    device (over processes and split devices) that used most."""
+    synchronize(devices)
+    wall = time.perf_counter() - start
     peaks = [peak_memory(device) for device in devices]
     memory, memory_kind = max(peaks)
     peak = all_reduce_(torch.tensor(memory, dtype=torch.float64, device=devices[0]), "max").item()
