@@ -3,19 +3,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build on machines without a GPU (a CUDA build works too: TORCH_SPEC=torch).
-TORCH_SPEC ?= torch==2.13.0
+# CPU build on machines without a GPU (a CUDA build works too: TORCH_SPEC="torch==2.13.0
+# torchvision==0.28.0" from an index with CUDA wheels). torchvision is pinned with torch: left
+# free, the registry's newest torchvision requires a newer torch and pip would replace the CPU
+# build with a CUDA one (several GB of nvidia packages).
+TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
 STAMP := $(VENV)/.installed
 DIGITS := data/digits-c
 DEMO := results/demo
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip freeze | grep -E '^(torch|torchvision)==' > $(VENV)/torch-pins.txt
+	$(BIN)/pip install -q -c constraints.txt -c $(VENV)/torch-pins.txt -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
