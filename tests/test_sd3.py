@@ -15,7 +15,7 @@ from tiny_sd3 import IMAGE_SIZE, LATENT_SIZE, SHIFT, TRANSFORMER, VAE, write_tin
 import dusa_cli  # noqa: F401  (torchvision shim before timm/diffusers)
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.priors import SD3FlowPath, SD3Prior
-from dusa_cli.priors.prompts import PromptEmbeddings, encode_prompts, load_prompt_embeddings
+from dusa_cli.priors.prompts import PromptEmbeddings, default_t5_dtype, encode_prompts, load_prompt_embeddings
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, random_prompt_embeddings
 from dusa_cli.priors.split import balance_blocks, module_bytes, place_transformer, training_bytes
 
@@ -129,6 +129,15 @@ def test_prompt_conditioning_equals_the_pipeline(sd3_dir: Path, use_t5: bool) ->
     torch.testing.assert_close(states, expected_states[classes])
     torch.testing.assert_close(pooled, expected_pooled[classes])
     assert states[:, 77:].any() == use_t5  # the T5 states, or the zeros standing in for them
+
+
+def test_t5_runs_in_bf16_on_a_gpu_and_its_states_stay_fp32(sd3_dir: Path) -> None:
+    assert default_t5_dtype("cuda:0") == torch.bfloat16 and default_t5_dtype("cpu") == torch.float32
+    fp32 = encode_prompts(sd3_dir, PROMPTS, use_t5=True, max_sequence_length=T5_LENGTH)
+    bf16 = encode_prompts(sd3_dir, PROMPTS, use_t5=True, max_sequence_length=T5_LENGTH, t5_dtype=torch.bfloat16)
+    assert bf16.t5.dtype == torch.float32 and not torch.equal(bf16.t5, fp32.t5)
+    torch.testing.assert_close(bf16.t5, fp32.t5, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(bf16.clip, fp32.clip)  # the CLIPs stay in fp32
 
 
 def test_prompt_cache_hits_without_reading_the_encoders(sd3_copy: Path, tmp_path: Path) -> None:

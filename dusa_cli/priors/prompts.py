@@ -94,8 +94,10 @@ def encode_prompts(
     use_t5: bool,
     max_sequence_length: int = 256,
     device: torch.device | str = "cpu",
+    t5_dtype: torch.dtype | None = None,
 ) -> PromptEmbeddings:
-    """Run SD3's text encoders over `prompts` (in fp32, batches of ENCODE_BATCH) and free them."""
+    """Run SD3's text encoders over `prompts` (batches of ENCODE_BATCH) and free them. The CLIPs
+    run in fp32; T5 in `t5_dtype` (default: `default_t5_dtype(device)`); states are kept in fp32."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     model_dir = Path(model_dir)
@@ -107,9 +109,9 @@ def encode_prompts(
         except Exception as error:  # OSError, ValueError, SafetensorError, …: whatever the files' fault
             raise DusaError(f"cannot load {model_dir / folder}: {error}".replace("\n", " ")) from error
 
-    def encoder(model_class: type, folder: str) -> nn.Module:
-        # .float(): the released encoders are stored in fp16; embeddings are computed once, in fp32.
-        return load(model_class, folder).float().to(device).eval()
+    def encoder(model_class: type, folder: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+        # The released encoders are stored in fp16; embeddings are computed once, in `dtype`.
+        return load(model_class, folder).to(device=device, dtype=dtype).eval()
 
     def tokenize(tokenizer_class: type, folder: str, length: int) -> torch.Tensor:
         tokens = load(tokenizer_class, folder)(
@@ -129,9 +131,9 @@ def encode_prompts(
     t5 = None
     if use_t5:
         ids = tokenize(T5TokenizerFast, T5_FOLDERS[1], max_sequence_length)
-        t5_encoder = encoder(T5EncoderModel, T5_FOLDERS[0])
+        t5_encoder = encoder(T5EncoderModel, T5_FOLDERS[0], t5_dtype or default_t5_dtype(device))
         # No attention mask, as the pipeline: padding tokens are encoded like the rest.
-        t5 = torch.cat([t5_encoder(batch).last_hidden_state for batch in ids.split(ENCODE_BATCH)])
+        t5 = torch.cat([t5_encoder(batch).last_hidden_state.float() for batch in ids.split(ENCODE_BATCH)])
         del t5_encoder
 
     gc.collect()
@@ -140,7 +142,15 @@ def encode_prompts(
     return PromptEmbeddings(torch.cat(clip_states, dim=-1), torch.cat(pooled, dim=-1), t5)
 
 
-def _cache_key(model_dir: Path, prompts: list[str], use_t5: bool, max_sequence_length: int) -> str:
+def default_t5_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on a GPU: T5-XXL (4.7 B parameters) needs 19 GB in fp32 but 9.5 GB in bf16, the
+    precision it was trained in (fp16 overflows in T5); fp32 on a CPU, where bf16 is slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _cache_key(
+    model_dir: Path, prompts: list[str], use_t5: bool, max_sequence_length: int, device: torch.device | str
+) -> str:
     """Everything the embeddings depend on; the encoder weights are identified by their configs
     and files' names and sizes, so a hit needs no weights to be read."""
     folders = {}
@@ -152,6 +162,8 @@ def _cache_key(model_dir: Path, prompts: list[str], use_t5: bool, max_sequence_l
             "files": [[str(path.relative_to(folder)), path.stat().st_size] for path in files],
         }
     identity = {"prompts": prompts, "use_t5": use_t5, "max_sequence_length": max_sequence_length, "folders": folders}
+    if use_t5:  # embeddings from a bf16 T5 are a different cache entry from fp32 ones
+        identity["t5_dtype"] = str(default_t5_dtype(device))
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,7 +183,7 @@ def load_prompt_embeddings(
     model_dir = Path(model_dir)
     if cache_dir is None:
         return encode_prompts(model_dir, prompts, use_t5=use_t5, max_sequence_length=max_sequence_length, device=device)
-    path = Path(cache_dir) / f"prompts-{_cache_key(model_dir, prompts, use_t5, max_sequence_length)[:32]}.safetensors"
+    path = Path(cache_dir) / f"prompts-{_cache_key(model_dir, prompts, use_t5, max_sequence_length, device)[:32]}.safetensors"
     if path.is_file():
         try:
             tensors = load_file(path)  # to the CPU: safetensors rejects some device names torch accepts
