@@ -24,12 +24,14 @@ def classifier() -> nn.Module:
     return timm.create_model("resnet10t", num_classes=10, pretrained=False)
 
 
-def segmenter() -> nn.Module:
+def segmenter(sr_ratios: tuple[int, ...] = (1, 1, 1, 1)) -> nn.Module:
+    """SegFormer's spatial reduction off by default, so that every view of a small image is
+    taken at its own scale (the released ratios, 8, 4, 2, 1, need 32-px inputs)."""
     torch.manual_seed(0)
     config = SegformerConfig(
         num_encoder_blocks=4,
         depths=[1, 1, 1, 1],
-        sr_ratios=[1, 1, 1, 1],  # the half-scale view is too small for SegFormer's spatial reduction
+        sr_ratios=list(sr_ratios),
         hidden_sizes=[8, 16, 16, 16],
         num_attention_heads=[1, 1, 1, 1],
         decoder_hidden_size=16,
@@ -191,6 +193,16 @@ def test_segmentation_mixes_plain_and_multi_scale_teacher_per_pixel() -> None:
         assert torch.allclose(output.logits.softmax(1), expected, atol=1e-5)
         assert torch.allclose(output.loss, F.cross_entropy(method.model(x), expected.argmax(1)), atol=1e-5)
     assert not torch.allclose(plain, averaged, atol=1e-4)
+
+
+def test_views_too_small_for_the_segmenter_are_taken_at_its_smallest_scale() -> None:
+    x = images(1, 32, 48)
+    method = cotta(segmenter(sr_ratios=(8, 4, 2, 1)), scales=[0.5, 1.0], flip=False)
+    assert method.teacher.min_side == 32
+    with torch.no_grad():
+        plain = method.teacher(x).softmax(1)
+        # The half-scale view (16×24) would crash the spatial reduction; it is taken at 32×48.
+        torch.testing.assert_close(method.multi_scale_probs(x, plain), plain)
 
 
 def test_segmentation_views_are_resized_back_as_computed_by_hand() -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.segmentation import predict_labels, prepare_image, resized_size
-from dusa_cli.errors import ConfigError
+from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.objective import Window, masked_mixture_loss, sample_window, select_pixel_classes, sliding_windows
@@ -151,6 +151,8 @@ def test_images_are_resized_as_mmseg_and_predictions_scored_at_full_size() -> No
     prepared = prepare_image(image, SegDataConfig(root=Path("."), short_side=32))
     assert prepared.shape == (1, 3, 32, 45) and 0 <= prepared.min() and prepared.max() <= 1
     assert predict_labels(torch.randn(1, 5, 8, 12), (40, 56)).shape == (1, 40, 56)
+    with pytest.raises(DusaError, match="40×56 image resized to 16×22 is below the segmenter's smallest input side, 32 px"):
+        prepare_image(image, SegDataConfig(root=Path("."), short_side=16), min_side=32)
 
 
 # ---- the method ----
@@ -280,7 +282,7 @@ def test_segmentation_baselines_run_end_to_end(models: dict[str, Path], ade_c: P
     for method in ("norm", "tent", "cotta"):
         result = dusa(
             "baseline", "--task", "seg", "--method", method, "--corruption", "gaussian_noise",
-            *seg_args(models, ade_c, tmp_path / method), "--set", "data.short_side=64",
+            *seg_args(models, ade_c, tmp_path / method),
         )  # fmt: skip
         assert result.returncode == 0, (method, result.stderr)
         results = json.loads((tmp_path / method / "results.json").read_text())

@@ -14,6 +14,7 @@ from dusa_cli.config.schema import DataConfig, SegDataConfig
 from dusa_cli.data.segmentation import open_seg_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.errors import DusaError
 from dusa_cli.engine.tasks import Progress, TaskKind, start_timing, summarize, timing_record
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.results.seg_metrics import SegmentationScore
@@ -26,9 +27,14 @@ def resized_size(height: int, width: int, short_side: int, max_long_side: int) -
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def prepare_image(image: torch.Tensor, data: SegDataConfig) -> torch.Tensor:
+def prepare_image(image: torch.Tensor, data: SegDataConfig, min_side: int = 1) -> torch.Tensor:
     """uint8 (1, 3, H, W) on the device → float [0, 1] at the segmenter's input size (bilinear)."""
     size = resized_size(*image.shape[-2:], data.short_side, data.max_long_side)
+    if min(size) < min_side:
+        raise DusaError(
+            f"a {image.shape[-2]}×{image.shape[-1]} image resized to {size[0]}×{size[1]} is below the "
+            f"segmenter's smallest input side, {min_side} px (raise data.short_side or data.max_long_side)"
+        )
     return F.interpolate(image.float().div_(255), size=size, mode="bilinear", align_corners=False)
 
 
@@ -53,7 +59,8 @@ def run_task(
     start = start_timing(devices)
     for images, labels in loader:
         draws = ImageDraws([mix(task_key, count)])
-        output = adapter.step(prepare_image(images.to(device, non_blocking=True), data), draws=draws)
+        image = prepare_image(images.to(device, non_blocking=True), data, adapter.method.model.min_side)
+        output = adapter.step(image, draws=draws)
         score.update(predict_labels(output.logits, labels.shape[-2:]), labels)
         if output.loss is not None:
             losses.append(output.loss.detach().float())

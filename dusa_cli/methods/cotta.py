@@ -228,10 +228,13 @@ class Cotta(TTAMethod):
 
     def multi_scale_probs(self, images: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
+        # A view smaller than the segmenter accepts is taken at the smallest scale it does accept.
+        smallest_scale = self.teacher.min_side / min(height, width)
         total = torch.zeros_like(plain)
         views = 0
         for scale in self.config.scales:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scale = max(scale, smallest_scale)
+            size = (round(height * scale), round(width * scale))
             scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             for flip in (False, True) if self.config.flip else (False,):
                 if size == (height, width) and not flip:

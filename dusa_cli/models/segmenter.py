@@ -32,6 +32,18 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return int(self.network.config.num_labels)
 
+    @property
+    def min_side(self) -> int:
+        """The smallest input side every stage accepts: each stage's spatial-reduction conv
+        (kernel = stride = sr_ratio, no padding) needs sr_ratio pixels at the stage's stride
+        (32 for every released SegFormer)."""
+        config = self.network.config
+        stride, side = 1, 1
+        for patch_stride, sr_ratio in zip(config.strides, config.sr_ratios):
+            stride *= patch_stride
+            side = max(side, stride * sr_ratio)
+        return side
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(pixel_values=(images - self.mean) / self.std).logits
 
