@@ -20,7 +20,9 @@ Differences from the official code:
   resampling with border padding; hue is shifted by a rotation in YIQ space.
 - Segmentation views are scaled relative to the test image, and the teacher's logits are
   resized to the 1/4-resolution logits, where the loss is taken; the official resizes to
-  ratios of the dataset's image scale and works at the full image resolution.
+  ratios of the dataset's image scale and works at the full image resolution. A view below
+  the segmenter's smallest input side (32 px for SegFormer) is taken at the smallest scale
+  that fits, so small images do not crash the spatial-reduction convolutions.
 - The restore mask comes from a generator seeded by one draw of the global RNG per step (the
   official draws the mask from the global RNG); rank 0 shares its seed so replicas restore
   alike. With several processes the anchor confidence is the mean over a process's shard.
