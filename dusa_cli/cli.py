@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -394,8 +395,19 @@ def bench_cls_command(
             )
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
-    result = bench_cls(tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen)
+    result = bench_cls(
+        tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen,
+        on_result=_partial_writer(output),
+    )  # fmt: skip
     _show_figures(to_rich(result), result, output)
+
+
+def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]], None]]:
+    """With --output, the figures so far are written after every recipe (`complete`: false),
+    so a benchmark that is stopped keeps what it measured."""
+    from dusa_cli.results.io import write_json_atomic
+
+    return None if output is None else partial(write_json_atomic, output)
 
 
 def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path]) -> None:
@@ -432,7 +444,9 @@ def bench_seg_command(
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
     wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
     chosen = tuple(r for r in (BASELINE, FAST, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
-    result = bench_seg(tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen)
+    result = bench_seg(
+        tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output)
+    )
     _show_figures(to_rich(result), result, output)
 
 

@@ -25,6 +25,7 @@ def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
     # Same objective and shapes: the same FLOPs per image whatever the recipe.
     assert official["tflop_per_image"] == fast["tflop_per_image"] > 0
     assert figures["ratio_fast_over_official"] == pytest.approx(fast["images_per_s"] / official["images_per_s"])
+    assert figures["complete"]
 
 
 def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> None:
@@ -94,3 +95,23 @@ def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     assert fast["images_per_update"] == 64
     bad = dusa("bench", "cls", "--tiny", "--micro-batch", "5")
     assert bad.returncode == 2 and "must divide the 64 images" in bad.stderr
+
+
+def test_figures_so_far_are_handed_on_after_every_recipe() -> None:
+    """A benchmark stopped part-way (a device's time limit) keeps the rows it finished."""
+    import torch
+
+    from dusa_cli.engine.bench import FAST, FP32, OFFICIAL, run_recipes
+
+    def run(recipe) -> dict:
+        if recipe is FAST:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"name": recipe.name, "images_per_s": 1.0}
+
+    seen: list[dict] = []
+    final = run_recipes((OFFICIAL, FAST, FP32), run, lambda rows: {"recipes": list(rows)}, seen.append)
+    assert [[row["name"] for row in result["recipes"]] for result in seen] == [
+        ["official"], ["official", "fast"], ["official", "fast", "fp32"]
+    ]
+    assert [result["complete"] for result in seen] == [False, False, True]
+    assert seen[1]["recipes"][1]["out_of_memory"] and final == seen[-1]

@@ -134,6 +134,22 @@ def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict
             torch.cuda.empty_cache()
 
 
+def run_recipes(
+    recipes: tuple[Any, ...],
+    run: Callable[[Any], dict[str, Any]],
+    result_of: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Each recipe in turn; `on_result` sees the result so far after every row (`complete`
+    False until the last), so a benchmark cut short keeps the figures of the recipes it finished."""
+    rows: list[dict[str, Any]] = []
+    for recipe in recipes:
+        rows.append(unless_out_of_memory(recipe, lambda: run(recipe)))
+        if on_result is not None:
+            on_result(result_of(rows) | {"complete": len(rows) == len(recipes)})
+    return result_of(rows) | {"complete": True}
+
+
 def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str) -> float | None:
     """rows[numerator][key] / rows[denominator][key], None unless both recipes ran."""
     by_name = {row["name"]: row for row in rows if not row.get("out_of_memory")}
@@ -180,28 +196,38 @@ def run_recipe(
 
 
 def bench_cls(
-    *, tiny: bool, updates: int, warmup: int, device: torch.device, recipes: tuple[Recipe, ...] = (OFFICIAL, FAST)
+    *,
+    tiny: bool,
+    updates: int,
+    warmup: int,
+    device: torch.device,
+    recipes: tuple[Recipe, ...] = (OFFICIAL, FAST),
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Both recipes in one process on the same device; `ratio` = fast / official images/s."""
+    """The recipes one after the other in one process on the same device; `ratio` = fast /
+    official images/s. `on_result`: see `run_recipes`."""
     shapes = TINY if tiny else PAPER
     if device.type != "cuda":
         # torch.compile needs minutes and a C++ toolchain on a CPU, fused Adam needs CUDA: the CPU
         # run keeps the code path alive in eager mode, and its rows say so.
         recipes = tuple(replace(r, compile_prior=False, compile_classifier=False, fused_adam=False) for r in recipes)
+    def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "shapes": asdict(shapes),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "recipes": rows,
+            "ratio_fast_over_official": ratio(rows, "images_per_s", "fast", "official"),
+        }
+
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
-        rows = [
-            unless_out_of_memory(r, lambda r=r: run_recipe(r, shapes, updates=updates, warmup=warmup, device=device, vae=vae))
-            for r in recipes
-        ]
-    return {
-        "shapes": asdict(shapes),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "recipes": rows,
-        "ratio_fast_over_official": ratio(rows, "images_per_s", "fast", "official"),
-    }
+
+        def run(recipe: Recipe) -> dict[str, Any]:
+            return run_recipe(recipe, shapes, updates=updates, warmup=warmup, device=device, vae=vae)
+
+        return run_recipes(recipes, run, result_of, on_result)
 
 
 def run_trajectory(recipe: Recipe, shapes: Shapes, *, updates: int, device: torch.device, vae: Path) -> dict[str, Any]:

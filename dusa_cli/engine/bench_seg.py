@@ -13,6 +13,7 @@ peak memory (the 2 × 24 GB target of issue 5).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.bench import ratio, unless_out_of_memory
+from dusa_cli.engine.bench import ratio, run_recipes
 from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
@@ -127,24 +128,34 @@ def run_recipe(recipe: SegRecipe, shapes: SegShapes, *, updates: int, warmup: in
 
 
 def bench_seg(
-    *, tiny: bool, updates: int, warmup: int, devices: list[torch.device], recipes: tuple[SegRecipe, ...] = (BASELINE, FAST)
+    *,
+    tiny: bool,
+    updates: int,
+    warmup: int,
+    devices: list[torch.device],
+    recipes: tuple[SegRecipe, ...] = (BASELINE, FAST),
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """The recipes one after the other on the same devices; `on_result`: see `run_recipes`."""
     shapes = TINY if tiny else PAPER
     if devices[0].type != "cuda":  # compile takes minutes on a CPU and fused AdamW needs CUDA
         recipes = tuple(replace(r, compile_blocks=False, fused_adamw=False) for r in recipes)
-    rows = [
-        unless_out_of_memory(r, lambda r=r: run_recipe(r, shapes, updates=updates, warmup=warmup, devices=devices))
-        for r in recipes
-    ]
-    return {
-        "shapes": "tiny" if tiny else "segformer-b5 + sd3-medium (2.03 B) + sd3 vae, 512² window",
-        "classes": CLASSES,
-        "devices": [str(device) for device in devices],
-        "device_name": torch.cuda.get_device_name(devices[0]) if devices[0].type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "recipes": rows,
-        "speedup_fast_over_baseline": ratio(rows, "seconds_per_window", "baseline", "fast"),
-    }
+
+    def run(recipe: SegRecipe) -> dict[str, Any]:
+        return run_recipe(recipe, shapes, updates=updates, warmup=warmup, devices=devices)
+
+    def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "shapes": "tiny" if tiny else "segformer-b5 + sd3-medium (2.03 B) + sd3 vae, 512² window",
+            "classes": CLASSES,
+            "devices": [str(device) for device in devices],
+            "device_name": torch.cuda.get_device_name(devices[0]) if devices[0].type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "recipes": rows,
+            "speedup_fast_over_baseline": ratio(rows, "seconds_per_window", "baseline", "fast"),
+        }
+
+    return run_recipes(recipes, run, result_of, on_result)
 
 
 def to_rich(result: dict[str, Any]):
