@@ -373,6 +373,7 @@ def bench_cls_command(
     micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
     checkpointing: Annotated[bool, typer.Option("--checkpointing", help="The fast recipe recomputes the prior's blocks in backward (room for larger micro-batches).")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
@@ -382,7 +383,7 @@ def bench_cls_command(
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich
     from dusa_cli.engine.runtime import resolve_device
 
-    fast = replace(FAST, compile_classifier=compile_classifier, gradient_checkpointing=checkpointing)
+    fast = replace(FAST, compile_classifier=compile_classifier, gradient_checkpointing=checkpointing, channels_last=channels_last)
     if micro_batch is not None:
         fast = fast.with_micro_batch(micro_batch)
     if trajectory:

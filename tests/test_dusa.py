@@ -13,6 +13,7 @@ from helpers import assert_one_line_error, dusa
 from dusa_cli.config.loader import load_config
 from dusa_cli.config.schema import ModelConfig
 from dusa_cli.draws import Draws
+from dusa_cli.errors import ConfigError
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.loop import run_experiment
 from dusa_cli.methods import get_method
@@ -197,6 +198,37 @@ def test_micro_batch_layout_does_not_change_a_dusa_run(digits_c: Path, tmp_path:
     assert one["num_samples"] == two["num_samples"] == 32
     assert one["top1"] == two["top1"]
     assert one["mean_loss"] == pytest.approx(two["mean_loss"], rel=1e-5)
+
+
+def test_compiled_and_channels_last_runs_compute_what_the_eager_run_does(digits_c: Path, tmp_path: Path) -> None:
+    """run.compile and run.channels_last change how the step runs, not what it computes."""
+    from torch._dynamo.utils import counters
+
+    preset = Path(__file__).parents[1] / "configs" / "cls" / "dusa_digits.yaml"
+    runs = []
+    for name, options in (("eager", {}), ("compiled", {"run.compile": ["prior"]}), ("nhwc", {"run.channels_last": True})):
+        overrides = {
+            "data.root": str(digits_c), "data.corruptions": ["fog"], "data.num_ex": 16, "data.batch_size": 8,
+            "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False,
+            "run.output": str(tmp_path / name),
+        } | options  # fmt: skip
+        counters.clear()
+        runs.append(run_experiment(load_config(preset, overrides)).results["tasks"][0])
+        assert (counters["stats"]["unique_graphs"] > 0) == (name == "compiled")  # compiled only when asked
+    eager = runs[0]
+    for other in runs[1:]:
+        assert other["top1"] == eager["top1"]
+        assert other["mean_loss"] == pytest.approx(eager["mean_loss"], rel=1e-4)
+
+
+def test_channels_last_converts_every_network_and_compile_names_only_what_a_method_has(tiny_vae: Path) -> None:
+    method = make("dusa", "dit_tiny", tiny_vae)
+    method.use_channels_last()
+    convolutions = [m.weight for net in method.modules().values() for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    tent = get_method("tent")(method.model, get_method("tent").Config(name="tent"))
+    with pytest.raises(ConfigError, match="method tent has no prior to compile"):
+        tent.compile(["prior"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation only exists with a GPU")

@@ -123,6 +123,14 @@ class RunConfig(StrictModel):
         description="seg: devices the prior's transformer blocks are split across (model parallelism); "
         "the first also holds the segmenter, the VAE and the prompt cache",
     )
+    compile: list[Literal["model", "prior"]] = Field(
+        default_factory=list,
+        description="networks to torch.compile (a few minutes of compilation first, then faster steps "
+        "on a GPU): model = the classifier or segmenter, prior = the generative prior's transformer",
+    )
+    channels_last: bool = Field(
+        default=False, description="convolutional networks and inputs in channels-last memory format (GPU convolutions)"
+    )
     output: Path = Path("results/run")
 
 

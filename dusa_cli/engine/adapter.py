@@ -32,10 +32,13 @@ class OnlineAdapter:
     one), and the gradients are summed over the processes before the optimizer steps.
     """
 
-    def __init__(self, method: TTAMethod, optim: OptimConfig, precision: str, device: torch.device):
+    def __init__(
+        self, method: TTAMethod, optim: OptimConfig, precision: str, device: torch.device, channels_last: bool = False
+    ):
         self.method = method
         self.device = device
         self.precision = precision
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.accumulation = optim.accumulation
         self.params = method.parameters()
         self.optimizer = build_optimizer(self.params, optim) if self.params else None
@@ -53,6 +56,7 @@ class OnlineAdapter:
         random streams (default: torch's global stream)."""
         self.loss_factor = share / self.accumulation
         self.method.draws = draws or Draws()
+        images = images.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.precision):
             output = self.method.forward(images)
         if output.loss is not None and not output.backpropagated:

@@ -45,6 +45,11 @@ class Recipe:
     fused_adam: bool
     compile_classifier: bool = False
     gradient_checkpointing: bool = False  # of the prior's blocks: room for larger micro-batches
+    channels_last: bool = False  # classifier, VAE and images in NHWC (run.channels_last)
+
+    def compiled(self) -> list[str]:
+        """The recipe's `run.compile` list."""
+        return [part for part, on in (("prior", self.compile_prior), ("model", self.compile_classifier)) if on]
 
     def with_micro_batch(self, micro_batch: int, images_per_update: int = 64) -> Recipe:
         if images_per_update % micro_batch:
@@ -88,13 +93,11 @@ def _build(shapes: Shapes, recipe: Recipe, vae: Path, device: torch.device) -> O
         gradient_checkpointing=recipe.gradient_checkpointing,
     )  # fmt: skip
     method = dusa(classifier, config).to(device)
-    # Module.compile compiles in place: parameter names (and so the optimizer) stay as they are.
-    if recipe.compile_prior:
-        method.prior.transformer.compile()
-    if recipe.compile_classifier:
-        method.model.compile()
+    if recipe.channels_last:  # as the engine does (engine/loop.py)
+        method.use_channels_last()
+    method.compile(recipe.compiled())
     optim = OptimConfig(name="adam", lr=1e-5, accumulation=recipe.accumulation, fused=recipe.fused_adam)
-    return OnlineAdapter(method, optim, recipe.precision, device)
+    return OnlineAdapter(method, optim, recipe.precision, device, recipe.channels_last)
 
 
 def _images(count: int, shapes: Shapes, device: torch.device) -> torch.Tensor:
@@ -301,7 +304,7 @@ def to_rich(result: dict[str, Any]):
         title=f"DUSA update, {shapes['classifier']} + {shapes['prior']}, k=4 m=2, 64 images/update, {result['device_name']}",
         header_style="bold",
     )
-    for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "checkpointing", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
+    for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "checkpointing", "NHWC", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for row in result["recipes"]:
         recipe = [
@@ -310,6 +313,7 @@ def to_rich(result: dict[str, Any]):
             f"{row['micro_batch']} × {row['accumulation']}",
             "+".join(name for name, on in (("prior", row["compile_prior"]), ("classifier", row["compile_classifier"])) if on) or "no",
             "yes" if row["gradient_checkpointing"] else "no",
+            "yes" if row["channels_last"] else "no",
         ]
         if row.get("out_of_memory"):
             table.add_row(*recipe, "out of memory", "", "", "")

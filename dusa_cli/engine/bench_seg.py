@@ -95,10 +95,8 @@ def _build(shapes: SegShapes, recipe: SegRecipe, devices: list[torch.device]) ->
         shapes.transformer, shapes.vae, prompts, devices=devices, gradient_checkpointing=recipe.gradient_checkpointing,
         reserved_first=training_bytes(method.model),
     )  # fmt: skip
-    if recipe.compile_blocks:
-        for block in prior.transformer.transformer_blocks:
-            block.compile()
     method.adopt_prior(prior)
+    method.compile(["prior"] if recipe.compile_blocks else [])  # block by block, as run.compile does
     optim = OptimConfig(name="adamw", lr=7.5e-6, fused=recipe.fused_adamw)
     return OnlineAdapter(method, optim, "bf16", devices[0])
 

@@ -85,7 +85,10 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         seed_everything(seed)  # the same on every process, so the replicas start identical
         model = kind.create_model(config.model)
         method = get_method(config.method.name)(model, config.method).place(devices)
-        adapter = OnlineAdapter(method, config.optim, config.run.precision, device)
+        if config.run.channels_last:
+            method.use_channels_last()
+        method.compile(config.run.compile)
+        adapter = OnlineAdapter(method, config.optim, config.run.precision, device, config.run.channels_last)
         # Open every task first: a missing corruption folder fails before any compute is spent.
         datasets = [kind.open_dataset(config.data, c, s, seed) for c, s in tasks]
         return adapter, datasets

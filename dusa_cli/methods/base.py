@@ -8,7 +8,7 @@ so a method reads like the official Tent: configure, collect, forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from dusa_cli.config.schema import MethodConfig
 from dusa_cli.draws import Draws
+from dusa_cli.errors import ConfigError
 
 
 @dataclass
@@ -59,6 +60,29 @@ class TTAMethod:
     def place(self, devices: list[torch.device]) -> TTAMethod:
         """Put the networks on the run's devices: all on the first unless a method splits a model."""
         return self.to(devices[0])
+
+    def compilable(self) -> dict[str, list[nn.Module]]:
+        """What `compile` can compile, by the names of `run.compile`."""
+        return {"model": [self.model]}
+
+    def compile(self, parts: Collection[str]) -> None:
+        """torch.compile the named networks in place: parameter names, and so the optimizer and
+        the state dicts, stay as they are. Call after `place` (a split prior exists only then)."""
+        networks = self.compilable()
+        unknown = sorted(set(parts) - networks.keys())
+        if unknown:
+            raise ConfigError(
+                f"run.compile: method {self.name} has no {', '.join(unknown)} to compile (it has: {', '.join(networks)})"
+            )
+        for part in parts:
+            for network in networks[part]:
+                network.compile()
+
+    def use_channels_last(self) -> None:
+        """Every network's 4-D weights in channels-last memory format (the engine converts the
+        inputs): cuDNN's faster NHWC convolution kernels under autocast."""
+        for module in self.modules().values():
+            module.to(memory_format=torch.channels_last)
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (none for gradient-free methods)."""

@@ -79,6 +79,9 @@ class Dusa(TTAMethod):
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "prior": self.prior}
 
+    def compilable(self) -> dict[str, list[nn.Module]]:
+        return {"model": [self.model], "prior": [self.prior.transformer]}
+
     def state_dict(self) -> dict[str, Any]:
         # The VAE is frozen: a reset restores the classifier and the prior's transformer only.
         return {"model": self.model.state_dict(), "prior": self.prior.transformer.state_dict()}

@@ -138,6 +138,11 @@ class DusaSeg(TTAMethod):
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "prior": self.prior} if hasattr(self, "prior") else {"model": self.model}
 
+    def compilable(self) -> dict[str, list[torch.nn.Module]]:
+        # Block by block: a split transformer moves its activations between devices at block
+        # boundaries, and diffusers checkpoints per block.
+        return {"model": [self.model], "prior": list(self.prior.transformer.transformer_blocks)}
+
     def state_dict(self) -> dict[str, Any]:
         # VAE and prompts are frozen: a reset restores the segmenter and the transformer.
         return {"model": self.model.state_dict(), "prior": self.prior.transformer.state_dict()}
