@@ -308,6 +308,16 @@ def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ad
         assert a["miou"] == pytest.approx(b["miou"]) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-4)
     assert yaml_split(tmp_path / "two") == ["cpu", "cpu"]
 
+    # The split prior compiled block by block (and its VAE encoder): the same run, up to bf16
+    # rounding (compiled kernels fuse operations and round in other places than eager ones).
+    compiled = dusa(
+        "adapt-seg", *seg_args(models, ade_c, tmp_path / "compiled"), *common, "--gpus", "cpu,cpu",
+        "--set", "run.compile=[prior]",
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr
+    for a, b in zip(second["tasks"], json.loads((tmp_path / "compiled" / "results.json").read_text())["tasks"]):
+        assert a["miou"] == pytest.approx(b["miou"], abs=1e-4) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-3)
+
 
 def yaml_split(run: Path) -> list[str]:
     import yaml

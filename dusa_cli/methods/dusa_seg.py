@@ -141,7 +141,7 @@ class DusaSeg(TTAMethod):
     def compilable(self) -> dict[str, list[torch.nn.Module]]:
         # Block by block: a split transformer moves its activations between devices at block
         # boundaries, and diffusers checkpoints per block.
-        return {"model": [self.model], "prior": list(self.prior.transformer.transformer_blocks)}
+        return {"model": [self.model], "prior": [*self.prior.transformer.transformer_blocks, self.prior.vae.encoder]}
 
     def state_dict(self) -> dict[str, Any]:
         # VAE and prompts are frozen: a reset restores the segmenter and the transformer.
