@@ -126,7 +126,7 @@ class RunConfig(StrictModel):
     compile: list[Literal["model", "prior"]] = Field(
         default_factory=list,
         description="networks to torch.compile (a few minutes of compilation first, then faster steps "
-        "on a GPU): model = the classifier or segmenter, prior = the generative prior's transformer",
+        "on a GPU): model = the classifier or segmenter, prior = the generative prior's transformer and VAE encoder",
     )
     channels_last: bool = Field(
         default=False, description="convolutional networks and inputs in channels-last memory format (GPU convolutions)"
