@@ -80,6 +80,15 @@ OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Resul
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+class CompilePart(str, Enum):
+    model = "model"
+    prior = "prior"
+
+
+CompileOpt = Annotated[
+    Optional[list[CompilePart]],
+    typer.Option("--compile", help="torch.compile the classifier/segmenter (model) or the prior's transformer and VAE encoder (prior); repeatable → run.compile."),
+]
 GpusOpt = Annotated[
     Optional[str],
     typer.Option("--gpus", help="Data parallelism: one process per listed GPU, e.g. 0,1,2,3 (or start the command under torchrun)."),
@@ -102,13 +111,21 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "prior": "method.prior",
         "prior_checkpoint": "method.prior_checkpoint",
         "vae": "method.vae",
+        "compile": "run.compile",
     }
     overrides = {}
     for flag, value in flags.items():
         if value is None or value == []:
             continue
-        overrides[keys[flag]] = value.value if isinstance(value, Enum) else (str(value) if isinstance(value, Path) else value)
+        overrides[keys[flag]] = _plain(value)
     return overrides
+
+
+def _plain(value: Any) -> Any:
+    """A flag's value as the YAML config would hold it."""
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value.value if isinstance(value, Enum) else (str(value) if isinstance(value, Path) else value)
 
 
 # What each run command runs: methods with or without a generative prior, for which task (None: any).
@@ -290,13 +307,14 @@ def baseline(
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
+    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Run a baseline (source, norm, tent, cotta) online over the corruptions (--task seg: segmentation)."""
-    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
+    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_)
     _run("baseline", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -316,13 +334,14 @@ def adapt_cls(
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
+    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
-    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
+    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_)
     _run("adapt-cls", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -340,6 +359,7 @@ def adapt_seg(
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
+    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
@@ -350,7 +370,7 @@ def adapt_seg(
 ) -> None:
     """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
     # Without a preset the flags describe a segmentation run; a preset must say task: seg itself.
-    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output)
+    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_)
     _run("adapt-seg", config, overrides, set_, resume, quiet, gpus)
 
 

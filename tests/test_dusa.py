@@ -172,6 +172,8 @@ def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path)
     assert (first["top1"], first["mean_loss"]) == (second["top1"], second["mean_loss"])  # same seed → same run
     assert_one_line_error(dusa("baseline", *common, "--method", "dusa", "-o", str(tmp_path / "x")), 2, "adapt-cls")
     assert_one_line_error(dusa("adapt-cls", *common, "--method", "tent", "-o", str(tmp_path / "x")), 2, "baseline")
+    no_prior = dusa("baseline", *common, "--method", "tent", "--compile", "prior", "-o", str(tmp_path / "x"))
+    assert_one_line_error(no_prior, 2, "method tent has no prior to compile")
     assert_one_line_error(dusa("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(tmp_path / "x")), 2, "ships no weights")
     wrong = tmp_path / "wrong.pt"
     from dusa_cli.priors.registry import create_prior_transformer

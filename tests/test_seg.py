@@ -312,7 +312,7 @@ def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ad
     # rounding (compiled kernels fuse operations and round in other places than eager ones).
     compiled = dusa(
         "adapt-seg", *seg_args(models, ade_c, tmp_path / "compiled"), *common, "--gpus", "cpu,cpu",
-        "--set", "run.compile=[prior]",
+        "--compile", "prior",
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
     for a, b in zip(second["tasks"], json.loads((tmp_path / "compiled" / "results.json").read_text())["tasks"]):
