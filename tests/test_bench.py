@@ -22,6 +22,7 @@ def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
     for row in (official, fast):
         assert row["images_per_update"] == 64 and row["images_per_s"] > 0
         assert row["tflops"] == pytest.approx(row["tflop_per_image"] * row["images_per_s"])
+        assert row["bf16_peak_tflops"] is None and row["fraction_of_bf16_peak"] is None  # no measured CPU peak
     # Same objective and shapes: the same FLOPs per image whatever the recipe.
     assert official["tflop_per_image"] == fast["tflop_per_image"] > 0
     assert figures["ratio_fast_over_official"] == pytest.approx(fast["images_per_s"] / official["images_per_s"])
@@ -115,3 +116,10 @@ def test_figures_so_far_are_handed_on_after_every_recipe() -> None:
     ]
     assert [result["complete"] for result in seen] == [False, False, True]
     assert seen[1]["recipes"][1]["out_of_memory"] and final == seen[-1]
+
+
+def test_the_share_of_the_peak_needs_a_measured_peak() -> None:
+    from dusa_cli.engine.bench import bf16_peak_tflops
+
+    assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == bf16_peak_tflops("NVIDIA H200") == 798.0
+    assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") is None and bf16_peak_tflops("cpu") is None

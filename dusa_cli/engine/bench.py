@@ -25,13 +25,19 @@ import torch
 from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything
+from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
 
-# The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors").
-H100_BF16_PEAK_TFLOPS = 798.0
+# The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors"); the
+# H200 has the same compute die and clocks. Other devices have no measured peak: no fraction.
+MEASURED_BF16_PEAK_TFLOPS = {"H100": 798.0, "H200": 798.0}
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    """The measured bf16 matrix-product rate of the device called `name`, if there is one."""
+    return next((peak for model, peak in MEASURED_BF16_PEAK_TFLOPS.items() if model in name), None)
 
 
 @dataclass(frozen=True)
@@ -174,25 +180,26 @@ def run_recipe(
 
     for _ in range(warmup):  # compilation, cuDNN autotuning, allocator warm-up
         update()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize([device])
     reset_peak_memory(device)
     start = time.perf_counter()
     for _ in range(updates):
         update()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize([device])
     seconds = time.perf_counter() - start
     images_per_s = updates * recipe.accumulation * recipe.micro_batch / seconds
     memory, memory_kind = peak_memory(device)
+    tflops = flops * images_per_s / 1e12
+    peak = bf16_peak_tflops(device_name(device))
     return asdict(recipe) | {
         "images_per_update": recipe.micro_batch * recipe.accumulation,
         "updates": updates,
         "seconds": seconds,
         "images_per_s": images_per_s,
         "tflop_per_image": flops / 1e12,
-        "tflops": flops * images_per_s / 1e12,
-        "fraction_of_bf16_peak": flops * images_per_s / 1e12 / H100_BF16_PEAK_TFLOPS,
+        "tflops": tflops,
+        "bf16_peak_tflops": peak,
+        "fraction_of_bf16_peak": tflops / peak if peak else None,
         "peak_memory_gib": memory,
         "memory_kind": memory_kind,
     }
@@ -218,7 +225,7 @@ def bench_cls(
         return {
             "shapes": asdict(shapes),
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device_name": device_name(device),
             "torch": torch.__version__,
             "recipes": rows,
             "ratio_fast_over_official": ratio(rows, "images_per_s", "fast", "official"),
@@ -267,7 +274,7 @@ def compare_trajectories(
     deviations = [abs(b - a) / abs(a) for a, b in zip(base["losses"], other["losses"])]
     return {
         "shapes": asdict(shapes),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": device_name(device),
         "updates": updates,
         "reference": {"recipe": asdict(reference), "losses": base["losses"]},
         "candidate": {"recipe": asdict(candidate), "losses": other["losses"]},
@@ -304,8 +311,8 @@ def to_rich(result: dict[str, Any]):
         title=f"DUSA update, {shapes['classifier']} + {shapes['prior']}, k=4 m=2, 64 images/update, {result['device_name']}",
         header_style="bold",
     )
-    for column in ("recipe", "autocast/classifier", "micro × accum", "compiled", "checkpointing", "NHWC", "images/s", "TFLOP/s", "% bf16 peak", "peak GiB"):
-        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for column in ("recipe", "precision", "micro×acc", "compiled", "ckpt", "NHWC", "img/s", "TFLOP/s", "% peak", "peak GiB"):
+        table.add_column(column, justify="left" if column == "recipe" else "right", no_wrap=column == "recipe")
     for row in result["recipes"]:
         recipe = [
             row["name"],
@@ -322,7 +329,7 @@ def to_rich(result: dict[str, Any]):
             *recipe,
             f"{row['images_per_s']:.1f}",
             f"{row['tflops']:.3g}",
-            f"{100 * row['fraction_of_bf16_peak']:.1f}",
+            "–" if row["fraction_of_bf16_peak"] is None else f"{100 * row['fraction_of_bf16_peak']:.1f}",
             f"{row['peak_memory_gib']:.1f}",
         )
     if result["ratio_fast_over_official"] is not None:

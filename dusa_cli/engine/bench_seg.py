@@ -22,7 +22,7 @@ import torch
 from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.bench import ratio, run_recipes
-from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, seed_everything, synchronize
+from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, SD3Prior, random_prompt_embeddings
@@ -147,7 +147,7 @@ def bench_seg(
             "shapes": "tiny" if tiny else "segformer-b5 + sd3-medium (2.03 B) + sd3 vae, 512² window",
             "classes": CLASSES,
             "devices": [str(device) for device in devices],
-            "device_name": torch.cuda.get_device_name(devices[0]) if devices[0].type == "cuda" else "cpu",
+            "device_name": device_name(devices[0]),
             "torch": torch.__version__,
             "recipes": rows,
             "speedup_fast_over_baseline": ratio(rows, "seconds_per_window", "baseline", "fast"),
