@@ -392,7 +392,7 @@ def bench_cls_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
-    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="The fast recipe recomputes the prior's blocks in backward (room for larger micro-batches).")] = False,
+    checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
@@ -403,7 +403,9 @@ def bench_cls_command(
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich
     from dusa_cli.engine.runtime import resolve_device
 
-    fast = replace(FAST, compile_classifier=compile_classifier, gradient_checkpointing=checkpointing, channels_last=channels_last)
+    fast = replace(FAST, compile_classifier=compile_classifier, channels_last=channels_last)
+    if checkpointing is not None:
+        fast = replace(fast, gradient_checkpointing=checkpoint_blocks(checkpointing))
     if micro_batch is not None:
         fast = fast.with_micro_batch(micro_batch)
     if trajectory:
@@ -421,6 +423,15 @@ def bench_cls_command(
         on_result=_partial_writer(output),
     )  # fmt: skip
     _show_figures(to_rich(result), result, output)
+
+
+def checkpoint_blocks(text: str) -> bool | int:
+    """`--checkpointing all` (every block of the prior) or `--checkpointing N` (the first N)."""
+    if text == "all":
+        return True
+    if text.isdecimal():
+        return int(text)
+    raise ConfigError(f"--checkpointing takes 'all' or a number of blocks, got '{text}'")
 
 
 def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]], None]]:
@@ -455,6 +466,7 @@ def bench_seg_command(
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
     recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
+    checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
@@ -464,7 +476,8 @@ def bench_seg_command(
 
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
     wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
-    chosen = tuple(r for r in (BASELINE, FAST, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
+    fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=checkpoint_blocks(checkpointing))
+    chosen = tuple(r for r in (BASELINE, fast, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
     result = bench_seg(
         tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output)
     )

@@ -88,14 +88,17 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
 
 def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing"]
+    args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing", "1"]
     result = dusa(*args, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
     assert result.returncode == 0, result.stderr
     (fast,) = json.loads(output.read_text())["recipes"]
-    assert (fast["micro_batch"], fast["accumulation"], fast["gradient_checkpointing"]) == (32, 2, True)
+    assert (fast["micro_batch"], fast["accumulation"], fast["gradient_checkpointing"]) == (32, 2, 1)
     assert fast["images_per_update"] == 64
     bad = dusa("bench", "cls", "--tiny", "--micro-batch", "5")
     assert bad.returncode == 2 and "must divide the 64 images" in bad.stderr
+    for blocks, message in (("some", "takes 'all' or a number of blocks"), ("3", "outside 0..2")):
+        bad = dusa("bench", "cls", "--tiny", "--recipe", "fast", "--checkpointing", blocks, "--device", "cpu")
+        assert bad.returncode == 2 and message in bad.stderr
 
 
 def test_figures_so_far_are_handed_on_after_every_recipe() -> None:

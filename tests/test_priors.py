@@ -22,6 +22,7 @@ from dusa_cli.priors import (
     create_prior_transformer,
     load_vae,
 )
+from dusa_cli.priors.checkpointing import checkpointed_blocks
 from dusa_cli.priors.transformer import DiffusionTransformer, timestep_embedding
 from dusa_cli.priors.vae import SD_VAE_CONFIG, TINY_VAE_CONFIG
 
@@ -305,16 +306,21 @@ def test_trainable_parameters_and_gradients() -> None:
     assert all(p.grad is None for p in frozen)
 
 
-def test_gradient_checkpointing_matches() -> None:
+@pytest.mark.parametrize(("setting", "recomputed"), [(True, [2, 2]), (1, [2, 1])])
+def test_gradient_checkpointing_matches(setting: bool | int, recomputed: list[int]) -> None:
     plain = randomized(create_prior_transformer("dit_tiny"))
     checkpointed = copy.deepcopy(plain)
-    checkpointed.gradient_checkpointing = True
+    checkpointed.checkpointed_blocks = checkpointed_blocks(setting, len(checkpointed.blocks))
+    calls = [0] * len(checkpointed.blocks)
+    for index, block in enumerate(checkpointed.blocks):
+        block.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 100, 900]), torch.tensor([0, 5, 10])
     outputs = []
     for model in (plain, checkpointed):
         out = model(x, t.float(), y=y)
         out.square().mean().backward()
         outputs.append(out)
+    assert calls == recomputed  # a checkpointed block runs again in backward, the others once
     torch.testing.assert_close(outputs[0], outputs[1])
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         if a.grad is not None or b.grad is not None:

@@ -295,13 +295,18 @@ def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_dev
     assert explicit.block_devices == [devices[0]] * 2 + [devices[1]] * 2
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(sd3_dir: Path) -> None:
+@pytest.mark.parametrize(("setting", "recomputed"), [(True, [2, 2, 2, 2]), (3, [2, 2, 2, 1])])
+def test_gradient_checkpointing_gives_the_same_gradients(sd3_dir: Path, setting: bool | int, recomputed: list[int]) -> None:
     reference = velocity_and_gradients(load_prior(sd3_dir))
     devices = [torch.device("cpu", index) for index in range(2)]
-    prior = load_prior(sd3_dir, devices, gradient_checkpointing=True)
-    assert prior.transformer.gradient_checkpointing
+    prior = load_prior(sd3_dir, devices, gradient_checkpointing=setting)
+    blocks = prior.transformer.transformer_blocks
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
     for got, expected in zip(velocity_and_gradients(prior), reference):
         torch.testing.assert_close(got, expected)
+    assert calls == recomputed  # the checkpointed blocks run again in backward, across the split too
 
 
 def test_train_keeps_the_prior_in_eval_mode(sd3_dir: Path) -> None:

@@ -29,6 +29,7 @@ from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory,
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
+from dusa_cli.priors.checkpointing import Checkpointing, describe
 
 # The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors"); the
 # H200 has the same compute die and clocks. Other devices have no measured peak: no fraction.
@@ -50,7 +51,8 @@ class Recipe:
     compile_prior: bool
     fused_adam: bool
     compile_classifier: bool = False
-    gradient_checkpointing: bool = False  # of the prior's blocks: room for larger micro-batches
+    # The prior's blocks recomputed in backward (true: all, N: the first N): room for larger micro-batches.
+    gradient_checkpointing: Checkpointing = False
     channels_last: bool = False  # classifier, VAE and images in NHWC (run.channels_last)
 
     def compiled(self) -> list[str]:
@@ -319,7 +321,7 @@ def to_rich(result: dict[str, Any]):
             row["precision"] + ("/fp32" if row["classifier_fp32"] else ""),
             f"{row['micro_batch']} × {row['accumulation']}",
             "+".join(name for name, on in (("prior", row["compile_prior"]), ("classifier", row["compile_classifier"])) if on) or "no",
-            "yes" if row["gradient_checkpointing"] else "no",
+            describe(row["gradient_checkpointing"]),
             "yes" if row["channels_last"] else "no",
         ]
         if row.get("out_of_memory"):

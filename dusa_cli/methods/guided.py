@@ -4,7 +4,7 @@ timestep they noise at, whether the prior adapts, and activation checkpointing."
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from dusa_cli.config.schema import MethodConfig
 from dusa_cli.priors.paths import NoisePath
@@ -18,7 +18,10 @@ class GuidedConfig(MethodConfig):
         default=None, description="draw one timestep per step uniformly from [lo, hi) instead"
     )
     update_prior: bool = Field(default=True, description="false: frozen prior (freezeDiff ablation)")
-    gradient_checkpointing: bool = Field(default=False, description="recompute the prior's activations in backward")
+    gradient_checkpointing: bool | NonNegativeInt = Field(
+        default=False,
+        description="recompute the prior's blocks in backward: true (all), false, or N (the first N: less recompute, less memory saved)",
+    )
 
     @model_validator(mode="after")
     def _one_timestep_rule(self) -> GuidedConfig:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dusa_cli.errors import ConfigError
+from dusa_cli.priors.checkpointing import Checkpointing, checkpointed_blocks
 from dusa_cli.priors.paths import NoisePath, create_path
 from dusa_cli.priors.registry import create_prior_transformer, get_preset
 from dusa_cli.priors.transformer import DiffusionTransformer
@@ -91,13 +92,14 @@ def create_prior(
     vae: str | Path = "none",
     path: str | None = None,
     device: torch.device | str | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: Checkpointing = False,
     **overrides: Any,
 ) -> GenerativePrior:
     """Preset transformer (+ local weights), encoder (`none` = pixel space) and noise path
-    (default: the one the preset was trained on)."""
+    (default: the one the preset was trained on); `gradient_checkpointing`: true, false or the
+    number of leading blocks recomputed in backward."""
     transformer = create_prior_transformer(name, checkpoint, **overrides)
-    transformer.gradient_checkpointing = gradient_checkpointing
+    transformer.checkpointed_blocks = checkpointed_blocks(gradient_checkpointing, transformer.config.depth)
     encoder = load_vae(vae)
     if encoder.channels != transformer.config.in_channels:
         raise ConfigError(

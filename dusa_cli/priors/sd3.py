@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.priors.checkpointing import Checkpointing, checkpoint_only, checkpointed_blocks
 from dusa_cli.priors.paths import SD3FlowPath
 from dusa_cli.priors.prompts import CLIP_LENGTH, PromptEmbeddings, load_prompt_embeddings
 from dusa_cli.priors.split import module_bytes, place_transformer
@@ -99,12 +100,13 @@ class SD3Prior(nn.Module):
         split: list[int] | None = None,
         shift: float = DEFAULT_SHIFT,
         max_sequence_length: int = 256,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: Checkpointing = False,
         trainable: bool = True,
         reserved_first: int = 0,
     ):
         """`trainable`: whether the transformer will adapt (its Adam state then weighs in the
-        split); `reserved_first`: bytes other models keep on devices[0] (the segmenter)."""
+        split); `reserved_first`: bytes other models keep on devices[0] (the segmenter);
+        `gradient_checkpointing`: true, false or the number of leading blocks recomputed."""
         super().__init__()
         config = transformer.config
         if prompts.pooled.shape[-1] != config.pooled_projection_dim:
@@ -125,8 +127,9 @@ class SD3Prior(nn.Module):
         self.block_devices = place_transformer(
             transformer, self.devices, split, first_extra=module_bytes(self.vae) + prompts.nbytes + reserved_first
         )
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        count = checkpointed_blocks(gradient_checkpointing, len(transformer.transformer_blocks))
+        if count:
+            transformer.enable_gradient_checkpointing(checkpoint_only(transformer.transformer_blocks[:count]))
         super().train(False)
 
     def train(self, mode: bool = True) -> SD3Prior:

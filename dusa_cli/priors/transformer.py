@@ -210,7 +210,7 @@ class DiffusionTransformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        self.gradient_checkpointing = False
+        self.checkpointed_blocks = 0  # leading blocks recomputed in backward (priors/checkpointing.py)
         self.x_embedder = PatchEmbed(config)
         self.t_embedder = TimestepEmbedder(config.hidden_size)
         self.y_embedder = LabelEmbedder(config)
@@ -274,8 +274,8 @@ class DiffusionTransformer(nn.Module):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         c = self.t_embedder(t) + class_embedding
         h = self.x_embedder(x) + self.pos_embed
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for index, block in enumerate(self.blocks):
+            if index < self.checkpointed_blocks and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, use_reentrant=False)
             else:
                 h = block(h, c)
