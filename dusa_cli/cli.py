@@ -383,6 +383,11 @@ class RecipeName(str, Enum):
     fast = "fast"
 
 
+class BenchPrior(str, Enum):
+    dit = "dit"
+    sit = "sit"
+
+
 @bench_app.command("cls")
 def bench_cls_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
@@ -390,6 +395,7 @@ def bench_cls_command(
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
     recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
     micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
@@ -409,7 +415,9 @@ def bench_cls_command(
     if micro_batch is not None:
         fast = fast.with_micro_batch(micro_batch)
     if trajectory:
-        result = compare_trajectories(tiny=tiny, updates=trajectory, device=resolve_device(device), candidate=fast)
+        result = compare_trajectories(
+            tiny=tiny, updates=trajectory, device=resolve_device(device), prior=prior.value, candidate=fast
+        )
         _show_figures(trajectory_to_rich(result), result, output)
         if result["max_relative_loss_deviation"] > tolerance:
             raise DusaError(
@@ -419,7 +427,7 @@ def bench_cls_command(
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
     result = bench_cls(
-        tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), recipes=chosen,
+        tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
         on_result=_partial_writer(output),
     )  # fmt: skip
     _show_figures(to_rich(result), result, output)

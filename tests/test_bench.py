@@ -88,10 +88,12 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
 
 def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing", "1"]
+    args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing", "1", "--prior", "sit"]
     result = dusa(*args, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
     assert result.returncode == 0, result.stderr
-    (fast,) = json.loads(output.read_text())["recipes"]
+    figures = json.loads(output.read_text())
+    assert figures["shapes"]["prior"] == "sit_tiny"  # the flow prior's step (velocity target)
+    (fast,) = figures["recipes"]
     assert (fast["micro_batch"], fast["accumulation"], fast["gradient_checkpointing"]) == (32, 2, 1)
     assert fast["images_per_update"] == 64
     bad = dusa("bench", "cls", "--tiny", "--micro-batch", "5")

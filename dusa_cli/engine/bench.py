@@ -81,6 +81,13 @@ class Shapes:
 
 PAPER = Shapes("convnext_large", 1000, "dit_xl_2_256", 224)
 TINY = Shapes("convnext_atto", 10, "dit_tiny", 32)
+# The prior families of seed 000 / issue 6, each at the paper's size and tiny: DiT-XL/2 (DDPM,
+# ε) and REPA's SiT-XL/2 (linear flow, velocity; the same 675 M transformer without the σ head).
+PRIORS = {"dit": ("dit_xl_2_256", "dit_tiny"), "sit": ("sit_xl_2", "sit_tiny")}
+
+
+def bench_shapes(tiny: bool, prior: str = "dit") -> Shapes:
+    return replace(TINY if tiny else PAPER, prior=PRIORS[prior][tiny])
 
 
 def _random_vae(directory: Path, tiny: bool) -> Path:
@@ -213,12 +220,13 @@ def bench_cls(
     updates: int,
     warmup: int,
     device: torch.device,
+    prior: str = "dit",
     recipes: tuple[Recipe, ...] = (OFFICIAL, FAST),
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The recipes one after the other in one process on the same device; `ratio` = fast /
-    official images/s. `on_result`: see `run_recipes`."""
-    shapes = TINY if tiny else PAPER
+    official images/s; `prior`: a PRIORS family. `on_result`: see `run_recipes`."""
+    shapes = bench_shapes(tiny, prior)
     if device.type != "cuda":
         # torch.compile needs minutes and a C++ toolchain on a CPU, fused Adam needs CUDA: the CPU
         # run keeps the code path alive in eager mode, and its rows say so.
@@ -262,11 +270,17 @@ def run_trajectory(recipe: Recipe, shapes: Shapes, *, updates: int, device: torc
 
 
 def compare_trajectories(
-    *, tiny: bool, updates: int, device: torch.device, reference: Recipe = FP32, candidate: Recipe = FAST
+    *,
+    tiny: bool,
+    updates: int,
+    device: torch.device,
+    prior: str = "dit",
+    reference: Recipe = FP32,
+    candidate: Recipe = FAST,
 ) -> dict[str, Any]:
     """The fast recipe against an fp32 run over the same `updates` (issue 6's numerical check):
     per-update losses, their largest relative deviation, and how often the online predictions agree."""
-    shapes = TINY if tiny else PAPER
+    shapes = bench_shapes(tiny, prior)
     if device.type != "cuda":
         candidate = replace(candidate, compile_prior=False, compile_classifier=False, fused_adam=False)
     with tempfile.TemporaryDirectory() as scratch:
