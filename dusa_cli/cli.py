@@ -383,6 +383,13 @@ class RecipeName(str, Enum):
     fast = "fast"
 
 
+class CompileModeOpt(str, Enum):  # run.compile_mode
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
 class BenchPrior(str, Enum):
     dit = "dit"
     sit = "sit"
@@ -398,6 +405,7 @@ def bench_cls_command(
     prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
     micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
+    compile_mode: Annotated[CompileModeOpt, typer.Option(help="The fast recipe's torch.compile mode (reduce-overhead / max-autotune: CUDA graphs too).")] = CompileModeOpt.default,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
@@ -409,7 +417,7 @@ def bench_cls_command(
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich
     from dusa_cli.engine.runtime import resolve_device
 
-    fast = replace(FAST, compile_classifier=compile_classifier, channels_last=channels_last)
+    fast = replace(FAST, compile_classifier=compile_classifier, compile_mode=compile_mode.value, channels_last=channels_last)
     if checkpointing is not None:
         fast = replace(fast, gradient_checkpointing=checkpoint_blocks(checkpointing))
     if micro_batch is not None:

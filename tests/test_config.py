@@ -70,6 +70,16 @@ def test_flag_and_set_overrides_take_precedence(tmp_path: Path) -> None:
         parse_assignment("novalue")
 
 
+def test_compile_mode_needs_something_to_compile(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    config = load_config(path, {}, ["run.compile=[prior]", "run.compile_mode=reduce-overhead"])
+    assert config.run.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode max-autotune has nothing to compile"):
+        load_config(path, {}, ["run.compile_mode=max-autotune"])
+    with pytest.raises(ConfigError, match="run.compile_mode"):
+        load_config(path, {}, ["run.compile_mode=fastest"])
+
+
 def test_switching_method_drops_the_presets_method_options(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE), {"method.name": "source"})
     assert config.method.name == "source"

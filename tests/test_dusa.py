@@ -208,7 +208,10 @@ def test_compiled_and_channels_last_runs_compute_what_the_eager_run_does(digits_
 
     preset = Path(__file__).parents[1] / "configs" / "cls" / "dusa_digits.yaml"
     runs = []
-    for name, options in (("eager", {}), ("compiled", {"run.compile": ["prior"]}), ("nhwc", {"run.channels_last": True})):
+    # reduce-overhead records CUDA graphs on a GPU; on a CPU it compiles the same kernels as the
+    # default mode, and the engine still marks every micro-batch as a new graph iteration.
+    compiled = {"run.compile": ["prior"], "run.compile_mode": "reduce-overhead"}
+    for name, options in (("eager", {}), ("compiled", compiled), ("nhwc", {"run.channels_last": True})):
         overrides = {
             "data.root": str(digits_c), "data.corruptions": ["fog"], "data.num_ex": 16, "data.batch_size": 8,
             "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False,
@@ -252,3 +255,27 @@ def test_a_bf16_dusa_step_never_waits_for_the_gpu(prior: str, tiny_vae: Path) ->
         adapter.step(images, draws=ImageDraws([4, 5, 6, 7]))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist on a GPU only")
+def test_cuda_graph_steps_with_accumulation_match_the_default_compiled_steps(tiny_vae: Path) -> None:
+    """run.compile_mode reduce-overhead replays recorded graphs: over micro-batches accumulated
+    into updates, losses and weights follow the default compiled run."""
+    from dusa_cli.config.schema import OptimConfig
+    from dusa_cli.draws import ImageDraws
+
+    device = torch.device("cuda")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    runs = []
+    for mode in ("default", "reduce-overhead"):
+        torch.manual_seed(0)
+        method = make("dusa", "dit_tiny", tiny_vae, classifier_fp32=False).to(device)
+        method.compile(["prior", "model"], mode)
+        assert method.captures_cudagraphs == (mode == "reduce-overhead")
+        adapter = OnlineAdapter(method, OptimConfig(name="adam", lr=1e-3, accumulation=2), "bf16", device)
+        losses = [adapter.step(images, draws=ImageDraws(list(range(4 * i, 4 * i + 4)))).loss.item() for i in range(6)]
+        runs.append((losses, [p.detach().clone() for p in adapter.params]))
+    (losses, weights), (graph_losses, graph_weights) = runs
+    assert graph_losses == pytest.approx(losses, rel=1e-3)
+    for a, b in zip(weights, graph_weights):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -110,6 +110,9 @@ class MethodConfig(StrictModel):
     name: str
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 class RunConfig(StrictModel):
     setting: Literal["reset_each_shift", "continual"] = "reset_each_shift"
     seed: int = 2024
@@ -128,10 +131,21 @@ class RunConfig(StrictModel):
         description="networks to torch.compile (a few minutes of compilation first, then faster steps "
         "on a GPU): model = the classifier or segmenter, prior = the generative prior's transformer and VAE encoder",
     )
+    compile_mode: CompileMode = Field(
+        default="default",
+        description="torch.compile mode of run.compile: reduce-overhead and max-autotune also capture CUDA graphs "
+        "(less launch overhead), the max-autotune modes search kernels (longer compilation)",
+    )
     channels_last: bool = Field(
         default=False, description="convolutional networks and inputs in channels-last memory format (GPU convolutions)"
     )
     output: Path = Path("results/run")
+
+    @model_validator(mode="after")
+    def _mode_needs_something_to_compile(self) -> RunConfig:
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode {self.compile_mode} has nothing to compile: set run.compile too")
+        return self
 
 
 class ExperimentConfig(StrictModel):

@@ -56,6 +56,10 @@ class OnlineAdapter:
         random streams (default: torch's global stream)."""
         self.loss_factor = share / self.accumulation
         self.method.draws = draws or Draws()
+        if self.method.captures_cudagraphs:
+            # Each micro-batch is a new iteration for the graphs (torch's cudagraph trees): the
+            # previous one's outputs, already consumed, may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         images = images.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.precision):
             output = self.method.forward(images)

@@ -54,6 +54,7 @@ class Recipe:
     # The prior's blocks recomputed in backward (true: all, N: the first N): room for larger micro-batches.
     gradient_checkpointing: Checkpointing = False
     channels_last: bool = False  # classifier, VAE and images in NHWC (run.channels_last)
+    compile_mode: str = "default"  # run.compile_mode: reduce-overhead / max-autotune record CUDA graphs
 
     def compiled(self) -> list[str]:
         """The recipe's `run.compile` list."""
@@ -110,7 +111,7 @@ def _build(shapes: Shapes, recipe: Recipe, vae: Path, device: torch.device) -> O
     method = dusa(classifier, config).to(device)
     if recipe.channels_last:  # as the engine does (engine/loop.py)
         method.use_channels_last()
-    method.compile(recipe.compiled())
+    method.compile(recipe.compiled(), recipe.compile_mode)
     optim = OptimConfig(name="adam", lr=1e-5, accumulation=recipe.accumulation, fused=recipe.fused_adam)
     return OnlineAdapter(method, optim, recipe.precision, device, recipe.channels_last)
 
@@ -319,6 +320,14 @@ def trajectory_to_rich(result: dict[str, Any]):
     return table
 
 
+def compiled_label(row: dict[str, Any]) -> str:
+    """'prior+classifier', 'prior (reduce-overhead)', 'no', ...: the compile column of a recipe."""
+    parts = "+".join(name for name, on in (("prior", row["compile_prior"]), ("classifier", row["compile_classifier"])) if on)
+    if not parts:
+        return "no"
+    return parts if row["compile_mode"] == "default" else f"{parts} ({row['compile_mode']})"
+
+
 def to_rich(result: dict[str, Any]):
     from rich.table import Table
 
@@ -334,7 +343,7 @@ def to_rich(result: dict[str, Any]):
             row["name"],
             row["precision"] + ("/fp32" if row["classifier_fp32"] else ""),
             f"{row['micro_batch']} × {row['accumulation']}",
-            "+".join(name for name, on in (("prior", row["compile_prior"]), ("classifier", row["compile_classifier"])) if on) or "no",
+            compiled_label(row),
             describe(row["gradient_checkpointing"]),
             "yes" if row["channels_last"] else "no",
         ]

@@ -87,7 +87,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         method = get_method(config.method.name)(model, config.method).place(devices)
         if config.run.channels_last:
             method.use_channels_last()
-        method.compile(config.run.compile)
+        method.compile(config.run.compile, config.run.compile_mode)
         adapter = OnlineAdapter(method, config.optim, config.run.precision, device, config.run.channels_last)
         # Open every task first: a missing corruption folder fails before any compute is spent.
         datasets = [kind.open_dataset(config.data, c, s, seed) for c, s in tasks]

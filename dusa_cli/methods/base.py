@@ -27,11 +27,16 @@ class StepOutput:
     backpropagated: bool = False  # the method already sent `loss` back in parts through `backward`
 
 
+# torch.compile modes whose compiled networks replay recorded CUDA graphs (on CUDA devices).
+CUDAGRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
+
 class TTAMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_prior: ClassVar[bool] = False  # adapt-cls/adapt-seg run methods with a generative prior, baseline the rest
     tasks: ClassVar[frozenset[str]] = frozenset({"cls", "seg"})  # "cls": logits (B, C); "seg": (B, C, h, w)
+    captures_cudagraphs: bool = False  # compiled in a mode that records CUDA graphs (see `compile`)
 
     def __init__(self, model: nn.Module, config: MethodConfig):
         self.model = model
@@ -65,7 +70,7 @@ class TTAMethod:
         """What `compile` can compile, by the names of `run.compile`."""
         return {"model": [self.model]}
 
-    def compile(self, parts: Collection[str]) -> None:
+    def compile(self, parts: Collection[str], mode: str = "default") -> None:
         """torch.compile the named networks in place: parameter names, and so the optimizer and
         the state dicts, stay as they are. Call after `place` (a split prior exists only then)."""
         networks = self.compilable()
@@ -76,7 +81,8 @@ class TTAMethod:
             )
         for part in parts:
             for network in networks[part]:
-                network.compile()
+                network.compile(mode=mode)
+        self.captures_cudagraphs = bool(parts) and mode in CUDAGRAPH_MODES
 
     def use_channels_last(self) -> None:
         """Every network's 4-D weights in channels-last memory format (the engine converts the
