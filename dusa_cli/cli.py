@@ -378,6 +378,12 @@ bench_app = typer.Typer(help="Measure throughput and memory (figures for docs/BE
 app.add_typer(bench_app, name="bench")
 
 
+ProfileOpt = Annotated[
+    Optional[Path],
+    typer.Option("--profile", metavar="DIR", help="After timing, one more update per recipe under torch.profiler: a trace and an operator table in DIR, the time by kind of work on screen."),
+]
+
+
 class RecipeName(str, Enum):
     official = "official"
     fast = "fast"
@@ -410,6 +416,7 @@ def bench_cls_command(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
+    profile: ProfileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
@@ -436,9 +443,9 @@ def bench_cls_command(
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
     result = bench_cls(
         tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
-        on_result=_partial_writer(output),
+        on_result=_partial_writer(output), profile=profile,
     )  # fmt: skip
-    _show_figures(to_rich(result), result, output)
+    _show_figures(to_rich(result), result, output, profiled=profile is not None)
 
 
 def checkpoint_blocks(text: str) -> bool | int:
@@ -458,12 +465,16 @@ def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]
     return None if output is None else partial(write_json_atomic, output)
 
 
-def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path]) -> None:
-    """A benchmark's table on stdout and, if asked, its figures as JSON."""
+def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], profiled: bool = False) -> None:
+    """A benchmark's table on stdout (and where its time went, when profiled) and, if asked,
+    its figures as JSON."""
+    from dusa_cli.engine.profiling import profile_to_rich
     from dusa_cli.results.io import write_json_atomic
     from dusa_cli.ui import info, stdout
 
     stdout.print(table)
+    if profiled:
+        stdout.print(profile_to_rich("Where one update's time goes", result["recipes"]))
     if output is not None:
         write_json_atomic(output, result)
         info(f"figures written to {output}")
@@ -483,6 +494,7 @@ def bench_seg_command(
     recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
+    profile: ProfileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
@@ -495,9 +507,10 @@ def bench_seg_command(
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=checkpoint_blocks(checkpointing))
     chosen = tuple(r for r in (BASELINE, fast, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
     result = bench_seg(
-        tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output)
+        tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output),
+        profile=profile,
     )
-    _show_figures(to_rich(result), result, output)
+    _show_figures(to_rich(result), result, output, profiled=profile is not None)
 
 
 @app.command()

@@ -1,10 +1,12 @@
 """`dusa bench cls --tiny`: the benchmark's code path runs on a CPU and reports consistent figures."""
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+from dusa_cli.engine.profiling import covered, time_by_kind
 from helpers import dusa
 
 
@@ -30,10 +32,19 @@ def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
 
 
 def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> None:
-    output = tmp_path / "bench_seg.json"
-    result = dusa("bench", "seg", "--tiny", "--updates", "1", "--warmup", "0", "--gpus", "cpu,cpu", "-o", str(output))
+    output, profiles = tmp_path / "bench_seg.json", tmp_path / "profiles"
+    args = ["--updates", "1", "--warmup", "0", "--gpus", "cpu,cpu", "--profile", str(profiles), "-o", str(output)]
+    result = dusa("bench", "seg", "--tiny", *args)
     assert result.returncode == 0, result.stderr
+    assert "Where one update's time goes" in result.stdout
     figures = json.loads(output.read_text())
+    for row in figures["recipes"]:  # one profiled window update per recipe, its files on disk
+        profile = row["profile"]
+        assert Path(profile["trace"]) == profiles / f"{row['name']}.trace.json.gz"
+        assert "traceEvents" in json.loads(gzip.open(profile["trace"]).read())  # a Chrome trace
+        assert "aten::" in Path(profile["ops"]).read_text()
+        assert profile["ms_by_kind"]["matmul"] > 0 and profile["wall_ms"] > 0
+        assert profile["busy_fraction"] is None  # a GPU measure
     assert figures["devices"] == ["cpu", "cpu"] and figures["classes"] == 20
     names = [row["name"] for row in figures["recipes"]]
     assert names == ["baseline", "fast"]
@@ -128,3 +139,25 @@ def test_the_share_of_the_peak_needs_a_measured_peak() -> None:
 
     assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == bf16_peak_tflops("NVIDIA H200") == 798.0
     assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") is None and bf16_peak_tflops("cpu") is None
+
+
+def test_profiled_work_is_sorted_into_kinds_by_kernel_name() -> None:
+    kernels = [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", 500.0),  # cuBLAS
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN", 300.0),
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 200.0),  # cuDNN conv
+        ("conv_depthwise2d_backward_grad_weight_kernel", 50.0),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128, 64, 4>>", 100.0),
+        ("triton_poi_fused_add_convolution_mul_0", 40.0),  # inductor's epilogue, not a conv
+        ("triton_tem_fused_mm_1", 60.0),  # an autotuned matmul template
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", 30.0),
+        ("Memcpy HtoD (Pinned -> Device)", 5.0),
+        ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", 20.0),
+        ("aten::addmm", 1000.0),  # CPU operators go by the same names
+    ]
+    assert time_by_kind(kernels) == {
+        "matmul": 1.86, "convolution": 0.25, "attention": 0.1, "fused (compiled)": 0.04,
+        "optimizer": 0.03, "other": 0.02, "copies": 0.005,
+    }  # fmt: skip
+    # Kernels overlapping on two streams count once towards the busy time.
+    assert covered([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17

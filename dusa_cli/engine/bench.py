@@ -25,6 +25,7 @@ import torch
 from dusa_cli.config.schema import ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.engine.profiling import profile_update
 from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
@@ -178,8 +179,16 @@ def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str
 
 
 def run_recipe(
-    recipe: Recipe, shapes: Shapes, *, updates: int, warmup: int, device: torch.device, vae: Path
+    recipe: Recipe,
+    shapes: Shapes,
+    *,
+    updates: int,
+    warmup: int,
+    device: torch.device,
+    vae: Path,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
+    """Timed updates of one recipe; with `profile` (a folder) one more update under the profiler."""
     adapter = _build(shapes, recipe, vae, device)
     batch = _images(recipe.micro_batch, shapes, device)
     flops = flops_per_image(adapter, batch)
@@ -201,7 +210,8 @@ def run_recipe(
     memory, memory_kind = peak_memory(device)
     tflops = flops * images_per_s / 1e12
     peak = bf16_peak_tflops(device_name(device))
-    return asdict(recipe) | {
+    profiled = {"profile": profile_update(update, [device], profile / recipe.name)} if profile else {}
+    return asdict(recipe) | profiled | {
         "images_per_update": recipe.micro_batch * recipe.accumulation,
         "updates": updates,
         "seconds": seconds,
@@ -224,9 +234,11 @@ def bench_cls(
     prior: str = "dit",
     recipes: tuple[Recipe, ...] = (OFFICIAL, FAST),
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """The recipes one after the other in one process on the same device; `ratio` = fast /
-    official images/s; `prior`: a PRIORS family. `on_result`: see `run_recipes`."""
+    official images/s; `prior`: a PRIORS family. `on_result`: see `run_recipes`; `profile`: a
+    folder for one profiled update per recipe (engine/profiling.py)."""
     shapes = bench_shapes(tiny, prior)
     if device.type != "cuda":
         # torch.compile needs minutes and a C++ toolchain on a CPU, fused Adam needs CUDA: the CPU
@@ -246,7 +258,7 @@ def bench_cls(
         vae = _random_vae(Path(scratch) / "vae", tiny)
 
         def run(recipe: Recipe) -> dict[str, Any]:
-            return run_recipe(recipe, shapes, updates=updates, warmup=warmup, device=device, vae=vae)
+            return run_recipe(recipe, shapes, updates=updates, warmup=warmup, device=device, vae=vae, profile=profile)
 
         return run_recipes(recipes, run, result_of, on_result)
 

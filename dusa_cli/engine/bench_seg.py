@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.bench import ratio, run_recipes
+from dusa_cli.engine.profiling import profile_update
 from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
@@ -103,7 +105,16 @@ def _build(shapes: SegShapes, recipe: SegRecipe, devices: list[torch.device]) ->
     return OnlineAdapter(method, optim, "bf16", devices[0])
 
 
-def run_recipe(recipe: SegRecipe, shapes: SegShapes, *, updates: int, warmup: int, devices: list[torch.device]) -> dict[str, Any]:
+def run_recipe(
+    recipe: SegRecipe,
+    shapes: SegShapes,
+    *,
+    updates: int,
+    warmup: int,
+    devices: list[torch.device],
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """Timed window updates of one recipe; with `profile` (a folder) one more under the profiler."""
     adapter = _build(shapes, recipe, devices)
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, shapes.window, shapes.window, generator=generator).to(devices[0])
@@ -118,7 +129,8 @@ def run_recipe(recipe: SegRecipe, shapes: SegShapes, *, updates: int, warmup: in
     synchronize(devices)
     seconds = (time.perf_counter() - start) / updates
     peaks = [peak_memory(device) for device in devices]
-    return asdict(recipe) | {
+    profiled = {"profile": profile_update(lambda: adapter.step(image), devices, profile / recipe.name)} if profile else {}
+    return asdict(recipe) | profiled | {
         "seconds_per_window": seconds,
         "updates": updates,
         "peak_memory_gib": [memory for memory, _ in peaks],
@@ -135,14 +147,16 @@ def bench_seg(
     devices: list[torch.device],
     recipes: tuple[SegRecipe, ...] = (BASELINE, FAST),
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """The recipes one after the other on the same devices; `on_result`: see `run_recipes`."""
+    """The recipes one after the other on the same devices; `on_result`: see `run_recipes`;
+    `profile`: a folder for one profiled window update per recipe (engine/profiling.py)."""
     shapes = TINY if tiny else PAPER
     if devices[0].type != "cuda":  # compile takes minutes on a CPU and fused AdamW needs CUDA
         recipes = tuple(replace(r, compile_blocks=False, fused_adamw=False) for r in recipes)
 
     def run(recipe: SegRecipe) -> dict[str, Any]:
-        return run_recipe(recipe, shapes, updates=updates, warmup=warmup, devices=devices)
+        return run_recipe(recipe, shapes, updates=updates, warmup=warmup, devices=devices, profile=profile)
 
     def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {
