@@ -89,6 +89,10 @@ CompileOpt = Annotated[
     Optional[list[CompilePart]],
     typer.Option("--compile", help="torch.compile the classifier/segmenter (model) or the prior's transformer and VAE encoder (prior); repeatable → run.compile."),
 ]
+RunProfileOpt = Annotated[
+    Optional[bool],
+    typer.Option("--profile", help="Profile micro-batches 3-5 of the first task (torch.profiler): OUTPUT/profile/ → run.profile."),
+]
 GpusOpt = Annotated[
     Optional[str],
     typer.Option("--gpus", help="Data parallelism: one process per listed GPU, e.g. 0,1,2,3 (or start the command under torchrun)."),
@@ -112,6 +116,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "prior_checkpoint": "method.prior_checkpoint",
         "vae": "method.vae",
         "compile": "run.compile",
+        "profile": "run.profile",
     }
     overrides = {}
     for flag, value in flags.items():
@@ -192,6 +197,12 @@ def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
     if main_process:
         stdout.print(to_rich(build_table([store.results]), stdout.width))
         info(f"results: {store.root}")
+        if config.run.profile:
+            profile = store.root / "profile"
+            if (profile / "summary.json").is_file():
+                info(f"profile: {profile} (steps.trace.json.gz, steps.ops.txt, summary.json)")
+            else:
+                info("profile: nothing recorded, the first task ran fewer than 3 micro-batches")
 
 
 def _worker(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
@@ -308,13 +319,14 @@ def baseline(
     seed: SeedOpt = None,
     output: OutputOpt = None,
     compile_: CompileOpt = None,
+    profile: RunProfileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Run a baseline (source, norm, tent, cotta) online over the corruptions (--task seg: segmentation)."""
-    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_)
+    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile)
     _run("baseline", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -335,13 +347,14 @@ def adapt_cls(
     seed: SeedOpt = None,
     output: OutputOpt = None,
     compile_: CompileOpt = None,
+    profile: RunProfileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
-    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_)
+    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile)
     _run("adapt-cls", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -360,6 +373,7 @@ def adapt_seg(
     seed: SeedOpt = None,
     output: OutputOpt = None,
     compile_: CompileOpt = None,
+    profile: RunProfileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
@@ -370,7 +384,7 @@ def adapt_seg(
 ) -> None:
     """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
     # Without a preset the flags describe a segmentation run; a preset must say task: seg itself.
-    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_)
+    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile)
     _run("adapt-seg", config, overrides, set_, resume, quiet, gpus)
 
 

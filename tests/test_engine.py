@@ -118,3 +118,20 @@ def test_missing_task_fails_before_writing_anything(digits_c: Path, tmp_path: Pa
     with pytest.raises(DusaError, match="snow"):
         run_experiment(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_profiled_run_records_micro_batches_three_to_five_of_its_first_task(digits_c: Path, tmp_path: Path) -> None:
+    import gzip
+
+    config = config_for(digits_c, tmp_path / "run", **{"data.batch_size": 8, "run.profile": True})  # 5 per task
+    results = run_experiment(config).results
+    assert results["status"] == "complete" and len(results["tasks"]) == 2
+    profile = tmp_path / "run" / "profile"
+    summary = json.loads((profile / "summary.json").read_text())
+    assert summary["schedule"] == {"wait": 1, "warmup": 1, "active": 3, "repeat": 1}
+    assert summary["wall_ms"] > 0 and summary["ms_by_kind"]["convolution"] > 0  # the ResNet's
+    trace = json.loads(gzip.open(profile / "steps.trace.json.gz").read())
+    # The profiler names each recorded step: micro-batches 3 to 5 (counted from 1) of the first task.
+    steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"}
+    assert "aten::" in (profile / "steps.ops.txt").read_text()

@@ -139,6 +139,11 @@ class RunConfig(StrictModel):
     channels_last: bool = Field(
         default=False, description="convolutional networks and inputs in channels-last memory format (GPU convolutions)"
     )
+    profile: bool = Field(
+        default=False,
+        description="torch.profiler over micro-batches 3-5 of the first task run: OUTPUT/profile/ holds a trace, "
+        "an operator table and the time by kind of work",
+    )
     output: Path = Path("results/run")
 
     @model_validator(mode="after")

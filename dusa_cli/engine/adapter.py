@@ -47,6 +47,7 @@ class OnlineAdapter:
         )
         self.pending = 0
         self.loss_factor = 1.0
+        self.profiler: Any = None  # a torch.profiler stepped after every micro-batch (run.profile)
         method.backward = self.backward
 
     def step(self, images: torch.Tensor, share: float = 1.0, draws: Draws | None = None) -> StepOutput:
@@ -66,6 +67,8 @@ class OnlineAdapter:
         if output.loss is not None and not output.backpropagated:
             self.backward(output.loss)
         self._count_micro_batch()
+        if self.profiler is not None:
+            self.profiler.step()
         return output
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from dusa_cli.engine.distributed import (
     gather_to_main,
     process_group,
 )
+from dusa_cli.engine.profiling import step_profiler
 from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from dusa_cli.engine.segmentation import SEGMENTATION
 from dusa_cli.engine.tasks import NoProgress, Progress, TaskKind
@@ -102,6 +106,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
     if continual and done and len(done) < len(tasks):  # a finished run needs no state back
         agree(lambda: _restore(store, adapter, world))
         done = store.finished()
+    # run.profile: the first task this process runs (rank 0 alone with several processes).
+    profiling = config.run.profile and world.is_main
     for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
         if task_id(corruption, severity) in done:
             continue
@@ -111,7 +117,9 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
         loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
         progress.start_task(task_id(corruption, severity), len(dataset))
-        record = kind.run(adapter, loader, config.data, devices, progress, mix(seed, index))
+        with profiled(adapter, devices, config.run.output / "profile") if profiling else nullcontext():
+            record = kind.run(adapter, loader, config.data, devices, progress, mix(seed, index))
+        profiling = False
         progress.end_task()
         record = {"corruption": corruption, "severity": severity} | record
         if continual:  # state first, carrying the records, so a kill between the writes loses nothing
@@ -121,6 +129,17 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         store.record_task(record)
     store.complete(kind.summarize(store.results["tasks"]))
     return store
+
+
+@contextmanager
+def profiled(adapter: OnlineAdapter, devices: list[torch.device], directory: Path) -> Iterator[None]:
+    """Step a profiler with the adapter's micro-batches while the block runs (run.profile)."""
+    adapter.profiler = step_profiler(devices, directory)
+    try:
+        with adapter.profiler:
+            yield
+    finally:
+        adapter.profiler = None
 
 
 def _open_store(config: ExperimentConfig, world: World, resume: bool) -> ResultsStore:

@@ -1,13 +1,15 @@
-"""Where an update's time goes (`dusa bench cls|seg --profile DIR`): a torch.profiler trace of one
-update (open it in Perfetto or chrome://tracing), a table of its busiest operations, and the time
-by kind of work. On a GPU the kinds sum the device's kernels, and the busy share says how much of
-the update's wall time the GPU computed at all (the rest is launch and host overhead: what CUDA
-graphs can win back). On a CPU they sum each operator's own time."""
+"""Where the time goes: a torch.profiler trace (open it in Perfetto or chrome://tracing), a table
+of the busiest operations, and the time by kind of work — of one update per recipe in
+`dusa bench cls|seg --profile DIR`, of a few micro-batches of a run with `run.profile`.
+
+On a GPU the kinds sum the device's kernels, and the busy share says how much of the recorded
+time the GPU computed at all (the rest is launch and host overhead: what CUDA graphs can win
+back). On a CPU they sum each operator's own time."""
 
 from __future__ import annotations
 
+import os
 import re
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -57,39 +59,66 @@ def covered(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def profile_update(update: Callable[[], None], devices: list[torch.device], stem: Path) -> dict[str, Any]:
-    """Run `update` once under the profiler; write STEM.trace.json.gz and STEM.ops.txt. With a
-    split model the busy share counts the time any of `devices` computed."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+def _activities(devices: list[torch.device]) -> list[Any]:
+    """What to record on `devices`. Also quiets kineto, whose start/stop lines would land amid
+    the progress output: its log level above its highest (set KINETO_LOG_LEVEL to see them)."""
+    from torch.profiler import ProfilerActivity
 
-    on_gpu = devices[0].type == "cuda"
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if devices[0].type == "cuda" else [])]
+
+
+def summarize(profiler: Any, stem: Path, on_gpu: bool) -> dict[str, Any]:
+    """Write STEM.trace.json.gz and STEM.ops.txt for what `profiler` recorded; the time by kind,
+    the recorded span and (on a GPU) the share of it in which a kernel ran."""
+    from torch.autograd import DeviceType
+
     stem.parent.mkdir(parents=True, exist_ok=True)
-    with profile(activities=activities) as profiler:
-        start = time.perf_counter()
-        update()
-        synchronize(devices)
-        wall_ms = (time.perf_counter() - start) * 1000
-    profiler.export_chrome_trace(str(stem.with_name(stem.name + ".trace.json.gz")))
+    trace, ops = stem.with_name(stem.name + ".trace.json.gz"), stem.with_name(stem.name + ".ops.txt")
+    profiler.export_chrome_trace(str(trace))
     averages = profiler.key_averages()
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    ops = stem.with_name(stem.name + ".ops.txt")
     ops.write_text(averages.table(sort_by=sort_by, row_limit=40, max_name_column_width=80))
+    events = profiler.events()
+    span_us = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
     if on_gpu:
-        kernels = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
+        kernels = [event for event in events if event.device_type == DeviceType.CUDA]
         by_kind = time_by_kind((event.name, event.time_range.elapsed_us()) for event in kernels)
-        busy_ms = covered((e.time_range.start, e.time_range.end) for e in kernels) / 1000
+        busy = covered((e.time_range.start, e.time_range.end) for e in kernels) / span_us
     else:
         by_kind = time_by_kind((average.key, average.self_cpu_time_total) for average in averages)
-        busy_ms = None
-    return {
-        "wall_ms": wall_ms,
-        "ms_by_kind": by_kind,
-        "busy_fraction": busy_ms / wall_ms if busy_ms is not None else None,
-        "trace": str(stem.with_name(stem.name + ".trace.json.gz")),
-        "ops": str(ops),
-    }
+        busy = None
+    return {"wall_ms": span_us / 1000, "ms_by_kind": by_kind, "busy_fraction": busy, "trace": str(trace), "ops": str(ops)}
+
+
+def profile_update(update: Callable[[], None], devices: list[torch.device], stem: Path) -> dict[str, Any]:
+    """Run `update` once under the profiler (benchmarks). With a split model the busy share
+    counts the time any of `devices` computed."""
+    from torch.profiler import profile
+
+    with profile(activities=_activities(devices)) as profiler:
+        update()
+        synchronize(devices)
+    return summarize(profiler, stem, devices[0].type == "cuda")
+
+
+# A run's profile: the first micro-batch is skipped (lazy initialisation, autotuning,
+# compilation), the next one warms the profiler up, the three after it are recorded.
+RUN_SCHEDULE = {"wait": 1, "warmup": 1, "active": 3, "repeat": 1}
+
+
+def step_profiler(devices: list[torch.device], directory: Path) -> Any:
+    """A profiler for `run.profile`, stepped once per micro-batch (OnlineAdapter.profiler):
+    when its steps are recorded it writes DIRECTORY/steps.* and DIRECTORY/summary.json."""
+    from torch.profiler import profile, schedule
+
+    from dusa_cli.results.io import write_json_atomic
+
+    def ready(profiler: Any) -> None:
+        summary = summarize(profiler, directory / "steps", devices[0].type == "cuda")
+        write_json_atomic(directory / "summary.json", summary | {"schedule": RUN_SCHEDULE})
+
+    return profile(activities=_activities(devices), schedule=schedule(**RUN_SCHEDULE), on_trace_ready=ready)
 
 
 def profile_to_rich(title: str, rows: list[dict[str, Any]]):
