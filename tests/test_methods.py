@@ -1,5 +1,8 @@
 """Baselines on tiny real timm models: what each updates and how the adapter steps."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -110,3 +113,33 @@ def test_mixed_precision_steps_run_on_cpu(precision: str) -> None:
     adapter = OnlineAdapter(method, OptimConfig(lr=1e-3), precision, torch.device("cpu"))
     output = adapter.step(torch.rand(8, 3, 32, 32))
     assert torch.isfinite(output.loss)
+
+
+def test_the_developer_guides_example_method_registers_and_runs(digits_c: Path, tmp_path: Path, monkeypatch) -> None:
+    """docs/DEVELOPING.md's custom method, executed as written: one file is a working method."""
+    from dusa_cli import methods
+    from dusa_cli.config.loader import load_config
+    from dusa_cli.engine.loop import run_experiment
+    from dusa_cli.methods.base import norm_parameters
+
+    guide = (Path(__file__).parents[1] / "docs" / "DEVELOPING.md").read_text()
+    (example,) = [block for block in re.findall(r"```python\n(.*?)```", guide, re.S) if "@register_method" in block]
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # registered for this test only
+    exec(compile(example, "DEVELOPING.md", "exec"), {"__name__": "infomax_example"})
+    infomax = get_method("infomax")
+
+    torch.manual_seed(0)
+    model = create_classifier(ModelConfig(name="convnext_atto", num_classes=10))
+    method = infomax(model, infomax.Config(name="infomax", diversity=0.5))
+    assert {id(p) for p in method.parameters()} == {id(p) for p in norm_parameters(model)}  # norm layers only
+    images = torch.rand(4, 3, 32, 32)
+    logits = model(images)
+    mean = logits.softmax(dim=1).mean(dim=0)
+    expected = softmax_entropy(logits).mean() + 0.5 * (mean * mean.log()).sum()  # entropy − 0.5 · H(mean)
+    torch.testing.assert_close(method.forward(images).loss, expected)
+
+    preset = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
+    overrides = {"data.root": str(digits_c), "data.corruptions": ["fog"], "run.output": str(tmp_path / "run")}
+    config = load_config(preset, overrides, ["method.name=infomax", "method.diversity=0.5"])
+    results = run_experiment(config).results
+    assert results["method"] == "infomax" and results["tasks"][0]["num_samples"] == 40
