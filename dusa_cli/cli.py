@@ -428,6 +428,7 @@ def bench_cls_command(
     compile_mode: Annotated[CompileModeOpt, typer.Option(help="The fast recipe's torch.compile mode (reduce-overhead / max-autotune: CUDA graphs too).")] = CompileModeOpt.default,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", metavar="LEVER=VALUE,...", help="One more recipe: the fast one with these levers changed (micro-batch, checkpointing, compile-classifier, channels-last, compile-mode), e.g. micro-batch=32,checkpointing=8; repeatable, timed in the same run.")] = None,
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
@@ -435,12 +436,13 @@ def bench_cls_command(
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
-    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich
+    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich, vary
     from dusa_cli.engine.runtime import resolve_device
+    from dusa_cli.priors.checkpointing import parse_checkpointing
 
     fast = replace(FAST, compile_classifier=compile_classifier, compile_mode=compile_mode.value, channels_last=channels_last)
     if checkpointing is not None:
-        fast = replace(fast, gradient_checkpointing=checkpoint_blocks(checkpointing))
+        fast = replace(fast, gradient_checkpointing=parse_checkpointing(checkpointing))
     if micro_batch is not None:
         fast = fast.with_micro_batch(micro_batch)
     if trajectory:
@@ -455,20 +457,12 @@ def bench_cls_command(
             )
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
+    chosen += tuple(vary(fast, text) for text in variant or [])
     result = bench_cls(
         tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
         on_result=_partial_writer(output), profile=profile,
     )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
-
-
-def checkpoint_blocks(text: str) -> bool | int:
-    """`--checkpointing all` (every block of the prior) or `--checkpointing N` (the first N)."""
-    if text == "all":
-        return True
-    if text.isdecimal():
-        return int(text)
-    raise ConfigError(f"--checkpointing takes 'all' or a number of blocks, got '{text}'")
 
 
 def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]], None]]:
@@ -484,11 +478,12 @@ def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], pr
     its figures as JSON."""
     from dusa_cli.engine.profiling import profile_to_rich
     from dusa_cli.results.io import write_json_atomic
-    from dusa_cli.ui import info, stdout
+    from dusa_cli.ui import info, wide_stdout
 
-    stdout.print(table)
+    console = wide_stdout()
+    console.print(table)
     if profiled:
-        stdout.print(profile_to_rich("Where one update's time goes", result["recipes"]))
+        console.print(profile_to_rich("Where one update's time goes", result["recipes"]))
     if output is not None:
         write_json_atomic(output, result)
         info(f"figures written to {output}")
@@ -518,7 +513,9 @@ def bench_seg_command(
 
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
     wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
-    fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=checkpoint_blocks(checkpointing))
+    from dusa_cli.priors.checkpointing import parse_checkpointing
+
+    fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))
     chosen = tuple(r for r in (BASELINE, fast, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
     result = bench_seg(
         tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output),

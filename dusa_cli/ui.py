@@ -23,6 +23,12 @@ stderr = Console(stderr=True)
 SCORE_PERIOD_S = 0.5  # how often a progress bar reads the running score
 
 
+def wide_stdout(width: int = 160) -> Console:
+    """stdout for wide tables: the terminal as it is, or `width` columns when piped into a log
+    (where rich would otherwise fold a table into 80 columns)."""
+    return stdout if stdout.is_terminal else Console(width=width)
+
+
 def error(message: str) -> None:
     # Messages quote paths and library errors: brackets in them are text, not rich markup.
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from dusa_cli.engine.bench import FAST, file_stem, vary
 from dusa_cli.engine.profiling import covered, time_by_kind
+from dusa_cli.errors import ConfigError
 from helpers import dusa
 
 
@@ -100,13 +102,16 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
 def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing", "1", "--prior", "sit"]
-    result = dusa(*args, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
+    variant = ["--variant", "micro-batch=64,channels-last=true"]  # one more row, from the varied fast recipe
+    result = dusa(*args, *variant, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
     assert result.returncode == 0, result.stderr
     figures = json.loads(output.read_text())
     assert figures["shapes"]["prior"] == "sit_tiny"  # the flow prior's step (velocity target)
-    (fast,) = figures["recipes"]
+    fast, varied = figures["recipes"]
     assert (fast["micro_batch"], fast["accumulation"], fast["gradient_checkpointing"]) == (32, 2, 1)
-    assert fast["images_per_update"] == 64
+    assert fast["images_per_update"] == varied["images_per_update"] == 64
+    assert varied["name"] == "fast mb=64 nhwc=true"
+    assert (varied["micro_batch"], varied["channels_last"], varied["gradient_checkpointing"]) == (64, True, 1)
     bad = dusa("bench", "cls", "--tiny", "--micro-batch", "5")
     assert bad.returncode == 2 and "must divide the 64 images" in bad.stderr
     for blocks, message in (("some", "takes 'all' or a number of blocks"), ("3", "outside 0..2")):
@@ -161,3 +166,18 @@ def test_profiled_work_is_sorted_into_kinds_by_kernel_name() -> None:
     }  # fmt: skip
     # Kernels overlapping on two streams count once towards the busy time.
     assert covered([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+
+
+def test_a_variant_names_the_levers_it_changes_and_rejects_unknown_ones() -> None:
+    varied = vary(FAST, "checkpointing=all, compile-mode=reduce-overhead,compile-classifier=yes")
+    assert varied.name == "fast ckpt=all mode=reduce-overhead ccls=yes"
+    assert (varied.gradient_checkpointing, varied.compile_mode, varied.compile_classifier) == (True, "reduce-overhead", True)
+    assert (varied.micro_batch, varied.compile_prior, varied.fused_adam) == (FAST.micro_batch, True, True)  # the rest is fast's
+    assert file_stem(varied.name) == "fast_ckpt_all_mode_reduce-overhead_ccls_yes"
+    for text, message in (
+        ("micro-batch", "LEVER=VALUE pairs"), ("batch=32", "LEVER=VALUE pairs"), ("micro-batch=0", "positive number"),
+        ("micro-batch=24", "must divide the 64 images"), ("channels-last=maybe", "true or false"),
+        ("compile-mode=fastest", "one of default"), ("checkpointing=most", "'all' or a number"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            vary(FAST, text)

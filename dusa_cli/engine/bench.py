@@ -13,16 +13,17 @@ once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLO
 from __future__ import annotations
 
 import gc
+import re
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from dusa_cli.config.schema import ModelConfig, OptimConfig
+from dusa_cli.config.schema import CompileMode, ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
@@ -30,7 +31,7 @@ from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory,
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
-from dusa_cli.priors.checkpointing import Checkpointing, describe
+from dusa_cli.priors.checkpointing import Checkpointing, describe, parse_checkpointing
 
 # The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors"); the
 # H200 has the same compute die and clocks. Other devices have no measured peak: no fraction.
@@ -65,6 +66,41 @@ class Recipe:
         if images_per_update % micro_batch:
             raise ConfigError(f"--micro-batch must divide the {images_per_update} images of an update, got {micro_batch}")
         return replace(self, micro_batch=micro_batch, accumulation=images_per_update // micro_batch)
+
+
+# `--variant` levers, spelled as the fast recipe's flags, with the short label a variant's name uses.
+LEVERS = {
+    "micro-batch": "mb", "checkpointing": "ckpt", "compile-classifier": "ccls", "channels-last": "nhwc",
+    "compile-mode": "mode",
+}  # fmt: skip
+_TRUTH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def vary(base: Recipe, text: str) -> Recipe:
+    """`micro-batch=32,checkpointing=8`: `base` with those levers changed, named after them
+    (`fast mb=32 ckpt=8`), so several variants are timed side by side in one run."""
+    recipe, labels = base, []
+    for item in text.split(","):
+        lever, _, value = (part.strip() for part in item.partition("="))
+        if lever not in LEVERS or not value:
+            raise ConfigError(f"--variant takes LEVER=VALUE pairs with levers {', '.join(LEVERS)}; got '{item}'")
+        if lever == "micro-batch":
+            if not value.isdecimal() or not int(value):
+                raise ConfigError(f"--variant micro-batch takes a positive number, got '{value}'")
+            recipe = recipe.with_micro_batch(int(value))
+        elif lever == "checkpointing":
+            recipe = replace(recipe, gradient_checkpointing=parse_checkpointing(value))
+        elif lever == "compile-mode":
+            if value not in get_args(CompileMode):
+                raise ConfigError(f"--variant compile-mode takes one of {', '.join(get_args(CompileMode))}, got '{value}'")
+            recipe = replace(recipe, compile_mode=value)
+        else:
+            if value.lower() not in _TRUTH:
+                raise ConfigError(f"--variant {lever} takes true or false, got '{value}'")
+            field = "compile_classifier" if lever == "compile-classifier" else "channels_last"
+            recipe = replace(recipe, **{field: _TRUTH[value.lower()]})
+        labels.append(f"{LEVERS[lever]}={value}")
+    return replace(recipe, name=" ".join([base.name, *labels]))
 
 
 OFFICIAL = Recipe("official", "fp16", True, 8, 8, compile_prior=False, fused_adam=False)
@@ -170,6 +206,11 @@ def run_recipes(
     return result_of(rows) | {"complete": True}
 
 
+def file_stem(name: str) -> str:
+    """A recipe's name as a file name: `fast mb=32 ckpt=8` → `fast_mb_32_ckpt_8`."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
 def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str) -> float | None:
     """rows[numerator][key] / rows[denominator][key], None unless both recipes ran."""
     by_name = {row["name"]: row for row in rows if not row.get("out_of_memory")}
@@ -210,7 +251,7 @@ def run_recipe(
     memory, memory_kind = peak_memory(device)
     tflops = flops * images_per_s / 1e12
     peak = bf16_peak_tflops(device_name(device))
-    profiled = {"profile": profile_update(update, [device], profile / recipe.name)} if profile else {}
+    profiled = {"profile": profile_update(update, [device], profile / file_stem(recipe.name))} if profile else {}
     return asdict(recipe) | profiled | {
         "images_per_update": recipe.micro_batch * recipe.accumulation,
         "updates": updates,
@@ -369,6 +410,11 @@ def to_rich(result: dict[str, Any]):
             "–" if row["fraction_of_bf16_peak"] is None else f"{100 * row['fraction_of_bf16_peak']:.1f}",
             f"{row['peak_memory_gib']:.1f}",
         )
-    if result["ratio_fast_over_official"] is not None:
-        table.caption = f"fast / official = {result['ratio_fast_over_official']:.2f}×"
+    speedups = [
+        f"{row['name']} / official = {value:.2f}×"
+        for row in result["recipes"]
+        if row["name"] != "official" and (value := ratio(result["recipes"], "images_per_s", row["name"], "official"))
+    ]
+    if speedups:
+        table.caption = "; ".join(speedups)
     return table

@@ -23,7 +23,7 @@ import torch
 
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.bench import ratio, run_recipes
+from dusa_cli.engine.bench import file_stem, ratio, run_recipes
 from dusa_cli.engine.profiling import profile_update
 from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
 from dusa_cli.methods import get_method
@@ -129,7 +129,8 @@ def run_recipe(
     synchronize(devices)
     seconds = (time.perf_counter() - start) / updates
     peaks = [peak_memory(device) for device in devices]
-    profiled = {"profile": profile_update(lambda: adapter.step(image), devices, profile / recipe.name)} if profile else {}
+    stem = profile / file_stem(recipe.name) if profile else None
+    profiled = {"profile": profile_update(lambda: adapter.step(image), devices, stem)} if stem else {}
     return asdict(recipe) | profiled | {
         "seconds_per_window": seconds,
         "updates": updates,

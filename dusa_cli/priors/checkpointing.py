@@ -24,6 +24,15 @@ def checkpointed_blocks(setting: Checkpointing, depth: int) -> int:
     return count
 
 
+def parse_checkpointing(text: str) -> Checkpointing:
+    """`all` (every block of the prior) or `N` (the first N), as the bench flags spell it."""
+    if text == "all":
+        return True
+    if text.isdecimal():
+        return int(text)
+    raise ConfigError(f"checkpointing takes 'all' or a number of blocks, got '{text}'")
+
+
 def describe(setting: Checkpointing) -> str:
     """'all', 'no' or the number of checkpointed blocks: for tables."""
     if isinstance(setting, bool):
