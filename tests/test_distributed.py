@@ -91,6 +91,11 @@ def assert_same_results(run: Path, reference: list[dict]) -> None:
         assert task["num_samples"] == expected["num_samples"] == 36
         for key in KEYS:
             assert task[key] == pytest.approx(expected[key], abs=1e-5), key
+        # The online curve too: every micro-batch's hits and loss summed over the processes' shards.
+        curve, expected_curve = task["curve"], expected["curve"]
+        assert curve["images"] == expected_curve["images"] and curve["images"][-1] == 36
+        for key in ("online_top1", "loss"):
+            assert curve[key] == pytest.approx(expected_curve[key], abs=1e-5), key
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +186,8 @@ def test_dusa_under_torchrun_matches_one_process(digits_c: Path, tmp_path: Path,
     (task,) = tasks(output)
     assert task["num_samples"] == 20 and task["top1"] == single[0]["top1"]
     assert task["mean_loss"] == pytest.approx(single[0]["mean_loss"], rel=1e-5)
+    assert task["curve"]["online_top1"] == single[0]["curve"]["online_top1"]
+    assert task["curve"]["loss"] == pytest.approx(single[0]["curve"]["loss"], rel=1e-5)
     sums = [line.split() for line in (tmp_path / "parameters.log").read_text().splitlines()]
     by_rank = {rank: [total for r, total in sums if r == rank] for rank in ("0", "1")}
     assert len(by_rank["0"]) == 3 and by_rank["0"] == by_rank["1"]

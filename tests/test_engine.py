@@ -32,6 +32,10 @@ def test_records_match_an_independent_evaluation(digits_c: Path, tmp_path: Path)
     assert [t["corruption"] for t in results["tasks"]] == ["gaussian_noise", "fog"]
     from dusa_cli.data.datasets import open_task
 
+    for task in results["tasks"]:  # the online curve ends where the task's totals are
+        curve = task["curve"]
+        assert curve["images"] == [16, 32, 40] and curve["online_top1"][-1] == pytest.approx(task["top1"])
+        assert "loss" not in curve  # the source model has no loss
     model = create_classifier(config.model).eval()
     for task in results["tasks"]:
         dataset = open_task(digits_c, task["corruption"], 5)
@@ -135,3 +139,18 @@ def test_profiled_run_records_micro_batches_three_to_five_of_its_first_task(digi
     steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"}
     assert "aten::" in (profile / "steps.ops.txt").read_text()
+
+
+def test_online_curve_keeps_evenly_spaced_points_and_interval_losses() -> None:
+    from dusa_cli.engine.tasks import CURVE_POINTS, online_curve
+
+    short = online_curve([8, 16, 20], "online_top1", [0.5, 0.25, 0.4], [1.0, 2.0, 3.0])
+    assert short == {"images": [8, 16, 20], "online_top1": [0.5, 0.25, 0.4], "loss": [1.0, 2.0, 3.0]}
+    count = 3 * CURVE_POINTS + 1  # micro-batches of 4 images, loss = index
+    curve = online_curve([4 * (i + 1) for i in range(count)], "online_miou", [i / count for i in range(count)], list(range(count)))
+    assert len(curve["images"]) == CURVE_POINTS and curve["images"][-1] == 4 * count  # the task's end is a point
+    ends = [image // 4 - 1 for image in curve["images"]]
+    assert curve["online_miou"] == [end / count for end in ends]
+    starts = [0, *(end + 1 for end in ends[:-1])]
+    assert curve["loss"] == [sum(range(a, b + 1)) / (b + 1 - a) for a, b in zip(starts, ends)]  # interval means
+    assert "loss" not in online_curve([1], "online_miou", [0.3], None)

@@ -272,6 +272,8 @@ def test_source_records_match_an_independent_evaluation(models: dict[str, Path],
             score.update(predict_labels(logits, label.shape), label[None])
     expected = score.compute()
     assert record["num_samples"] == 3
+    assert record["curve"]["images"] == [1, 2, 3] and "loss" not in record["curve"]  # the online curve
+    assert record["curve"]["online_miou"][-1] == pytest.approx(expected["miou"])  # (the run's order is shuffled)
     assert record["miou"] == pytest.approx(expected["miou"])
     assert record["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
     assert "mIoU" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -14,14 +15,15 @@ from dusa_cli.data.datasets import open_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
-from dusa_cli.engine.tasks import Progress, TaskKind, start_timing, summarize, timing_record
+from dusa_cli.engine.tasks import Progress, TaskKind, online_curve, start_timing, summarize, timing_record
 from dusa_cli.models.classifier import create_classifier
 
 
 @dataclass
 class OnlineMetrics:
     """Counts kept on the device; read back once per progress update. With several processes
-    each counts its own shards (the progress shows rank 0's) and `record` sums them."""
+    each counts its own shards (the progress shows rank 0's) and `record` sums them. Each
+    micro-batch's hits and loss are kept too (on the device) for the task's online curve."""
 
     device: torch.device
     top1: torch.Tensor = field(init=False)
@@ -29,21 +31,37 @@ class OnlineMetrics:
     loss: torch.Tensor = field(init=False)
     count: int = 0
     loss_batches: float = 0.0  # micro-batches with a loss; a shard counts as its share of one
+    sizes: list[int] = field(default_factory=list)  # each micro-batch's images over all processes
+    batch_hits: list[torch.Tensor] = field(default_factory=list)  # this process's top-1 hits in each
+    batch_losses: list[torch.Tensor] = field(default_factory=list)  # each one's share-weighted loss
 
     def __post_init__(self) -> None:
         self.top1, self.top5, self.loss = (torch.zeros((), device=self.device) for _ in range(3))
 
     def update(
-        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float = 1.0
+        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float = 1.0, size: int | None = None
     ) -> None:
+        """`size`: the whole micro-batch's images (default: these labels, a single process's)."""
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = ranked == labels[:, None]
         self.top1 += hits[:, 0].sum()
         self.top5 += hits.any(dim=1).sum()
         self.count += labels.numel()
+        self.sizes.append(labels.numel() if size is None else size)
+        self.batch_hits.append(hits[:, 0].sum())
+        weighted = torch.zeros((), device=self.device)
         if loss is not None:  # a shard's mean loss weighted by its share: the shards sum to the batch's
-            self.loss += loss.detach().float() * share
+            weighted = loss.detach().float() * share
+            self.loss += weighted
             self.loss_batches += share
+        self.batch_losses.append(weighted)
+
+    def skip(self, size: int) -> None:
+        """A micro-batch of `size` images with no shard on this process: nothing to count here,
+        but every process keeps one entry per micro-batch, so their curves add up."""
+        self.sizes.append(size)
+        self.batch_hits.append(torch.zeros((), device=self.device))
+        self.batch_losses.append(torch.zeros((), device=self.device))
 
     def accuracy(self) -> float:
         return self.top1.item() / max(self.count, 1)
@@ -60,7 +78,15 @@ class OnlineMetrics:
             "top5": top5 / count,
             "error": 1.0 - top1,
             "mean_loss": loss / loss_batches if loss_batches else None,
+            "curve": self.curve(with_loss=loss_batches > 0),
         }
+
+    def curve(self, with_loss: bool) -> dict[str, list[Any]]:
+        """Images seen, running top-1 and loss along the task, over every process's shards."""
+        batches = all_reduce_(torch.stack([torch.stack(self.batch_hits), torch.stack(self.batch_losses)]).double())
+        images = list(accumulate(self.sizes))
+        running = [hits / seen for hits, seen in zip(batches[0].cumsum(0).tolist(), images)]
+        return online_curve(images, "online_top1", running, batches[1].tolist() if with_loss else None)
 
 
 def run_task(
@@ -79,6 +105,7 @@ def run_task(
     for shard, size in zip(loader, batches.global_sizes()):
         if shard is None:
             adapter.skip()
+            metrics.skip(size)
         else:
             images, labels = shard
             images = images.to(device, non_blocking=True).float().div_(255)
@@ -87,7 +114,7 @@ def run_task(
             first = position + batches.shard_start(size)
             draws = ImageDraws([mix(task_key, first + index) for index in range(labels.numel())])
             output = adapter.step(images, share, draws)
-            metrics.update(output.logits, labels, output.loss, share)
+            metrics.update(output.logits, labels, output.loss, share, size)
         position += size
         progress.advance(size, metrics.accuracy)
     adapter.flush()

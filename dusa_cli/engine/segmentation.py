@@ -15,7 +15,7 @@ from dusa_cli.data.segmentation import open_seg_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.errors import DusaError
-from dusa_cli.engine.tasks import Progress, TaskKind, start_timing, summarize, timing_record
+from dusa_cli.engine.tasks import Progress, TaskKind, online_curve, start_timing, summarize, timing_record
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.results.seg_metrics import SegmentationScore
 
@@ -55,6 +55,7 @@ def run_task(
     device = devices[0]
     score = SegmentationScore(num_classes=adapter.method.model.num_classes)
     losses: list[torch.Tensor] = []
+    running: list[float] = []  # mIoU so far after each image (the confusion matrix is on the CPU)
     count = 0
     start = start_timing(devices)
     for images, labels in loader:
@@ -65,10 +66,13 @@ def run_task(
         if output.loss is not None:
             losses.append(output.loss.detach().float())
         count += 1
-        progress.advance(1, lambda: score.compute()["miou"])
+        running.append(score.compute()["miou"])
+        progress.advance(1, lambda: running[-1])
     adapter.flush()
     record = {"num_samples": count} | score.compute()
     record["mean_loss"] = torch.stack(losses).mean().item() if losses else None
+    loss_list = torch.stack(losses).tolist() if len(losses) == count else None  # a loss for every image, or none
+    record["curve"] = online_curve(list(range(1, count + 1)), "online_miou", running, loss_list)
     return record | timing_record(count, start, devices)
 
 

@@ -4,7 +4,7 @@ how one test set runs online and how finished sets summarise. The loop knows no 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +63,25 @@ def timing_record(num_samples: int, start: float, devices: list[torch.device]) -
         "peak_memory_gib": peak,
         "memory_kind": memory_kind,
     }
+
+
+CURVE_POINTS = 256  # a task's online curve keeps at most this many evenly spaced points
+
+
+def online_curve(
+    images: Sequence[int], score: str, running: Sequence[float], losses: Sequence[float] | None
+) -> dict[str, list[Any]]:
+    """A task's online curve from per-micro-batch values: after each of at most CURVE_POINTS
+    evenly spaced micro-batches, the images seen so far, the running score over them (what the
+    progress bar shows) and the mean loss of the micro-batches since the previous point."""
+    count = len(images)
+    points = min(count, CURVE_POINTS)
+    ends = [count * (index + 1) // points - 1 for index in range(points)]
+    curve: dict[str, list[Any]] = {"images": [images[end] for end in ends], score: [running[end] for end in ends]}
+    if losses is not None:
+        starts = [0, *(end + 1 for end in ends[:-1])]
+        curve["loss"] = [sum(losses[a : b + 1]) / (b + 1 - a) for a, b in zip(starts, ends)]
+    return curve
 
 
 def summarize(tasks: list[dict[str, Any]], **means: str) -> dict[str, Any]:
