@@ -89,6 +89,14 @@ CompileOpt = Annotated[
     Optional[list[CompilePart]],
     typer.Option("--compile", help="torch.compile the classifier/segmenter (model) or the prior's transformer and VAE encoder (prior); repeatable → run.compile."),
 ]
+class Tracker(str, Enum):  # run.track
+    tensorboard = "tensorboard"
+
+
+TrackOpt = Annotated[
+    Optional[list[Tracker]],
+    typer.Option("--track", help="Experiment tracker: tensorboard (scores and online curves in OUTPUT/tensorboard; W&B imports them with wandb sync --sync-tensorboard) → run.track."),
+]
 RunProfileOpt = Annotated[
     Optional[bool],
     typer.Option("--profile", help="Profile micro-batches 3-5 of the first task (torch.profiler): OUTPUT/profile/ → run.profile."),
@@ -117,6 +125,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "vae": "method.vae",
         "compile": "run.compile",
         "profile": "run.profile",
+        "track": "run.track",
     }
     overrides = {}
     for flag, value in flags.items():
@@ -320,13 +329,14 @@ def baseline(
     output: OutputOpt = None,
     compile_: CompileOpt = None,
     profile: RunProfileOpt = None,
+    track: TrackOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Run a baseline (source, norm, tent, cotta) online over the corruptions (--task seg: segmentation)."""
-    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile)
+    overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
     _run("baseline", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -348,13 +358,14 @@ def adapt_cls(
     output: OutputOpt = None,
     compile_: CompileOpt = None,
     profile: RunProfileOpt = None,
+    track: TrackOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
-    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile)
+    overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
     _run("adapt-cls", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -374,6 +385,7 @@ def adapt_seg(
     output: OutputOpt = None,
     compile_: CompileOpt = None,
     profile: RunProfileOpt = None,
+    track: TrackOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
@@ -384,7 +396,7 @@ def adapt_seg(
 ) -> None:
     """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
     # Without a preset the flags describe a segmentation run; a preset must say task: seg itself.
-    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile)
+    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
     _run("adapt-seg", config, overrides, set_, resume, quiet, gpus)
 
 

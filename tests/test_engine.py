@@ -154,3 +154,24 @@ def test_online_curve_keeps_evenly_spaced_points_and_interval_losses() -> None:
     starts = [0, *(end + 1 for end in ends[:-1])]
     assert curve["loss"] == [sum(range(a, b + 1)) / (b + 1 - a) for a, b in zip(starts, ends)]  # interval means
     assert "loss" not in online_curve([1], "online_miou", [0.3], None)
+
+
+def test_tensorboard_tracks_each_tasks_scores_and_curves(digits_c: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = config_for(digits_c, tmp_path / "run", **{"run.track": ["tensorboard"], "run.setting": "continual"})
+    first, second = run_experiment(config).results["tasks"]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(event.step, event.value) for event in events.Scalars(tag)]
+
+    assert scalars("tasks/top1") == [(0, pytest.approx(first["top1"])), (1, pytest.approx(second["top1"]))]
+    for task in (first, second):  # each task's curve against the images seen in it
+        curve = task["curve"]
+        assert scalars(f"{task['corruption']}/5/online_top1") == list(zip(curve["images"], map(pytest.approx, curve["online_top1"])))
+        assert len(scalars(f"{task['corruption']}/5/loss")) == len(curve["images"])
+    # The stream: the second task's points continue after the first task's images.
+    steps = [step for step, _ in scalars("stream/online_top1")]
+    assert steps == first["curve"]["images"] + [40 + images for images in second["curve"]["images"]]

@@ -144,6 +144,11 @@ class RunConfig(StrictModel):
         description="torch.profiler over micro-batches 3-5 of the first task run: OUTPUT/profile/ holds a trace, "
         "an operator table and the time by kind of work",
     )
+    track: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="experiment trackers: tensorboard writes each finished task's scores and online curve to "
+        "OUTPUT/tensorboard (needs the tensorboard package: pip install 'dusa[track]')",
+    )
     output: Path = Path("results/run")
 
     @model_validator(mode="after")

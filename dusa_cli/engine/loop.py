@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.methods import get_method
 from dusa_cli.results.environment import collect_environment
 from dusa_cli.results.store import ResultsStore, task_id
+from dusa_cli.results.tracking import open_trackers
 
 
 def task_loader(dataset: Dataset, data: DataConfig, world: World, seed: int) -> DataLoader:
@@ -108,25 +109,31 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         done = store.finished()
     # run.profile: the first task this process runs (rank 0 alone with several processes).
     profiling = config.run.profile and world.is_main
-    for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
-        if task_id(corruption, severity) in done:
-            continue
-        if not continual:  # fully TTA: every task starts from the source model (§1.7)
-            adapter.load_state_dict(initial)
-            seed_everything(world.process_seed(seed))
-        # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
-        loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
-        progress.start_task(task_id(corruption, severity), len(dataset))
-        with profiled(adapter, devices, config.run.output / "profile") if profiling else nullcontext():
-            record = kind.run(adapter, loader, config.data, devices, progress, mix(seed, index))
-        profiling = False
-        progress.end_task()
-        record = {"corruption": corruption, "severity": severity} | record
-        if continual:  # state first, carrying the records, so a kill between the writes loses nothing
-            records = store.results["tasks"] + [record]
-            rng = gather_to_main(rng_state())  # one stream per process
-            store.save_state({"adapter": adapter.state_dict(), "rng": rng, "records": records})
-        store.record_task(record)
+    tracked = config.run.track if world.is_main else []  # rank 0 tracks, as it writes the results
+    with ExitStack() as opened:  # the trackers close however the run ends
+        trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output)]
+        for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
+            if task_id(corruption, severity) in done:
+                continue
+            if not continual:  # fully TTA: every task starts from the source model (§1.7)
+                adapter.load_state_dict(initial)
+                seed_everything(world.process_seed(seed))
+            # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
+            loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
+            progress.start_task(task_id(corruption, severity), len(dataset))
+            with profiled(adapter, devices, config.run.output / "profile") if profiling else nullcontext():
+                record = kind.run(adapter, loader, config.data, devices, progress, mix(seed, index))
+            profiling = False
+            progress.end_task()
+            record = {"corruption": corruption, "severity": severity} | record
+            if continual:  # state first, carrying the records, so a kill between the writes loses nothing
+                records = store.results["tasks"] + [record]
+                rng = gather_to_main(rng_state())  # one stream per process
+                store.save_state({"adapter": adapter.state_dict(), "rng": rng, "records": records})
+            store.record_task(record)
+            images_before = sum(task["num_samples"] for task in store.results["tasks"][:-1])
+            for tracker in trackers:
+                tracker.log_task(record, index, images_before)
     store.complete(kind.summarize(store.results["tasks"]))
     return store
 

@@ -5,6 +5,7 @@
     OUTPUT/results.json       status, planned tasks, one record per finished task, summary
     OUTPUT/state.pt           (continual runs) model/optimizer/RNG after the last finished task
     OUTPUT/profile/           (run.profile) written by the engine's profiler, engine/profiling.py
+    OUTPUT/tensorboard/       (run.track) written by results/tracking.py as tasks finish
 
 Every file is replaced atomically, so an interrupted run leaves only finished tasks on disk.
 With several processes only rank 0 writes; the others keep an unwritten copy of its results.

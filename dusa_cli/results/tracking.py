@@ -1,0 +1,54 @@
+"""Experiment tracking (seed 000): each finished task's scores and online curve as TensorBoard
+scalars in OUTPUT/tensorboard, written by the process that writes the results. Offline by
+construction: event files on disk. Weights & Biases imports them
+(`wandb sync --sync-tensorboard OUTPUT/tensorboard`).
+
+Tags: `<corruption>/<severity>/<curve key>` against the images seen in the task; `stream/<curve
+key>` against the images seen since the run's first task (a continual run's curve across its
+shifts); `tasks/<score>` against the task's place in the plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dusa_cli.errors import ConfigError
+
+INSTALL_HINT = "pip install 'dusa[track]' (or: pip install tensorboard)"
+
+
+class TensorBoardTracker:
+    def __init__(self, directory: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(f"run.track names tensorboard, but the tensorboard package is not installed: {INSTALL_HINT}") from None
+        self.writer = SummaryWriter(str(directory))
+
+    def log_task(self, record: dict[str, Any], position: int, images_before: int) -> None:
+        """`position`: the task's index in the run's plan; `images_before`: images of the tasks
+        finished before it."""
+        task = f"{record['corruption']}/{record['severity']}"
+        curve = record["curve"]
+        for key, values in curve.items():
+            if key == "images":
+                continue
+            for images, value in zip(curve["images"], values):
+                self.writer.add_scalar(f"{task}/{key}", value, images)
+                self.writer.add_scalar(f"stream/{key}", value, images_before + images)
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "severity":
+                self.writer.add_scalar(f"tasks/{key}", value, position)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# run.track's names; a tracker takes its folder under the run's output and logs finished tasks.
+TRACKERS = {"tensorboard": TensorBoardTracker}
+
+
+def open_trackers(names: list[str], output: Path) -> list[TensorBoardTracker]:
+    return [TRACKERS[name](output / name) for name in names]
