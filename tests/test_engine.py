@@ -1,6 +1,7 @@
 """The online loop on real digits-C files: metrics, determinism, resets, resume, output safety."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,12 @@ def test_tensorboard_tracks_each_tasks_scores_and_curves(digits_c: Path, tmp_pat
     # The stream: the second task's points continue after the first task's images.
     steps = [step for step, _ in scalars("stream/online_top1")]
     assert steps == first["curve"]["images"] + [40 + images for images in second["curve"]["images"]]
+
+
+def test_a_missing_tracker_package_is_a_one_line_error_before_anything_is_written(digits_c: Path, tmp_path: Path, monkeypatch) -> None:
+    from dusa_cli.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # Python then finds no such package
+    with pytest.raises(ConfigError, match=r"tensorboard package is not installed: pip install 'dusa\[track\]'"):
+        run_experiment(config_for(digits_c, tmp_path / "run", **{"run.track": ["tensorboard"]}))
+    assert not (tmp_path / "run").exists()  # the run can start afresh once it is installed

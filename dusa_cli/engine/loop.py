@@ -31,7 +31,7 @@ from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.methods import get_method
 from dusa_cli.results.environment import collect_environment
 from dusa_cli.results.store import ResultsStore, task_id
-from dusa_cli.results.tracking import open_trackers
+from dusa_cli.results.tracking import check_trackers, open_trackers
 
 
 def task_loader(dataset: Dataset, data: DataConfig, world: World, seed: int) -> DataLoader:
@@ -102,6 +102,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
     initial = _to_cpu(adapter.state_dict())
     if not world.is_main:  # its own random stream from here; rank 0 goes on with the single-process one
         seed_everything(world.process_seed(seed))
+    tracked = config.run.track if world.is_main else []  # rank 0 tracks, as it writes the results
+    check_trackers(tracked)  # a missing package fails before the results directory is written
     store = _open_store(config, world, resume)
     done = store.finished()
     if continual and done and len(done) < len(tasks):  # a finished run needs no state back
@@ -109,7 +111,6 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         done = store.finished()
     # run.profile: the first task this process runs (rank 0 alone with several processes).
     profiling = config.run.profile and world.is_main
-    tracked = config.run.track if world.is_main else []  # rank 0 tracks, as it writes the results
     with ExitStack() as opened:  # the trackers close however the run ends
         trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output)]
         for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):

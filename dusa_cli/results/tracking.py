@@ -10,6 +10,7 @@ shifts); `tasks/<score>` against the task's place in the plan.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,15 @@ INSTALL_HINT = "pip install 'dusa[track]' (or: pip install tensorboard)"
 
 
 class TensorBoardTracker:
+    @staticmethod
+    def check() -> None:
+        """ConfigError unless the tracker can run (checked before the run writes anything)."""
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"run.track names tensorboard, but the tensorboard package is not installed: {INSTALL_HINT}")
+
     def __init__(self, directory: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(f"run.track names tensorboard, but the tensorboard package is not installed: {INSTALL_HINT}") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(directory))
 
     def log_task(self, record: dict[str, Any], position: int, images_before: int) -> None:
@@ -48,6 +53,11 @@ class TensorBoardTracker:
 
 # run.track's names; a tracker takes its folder under the run's output and logs finished tasks.
 TRACKERS = {"tensorboard": TensorBoardTracker}
+
+
+def check_trackers(names: list[str]) -> None:
+    for name in names:
+        TRACKERS[name].check()
 
 
 def open_trackers(names: list[str], output: Path) -> list[TensorBoardTracker]:
