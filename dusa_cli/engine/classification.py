@@ -28,7 +28,6 @@ class OnlineMetrics:
     device: torch.device
     top1: torch.Tensor = field(init=False)
     top5: torch.Tensor = field(init=False)
-    loss: torch.Tensor = field(init=False)
     count: int = 0
     loss_batches: float = 0.0  # micro-batches with a loss; a shard counts as its share of one
     sizes: list[int] = field(default_factory=list)  # each micro-batch's images over all processes
@@ -36,7 +35,7 @@ class OnlineMetrics:
     batch_losses: list[torch.Tensor] = field(default_factory=list)  # each one's share-weighted loss
 
     def __post_init__(self) -> None:
-        self.top1, self.top5, self.loss = (torch.zeros((), device=self.device) for _ in range(3))
+        self.top1, self.top5 = (torch.zeros((), device=self.device) for _ in range(2))
 
     def update(
         self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float = 1.0, size: int | None = None
@@ -52,7 +51,6 @@ class OnlineMetrics:
         weighted = torch.zeros((), device=self.device)
         if loss is not None:  # a shard's mean loss weighted by its share: the shards sum to the batch's
             weighted = loss.detach().float() * share
-            self.loss += weighted
             self.loss_batches += share
         self.batch_losses.append(weighted)
 
@@ -67,26 +65,23 @@ class OnlineMetrics:
         return self.top1.item() / max(self.count, 1)
 
     def record(self) -> dict[str, Any]:
-        """The task's metrics over every process's shards."""
+        """The task's metrics and online curve over every process's shards."""
         counts = torch.tensor([self.count, self.loss_batches], dtype=torch.float64, device=self.device)
-        totals = all_reduce_(torch.cat([torch.stack([self.top1, self.top5, self.loss]).double(), counts]))
-        hits, top5, loss, count, loss_batches = totals.tolist()
+        totals = all_reduce_(torch.cat([torch.stack([self.top1, self.top5]).double(), counts]))
+        hits, top5, count, loss_batches = totals.tolist()
+        batches = all_reduce_(torch.stack([torch.stack(self.batch_hits), torch.stack(self.batch_losses)]).double())
+        batch_hits, batch_losses = batches.tolist()
+        images = list(accumulate(self.sizes))
+        running = [correct / seen for correct, seen in zip(accumulate(batch_hits), images)]
         top1 = hits / count
         return {
             "num_samples": round(count),
             "top1": top1,
             "top5": top5 / count,
             "error": 1.0 - top1,
-            "mean_loss": loss / loss_batches if loss_batches else None,
-            "curve": self.curve(with_loss=loss_batches > 0),
+            "mean_loss": sum(batch_losses) / loss_batches if loss_batches else None,
+            "curve": online_curve(images, "online_top1", running, batch_losses if loss_batches else None),
         }
-
-    def curve(self, with_loss: bool) -> dict[str, list[Any]]:
-        """Images seen, running top-1 and loss along the task, over every process's shards."""
-        batches = all_reduce_(torch.stack([torch.stack(self.batch_hits), torch.stack(self.batch_losses)]).double())
-        images = list(accumulate(self.sizes))
-        running = [hits / seen for hits, seen in zip(batches[0].cumsum(0).tolist(), images)]
-        return online_curve(images, "online_top1", running, batches[1].tolist() if with_loss else None)
 
 
 def run_task(

@@ -70,9 +70,10 @@ def run_task(
         progress.advance(1, lambda: running[-1])
     adapter.flush()
     record = {"num_samples": count} | score.compute()
-    record["mean_loss"] = torch.stack(losses).mean().item() if losses else None
-    loss_list = torch.stack(losses).tolist() if len(losses) == count else None  # a loss for every image, or none
-    record["curve"] = online_curve(list(range(1, count + 1)), "online_miou", running, loss_list)
+    image_losses = torch.stack(losses).tolist() if losses else []
+    record["mean_loss"] = sum(image_losses) / len(image_losses) if image_losses else None
+    curve_losses = image_losses if len(image_losses) == count else None  # a loss for every image, or none
+    record["curve"] = online_curve(list(range(1, count + 1)), "online_miou", running, curve_losses)
     return record | timing_record(count, start, devices)
 
 
