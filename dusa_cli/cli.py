@@ -89,6 +89,8 @@ CompileOpt = Annotated[
     Optional[list[CompilePart]],
     typer.Option("--compile", help="torch.compile the classifier/segmenter (model) or the prior's transformer and VAE encoder (prior); repeatable → run.compile."),
 ]
+
+
 class Tracker(str, Enum):  # run.track
     tensorboard = "tensorboard"
 
@@ -448,15 +450,12 @@ def bench_cls_command(
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
-    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, to_rich, trajectory_to_rich, vary
+    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
     from dusa_cli.engine.runtime import resolve_device
-    from dusa_cli.priors.checkpointing import parse_checkpointing
 
-    fast = replace(FAST, compile_classifier=compile_classifier, compile_mode=compile_mode.value, channels_last=channels_last)
-    if checkpointing is not None:
-        fast = replace(fast, gradient_checkpointing=parse_checkpointing(checkpointing))
-    if micro_batch is not None:
-        fast = fast.with_micro_batch(micro_batch)
+    flags = {"micro-batch": micro_batch, "checkpointing": checkpointing, "compile-classifier": compile_classifier,
+             "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
+    fast = vary(FAST, {lever: str(v).lower() for lever, v in flags.items() if v not in (None, False, "default")}, "fast")
     if trajectory:
         result = compare_trajectories(
             tiny=tiny, updates=trajectory, device=resolve_device(device), prior=prior.value, candidate=fast
@@ -469,7 +468,7 @@ def bench_cls_command(
             )
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
-    chosen += tuple(vary(fast, text) for text in variant or [])
+    chosen += tuple(vary(fast, parse_variant(text)) for text in variant or [])
     result = bench_cls(
         tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
         on_result=_partial_writer(output), profile=profile,

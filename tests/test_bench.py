@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dusa_cli.engine.bench import FAST, file_stem, vary
+from dusa_cli.engine.bench import FAST, file_stem, parse_variant, vary
 from dusa_cli.engine.profiling import covered, time_by_kind
 from dusa_cli.errors import ConfigError
 from helpers import dusa
@@ -169,7 +169,7 @@ def test_profiled_work_is_sorted_into_kinds_by_kernel_name() -> None:
 
 
 def test_a_variant_names_the_levers_it_changes_and_rejects_unknown_ones() -> None:
-    varied = vary(FAST, "checkpointing=all, compile-mode=reduce-overhead,compile-classifier=yes")
+    varied = vary(FAST, parse_variant("checkpointing=all, compile-mode=reduce-overhead,compile-classifier=yes"))
     assert varied.name == "fast ckpt=all mode=reduce-overhead ccls=yes"
     assert (varied.gradient_checkpointing, varied.compile_mode, varied.compile_classifier) == (True, "reduce-overhead", True)
     assert (varied.micro_batch, varied.compile_prior, varied.fused_adam) == (FAST.micro_batch, True, True)  # the rest is fast's
@@ -180,4 +180,4 @@ def test_a_variant_names_the_levers_it_changes_and_rejects_unknown_ones() -> Non
         ("compile-mode=fastest", "one of default"), ("checkpointing=most", "'all' or a number"),
     ):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
-            vary(FAST, text)
+            vary(FAST, parse_variant(text))

@@ -76,31 +76,39 @@ LEVERS = {
 _TRUTH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def vary(base: Recipe, text: str) -> Recipe:
-    """`micro-batch=32,checkpointing=8`: `base` with those levers changed, named after them
-    (`fast mb=32 ckpt=8`), so several variants are timed side by side in one run."""
-    recipe, labels = base, []
+def parse_variant(text: str) -> dict[str, str]:
+    """`micro-batch=32,checkpointing=8` → {"micro-batch": "32", "checkpointing": "8"}."""
+    levers = {}
     for item in text.split(","):
         lever, _, value = (part.strip() for part in item.partition("="))
         if lever not in LEVERS or not value:
             raise ConfigError(f"--variant takes LEVER=VALUE pairs with levers {', '.join(LEVERS)}; got '{item}'")
+        levers[lever] = value
+    return levers
+
+
+def vary(base: Recipe, levers: dict[str, str], name: str | None = None) -> Recipe:
+    """`base` with `levers` (values as the flags spell them) changed, named after them
+    (`fast mb=32 ckpt=8`) unless `name` is given."""
+    recipe = base
+    for lever, value in levers.items():
         if lever == "micro-batch":
             if not value.isdecimal() or not int(value):
-                raise ConfigError(f"--variant micro-batch takes a positive number, got '{value}'")
+                raise ConfigError(f"micro-batch takes a positive number, got '{value}'")
             recipe = recipe.with_micro_batch(int(value))
         elif lever == "checkpointing":
             recipe = replace(recipe, gradient_checkpointing=parse_checkpointing(value))
         elif lever == "compile-mode":
             if value not in get_args(CompileMode):
-                raise ConfigError(f"--variant compile-mode takes one of {', '.join(get_args(CompileMode))}, got '{value}'")
+                raise ConfigError(f"compile-mode takes one of {', '.join(get_args(CompileMode))}, got '{value}'")
             recipe = replace(recipe, compile_mode=value)
         else:
             if value.lower() not in _TRUTH:
-                raise ConfigError(f"--variant {lever} takes true or false, got '{value}'")
+                raise ConfigError(f"{lever} takes true or false, got '{value}'")
             field = "compile_classifier" if lever == "compile-classifier" else "channels_last"
             recipe = replace(recipe, **{field: _TRUTH[value.lower()]})
-        labels.append(f"{LEVERS[lever]}={value}")
-    return replace(recipe, name=" ".join([base.name, *labels]))
+    labels = [f"{LEVERS[lever]}={value}" for lever, value in levers.items()]
+    return replace(recipe, name=name or " ".join([base.name, *labels]))
 
 
 OFFICIAL = Recipe("official", "fp16", True, 8, 8, compile_prior=False, fused_adam=False)
