@@ -68,7 +68,7 @@ def _activities(devices: list[torch.device]) -> list[Any]:
     return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if devices[0].type == "cuda" else [])]
 
 
-def summarize(profiler: Any, stem: Path, on_gpu: bool) -> dict[str, Any]:
+def write_profile(profiler: Any, stem: Path, on_gpu: bool) -> dict[str, Any]:
     """Write STEM.trace.json.gz and STEM.ops.txt for what `profiler` recorded; the time by kind,
     the recorded span and (on a GPU) the share of it in which a kernel ran."""
     from torch.autograd import DeviceType
@@ -99,7 +99,7 @@ def profile_update(update: Callable[[], None], devices: list[torch.device], stem
     with profile(activities=_activities(devices)) as profiler:
         update()
         synchronize(devices)
-    return summarize(profiler, stem, devices[0].type == "cuda")
+    return write_profile(profiler, stem, devices[0].type == "cuda")
 
 
 # A run's profile: the first micro-batch is skipped (lazy initialisation, autotuning,
@@ -115,7 +115,7 @@ def step_profiler(devices: list[torch.device], directory: Path) -> Any:
     from dusa_cli.results.io import write_json_atomic
 
     def ready(profiler: Any) -> None:
-        summary = summarize(profiler, directory / "steps", devices[0].type == "cuda")
+        summary = write_profile(profiler, directory / "steps", devices[0].type == "cuda")
         write_json_atomic(directory / "summary.json", summary | {"schedule": RUN_SCHEDULE})
 
     return profile(activities=_activities(devices), schedule=schedule(**RUN_SCHEDULE), on_trace_ready=ready)
