@@ -37,16 +37,14 @@ class OnlineMetrics:
     def __post_init__(self) -> None:
         self.top1, self.top5 = (torch.zeros((), device=self.device) for _ in range(2))
 
-    def update(
-        self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float = 1.0, size: int | None = None
-    ) -> None:
-        """`size`: the whole micro-batch's images (default: these labels, a single process's)."""
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float, size: int) -> None:
+        """This process's shard of a micro-batch of `size` images (`share` of it)."""
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = ranked == labels[:, None]
         self.top1 += hits[:, 0].sum()
         self.top5 += hits.any(dim=1).sum()
         self.count += labels.numel()
-        self.sizes.append(labels.numel() if size is None else size)
+        self.sizes.append(size)
         self.batch_hits.append(hits[:, 0].sum())
         weighted = torch.zeros((), device=self.device)
         if loss is not None:  # a shard's mean loss weighted by its share: the shards sum to the batch's
