@@ -127,3 +127,31 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
 def test_help_and_version() -> None:
     assert "prepare-data" in dusa("--help").stdout
     assert dusa("--version").stdout.startswith("dusa ")
+
+
+def test_a_classifier_released_under_its_authors_layer_names_loads(tmp_path: Path) -> None:
+    """FB's ConvNeXt files (the official recipe's convnext_large_1k_224_ema.pth) name layers
+    their own way; timm's family filter maps them, so the file loads as it was downloaded."""
+    import re
+
+    from dusa_cli.config.schema import ModelConfig
+    from dusa_cli.models.classifier import create_classifier
+
+    torch.manual_seed(0)
+    timm_state = create_classifier(ModelConfig(name="convnext_atto", num_classes=10)).backbone.state_dict()
+    renames = [  # timm → FB, the inverse of timm.models.convnext.checkpoint_filter_fn
+        (r"^stem\.", "downsample_layers.0."), (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+        (r"^stages\.(\d+)\.blocks\.", r"stages.\1."), (r"conv_dw", "dwconv"), (r"mlp\.fc", "pwconv"),
+        (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head."),
+    ]  # fmt: skip
+    released = {}
+    for key, value in timm_state.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        released[key] = value.flatten(1) if "pwconv" in key and value.ndim == 4 else value  # FB's MLPs are Linear
+    assert "downsample_layers.0.0.weight" in released and "stages.0.0.dwconv.weight" in released
+    path = tmp_path / "convnext_atto_1k_ema.pth"
+    torch.save({"model": released}, path)
+    loaded = create_classifier(ModelConfig(name="convnext_atto", num_classes=10, checkpoint=path)).backbone.state_dict()
+    assert loaded.keys() == timm_state.keys()
+    assert all(torch.equal(loaded[key], timm_state[key]) for key in timm_state)

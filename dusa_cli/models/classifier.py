@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -48,9 +49,24 @@ def create_classifier(config: ModelConfig) -> NormalizedClassifier:
     else:
         backbone = timm.create_model(config.name, pretrained=False, **kwargs)
         if config.checkpoint is not None:
-            load_strict(backbone, read_state_dict(config.checkpoint), f"checkpoint {config.checkpoint}")
+            state = _in_timm_layout(backbone, read_state_dict(config.checkpoint))
+            load_strict(backbone, state, f"checkpoint {config.checkpoint}")
     cfg = backbone.pretrained_cfg
     return NormalizedClassifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _in_timm_layout(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as their authors released them (FB's convnext_large_1k_224_ema.pth names its layers
+    `downsample_layers.*`, `stages.N.M.dwconv`, ...) renamed to timm's by the model family's own
+    `checkpoint_filter_fn`, the one timm applies to its pretrained files. A state that already
+    fits, or a family without a filter, is left as it is for `load_strict` to judge."""
+    filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None or state.keys() == backbone.state_dict().keys():
+        return state
+    try:
+        return filter_fn(state, backbone)
+    except (KeyError, RuntimeError, ValueError):  # not that family's release either: report the names as given
+        return state
 
 
 def _create_with_packaged_weights(timm, name: str, kwargs: dict) -> nn.Module:
