@@ -161,8 +161,8 @@ def test_mismatched_checkpoint_names_the_difference(tmp_path: Path) -> None:
 def test_ddpm_path() -> None:
     path = DDPMPath()
     assert path.alpha_bar(100).item() == pytest.approx(0.8951, abs=1e-4)  # dusa_official.md §1.2
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    assert path.alpha_bar(999).item() == pytest.approx(torch.prod(1 - betas).item(), rel=1e-12)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # float64 tables, used as float32 (ADM)
+    assert path.alpha_bar(999).item() == pytest.approx(torch.prod(1 - betas).item(), rel=1e-6)
 
     x0, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     x_t = path.add_noise(x0, noise, torch.tensor([100, 500]))

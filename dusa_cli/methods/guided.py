@@ -27,14 +27,17 @@ class GuidedConfig(MethodConfig):
     def _one_timestep_rule(self) -> GuidedConfig:
         if self.timestep is not None and self.timestep_range is not None:
             raise ValueError("set either timestep or timestep_range, not both")
+        if self.timestep_range is not None and not self.timestep_range[0] < self.timestep_range[1]:
+            raise ValueError(f"timestep_range [lo, hi) needs lo < hi, got {list(self.timestep_range)}")
         return self
 
     def check_timestep(self, path: NoisePath) -> None:
         """A DDPM step on a flow path (or the reverse) would run silently at a meaningless noise
-        level: ConfigError. For a range, its start is checked."""
-        start = self.timestep if self.timestep is not None else (self.timestep_range or (None,))[0]
-        if start is not None:
-            path.check_time(start)
+        level, and a range past the path's end would fail mid-run: ConfigError."""
+        if self.timestep is not None:
+            path.check_time(self.timestep)
+        elif self.timestep_range is not None:
+            path.check_range(*self.timestep_range)
 
 
 def draw_timestep(config: GuidedConfig, path: NoisePath, batch: int, device: torch.device) -> torch.Tensor:

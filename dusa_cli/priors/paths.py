@@ -4,6 +4,7 @@ the same transformer class serves both paths."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -37,6 +38,11 @@ class NoisePath(ABC):
     def check_time(self, t: float) -> None:
         """ConfigError unless t is a valid time on this path."""
 
+    def check_range(self, low: float, high: float) -> None:
+        """ConfigError unless every time drawn from [low, high) is valid on this path."""
+        self.check_time(low)
+        self.check_time(high)
+
 
 class DDPMPath(NoisePath):
     """DiT/ADM Gaussian diffusion: linear betas 1e-4…0.02 over 1000 steps, ε-prediction,
@@ -47,18 +53,23 @@ class DDPMPath(NoisePath):
     default_timestep = 100  # DUSA's fixed t (dusa_official.md §1.4 step 7)
 
     def __init__(self) -> None:
-        # float64 as ADM computes its tables; cast to the data's dtype only when used.
+        # Computed in float64 and used as float32, as ADM builds its tables and extracts from them.
         betas = torch.linspace(1e-4, 0.02, self.num_steps, dtype=torch.float64)
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.coefficients = torch.stack([alphas_cumprod, alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()]).float()
         self._tables: dict[torch.device, torch.Tensor] = {}
 
-    def alpha_bar(self, t: torch.Tensor | float) -> torch.Tensor:
-        """Looked up on t's device: a step never waits for the GPU to hand t back to the host."""
+    def _lookup(self, t: torch.Tensor | float) -> torch.Tensor:
+        """(ᾱ, √ᾱ, √(1−ᾱ)) at steps t as (3, …), looked up on t's device: a step never waits
+        for the GPU to hand t back to the host."""
         steps = self._step(t)
         table = self._tables.get(steps.device)
         if table is None:
-            table = self._tables[steps.device] = self.alphas_cumprod.to(steps.device)
-        return table[steps]
+            table = self._tables[steps.device] = self.coefficients.to(steps.device)
+        return table[:, steps]
+
+    def alpha_bar(self, t: torch.Tensor | float) -> torch.Tensor:
+        return self._lookup(t)[0]
 
     @staticmethod
     def _step(t: torch.Tensor | float) -> torch.Tensor:
@@ -67,8 +78,8 @@ class DDPMPath(NoisePath):
         return torch.as_tensor(t).long()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        alpha_bar = _per_sample(self.alpha_bar(t), x0)
-        return alpha_bar.sqrt().to(x0.dtype) * x0 + (1.0 - alpha_bar).sqrt().to(x0.dtype) * noise
+        _, signal, noise_level = (_per_sample(c, x0).to(x0.dtype) for c in self._lookup(t))
+        return signal * x0 + noise_level * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise
@@ -79,6 +90,10 @@ class DDPMPath(NoisePath):
     def check_time(self, t: float) -> None:
         if t != int(t) or not 0 <= t < self.num_steps:
             raise ConfigError(f"ddpm timestep must be an integer in [0, {self.num_steps}), got {t}")
+
+    def check_range(self, low: float, high: float) -> None:
+        self.check_time(low)
+        self.check_time(math.ceil(high) - 1)  # the last step a draw from [low, high) truncates to
 
 
 class LinearFlowPath(NoisePath):

@@ -65,12 +65,13 @@ class GenerativePrior(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W) → clean latents z0. Resized bilinearly with
+        """Images in [0, 1] (B, 3, H, W) → clean latents z0 in fp32 whatever the autocast, so the
+        noise and x_t are formed in fp32 as the official q_sample does. Resized bilinearly with
         align_corners=True to the prior's pixel size as the official preprocessor (§1.3)."""
         size = self.pixel_size
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
-        return self.encoder(images * 2 - 1)
+        return self.encoder(images * 2 - 1).float()
 
     def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
         """Label-table rows for `labels` (any shape) → (*labels.shape, hidden), detached."""

@@ -197,8 +197,9 @@ class SD3Prior(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W) → latents (posterior mean − shift_factor) · scaling_factor.
-        The mean, not a sample, as the official DUSA (dusa_official.md §3.2)."""
+        """Images in [0, 1] (B, 3, H, W) → latents (posterior mean − shift_factor) · scaling_factor,
+        in fp32 whatever the autocast (noise and x_t are formed in fp32). The mean, not a sample,
+        as the official DUSA (dusa_official.md §3.2)."""
         multiple = self.pixel_multiple
         if images.shape[-2] % multiple or images.shape[-1] % multiple:
             raise ConfigError(
@@ -206,7 +207,7 @@ class SD3Prior(nn.Module):
             )
         config = self.vae.config
         mean = self.vae.encode(images.to(self.devices[0], torch.float32) * 2 - 1).latent_dist.mean
-        return (mean - config.shift_factor) * config.scaling_factor
+        return (mean.float() - config.shift_factor) * config.scaling_factor
 
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Velocity (ε − x0) for noisy latents (N, 16, h, w) at noise levels σ (N,), each
