@@ -60,7 +60,12 @@ def select_candidates(
         if extra_sampling == "uniform":
             rest = torch.zeros_like(rest)
         rest = rest.scatter(-1, top, float("-inf"))  # never draw a top-k class
-        drawn = (draws or Draws()).multinomial(rest.softmax(dim=-1), extra)
+        # At a very low temperature the softmax underflows to 0 for most classes, and a draw
+        # without replacement then returns zero-probability classes, top-k ones included: those
+        # left at 0 get the smallest positive weight, top-k classes stay impossible.
+        probabilities = rest.softmax(dim=-1)
+        probabilities = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).scatter(-1, top, 0.0)
+        drawn = (draws or Draws()).multinomial(probabilities, extra)
         classes = torch.cat([top, drawn], dim=-1)
     weights = scores.gather(-1, classes).softmax(dim=-1)
     return Candidates(classes=classes, weights=weights)
@@ -105,10 +110,13 @@ class Window:
 
 
 def sliding_windows(height: int, width: int, size: int, stride: int) -> list[Window]:
-    """Square windows over an image, mmseg's slide rule on each axis: starts every `stride`
-    pixels, the last one flush with the far edge. With the short side resized to the window size
-    (the default) this is one row of windows along the long side, whichever side that is; the
-    official code fixes the row to the top, so portrait images only got their top square (§3.2)."""
+    """One row of square windows along the image's long side (§3.2: the official height stride is
+    0), started every `stride` pixels by mmseg's slide rule with the last one flush with the far
+    edge. Across, the row starts at the top (or left) edge, as the official code's; with the short
+    side resized to the window size (the default) it covers the image. The official code runs the
+    row along the width whatever the shape, so portrait images only got their top square; here it
+    follows the long side. A short side a few pixels longer than the window (the window is rounded
+    to the prior's multiple, e.g. 455 px → 448) still gets one row, not a second one 7 px lower."""
     if size > min(height, width):
         raise ValueError(f"window {size} is larger than the image's short side {min(height, width)}")
 
@@ -116,7 +124,9 @@ def sliding_windows(height: int, width: int, size: int, stride: int) -> list[Win
         count = max(length - size + stride - 1, 0) // stride + 1
         return [min(index * stride, length - size) for index in range(count)]
 
-    return [Window(top, left, size) for top in starts(height) for left in starts(width)]
+    if width >= height:
+        return [Window(0, left, size) for left in starts(width)]
+    return [Window(top, 0, size) for top in starts(height)]
 
 
 def sample_window(values: torch.Tensor, image_size: tuple[int, int], window: Window, grid: int) -> torch.Tensor:

@@ -53,6 +53,15 @@ def test_extra_classes_never_repeat_or_hit_the_top_k() -> None:
     assert all(len(set(row)) == 10 for row in uniform.classes.tolist())  # exhausts the rest exactly
 
 
+def test_a_temperature_low_enough_to_underflow_still_draws_distinct_non_top_classes() -> None:
+    logits = torch.randn(16, 1000, generator=torch.Generator().manual_seed(2)) * 3
+    logits[:, 0] = 100.0  # class 0 in the top-k: the index a zero-probability draw falls back to
+    candidates = select_candidates(logits, topk=4, extra=2, temperature=1e-3, draws=Draws(torch.Generator().manual_seed(0)))
+    for row, logit_row in zip(candidates.classes.tolist(), logits):
+        assert len(set(row)) == 6
+        assert row[4] == logit_row.topk(5).indices[4].item()  # T → 0: the next most likely class first
+
+
 def test_extra_classes_follow_the_softmax_of_the_raw_logits_over_the_rest() -> None:
     logits = torch.tensor([[9.0, 8.0, 7.0, 6.0, 2.0, 1.0, 0.0]]).expand(20000, -1)
     generator = torch.Generator().manual_seed(1)

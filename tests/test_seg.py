@@ -83,6 +83,13 @@ def test_portrait_images_slide_along_their_long_side() -> None:
     assert [(w.top, w.left) for w in windows] == [(0, 0), (171, 0)]  # not just the top square
 
 
+def test_a_short_side_just_over_the_window_still_gets_one_row() -> None:
+    # 400 × 1800 resized to at most 2048 long: 455 × 2048, windows rounded to 448 (SD3's multiple).
+    windows = sliding_windows(455, 2048, 448, 171)
+    assert {w.top for w in windows} == {0} and len(windows) == 11
+    assert windows[-1].left == 2048 - 448
+
+
 def test_logits_are_read_at_each_latent_pixels_own_place() -> None:
     # Stride-4 "logits" whose value is the x (channel 0) and y (channel 1) image coordinate of
     # each logits pixel's centre; bilinear reading of a linear map is exact inside the image.

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from dusa_cli.errors import ConfigError
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
 from dusa_cli.methods.guided import GuidedConfig, draw_timestep
@@ -60,6 +61,7 @@ class Dusa(TTAMethod):
             gradient_checkpointing=config.gradient_checkpointing,
         )
         config.check_timestep(self.prior.path)
+        _check_classes(model, self.prior, config)
         super().__init__(model, config)
 
     def configure_model(self) -> None:
@@ -132,3 +134,16 @@ class Dusa(TTAMethod):
     def loss(self, noisy, t, target, classes, weights) -> torch.Tensor:
         predictions = self.conditional_predictions(noisy, t, classes)
         return prediction_loss(mix(predictions, weights), target, self.config.loss_weights)
+
+
+def _check_classes(model: nn.Module, prior: GenerativePrior, config: DusaConfig) -> None:
+    """Candidate classes index the prior's label table by the classifier's class ids: a mismatch
+    would condition on the wrong rows (or past the table) without a word."""
+    classes = getattr(model, "num_classes", prior.num_classes)
+    if classes != prior.num_classes:
+        raise ConfigError(
+            f"the classifier predicts {classes} classes but prior {config.prior} is conditioned on "
+            f"{prior.num_classes}: both must use the same label set"
+        )
+    if config.topk + config.extra > classes:
+        raise ConfigError(f"topk + extra = {config.topk + config.extra} candidates, more than the {classes} classes")
