@@ -8,6 +8,8 @@ accumulation or the number of processes (issue 6: "the same sampled classes give
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 MASK64 = (1 << 64) - 1
@@ -21,6 +23,12 @@ def mix(*values: int) -> int:
         state = (state ^ (state >> 31)) * 0x94D049BB133111EB & MASK64
         state ^= state >> 29
     return state >> 1
+
+
+def task_key(seed: int, task: str) -> int:
+    """A task's key from the run's seed and its name, not its place in the run's task list: a
+    task run alone draws what it draws inside the full list (as the official code re-seeds)."""
+    return mix(seed, zlib.crc32(task.encode()))
 
 
 class Draws:

@@ -145,6 +145,24 @@ def test_a_timestep_off_the_priors_path_is_a_config_error(tiny_vae: Path) -> Non
         make("dusa", "sit_tiny", tiny_vae, timestep=100)  # the DDPM step on a flow prior
     with pytest.raises(ConfigError, match="ddpm timestep"):
         make("dusa", "dit_tiny", tiny_vae, timestep_range=(0.2, 0.4))
+    # A range is checked at both ends: [100, 1000) is the last valid one, not [100, 1001).
+    make("dusa", "dit_tiny", tiny_vae, timestep_range=(100, 1000))
+    with pytest.raises(ConfigError, match="got 1000"):
+        make("dusa", "dit_tiny", tiny_vae, timestep_range=(100, 1001))
+    with pytest.raises(ConfigError, match="got 1.5"):
+        make("dusa", "sit_tiny", tiny_vae, timestep_range=(0.1, 1.5))
+    with pytest.raises(ValueError, match="lo < hi"):
+        make("dusa", "sit_tiny", tiny_vae, timestep_range=(0.4, 0.2))
+
+
+def test_classifier_and_prior_must_share_their_label_set(tiny_vae: Path) -> None:
+    torch.manual_seed(0)
+    eleven = create_classifier(ModelConfig(name="convnext_atto", num_classes=11))
+    config = get_method("dusa").Config(name="dusa", prior="dit_tiny", vae=str(tiny_vae))
+    with pytest.raises(ConfigError, match="predicts 11 classes but prior dit_tiny is conditioned on 10"):
+        get_method("dusa")(eleven, config)
+    with pytest.raises(ConfigError, match="topk \\+ extra = 11 candidates, more than the 10 classes"):
+        make("dusa", "dit_tiny", tiny_vae, topk=4, extra=7)
 
 
 def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
@@ -200,6 +218,22 @@ def test_micro_batch_layout_does_not_change_a_dusa_run(digits_c: Path, tmp_path:
     assert one["num_samples"] == two["num_samples"] == 32
     assert one["top1"] == two["top1"]
     assert one["mean_loss"] == pytest.approx(two["mean_loss"], rel=1e-5)
+
+
+def test_a_task_run_alone_draws_what_it_draws_inside_a_longer_run(digits_c: Path, tmp_path: Path) -> None:
+    """Draws are keyed by the task's name, not its place in the list: fog alone and fog after
+    another task (reset between them) see the same noise and extra classes, so the same run."""
+    runs = {}
+    for name, corruptions in (("alone", ["fog"]), ("second", ["gaussian_noise", "fog"])):
+        overrides = {
+            "data.root": str(digits_c), "data.corruptions": corruptions, "data.num_ex": 16, "data.batch_size": 8,
+            "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False,
+            "run.output": str(tmp_path / name),
+        }  # fmt: skip
+        runs[name] = run_experiment(load_config(PRESET, overrides)).results["tasks"][-1]
+    alone, second = runs["alone"], runs["second"]
+    assert second["corruption"] == alone["corruption"] == "fog"
+    assert (second["top1"], second["mean_loss"]) == (alone["top1"], alone["mean_loss"])
 
 
 def test_compiled_and_channels_last_runs_compute_what_the_eager_run_does(digits_c: Path, tmp_path: Path) -> None:

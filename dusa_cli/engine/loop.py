@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
-from dusa_cli.draws import mix
+from dusa_cli.draws import task_key
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.classification import CLASSIFICATION
 from dusa_cli.engine.distributed import (
@@ -99,7 +99,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         return adapter, datasets
 
     adapter, datasets = agree(setup)
-    initial = _to_cpu(adapter.state_dict())
+    initial = None if continual else _to_cpu(adapter.state_dict())  # what each reset restores
     if not world.is_main:  # its own random stream from here; rank 0 goes on with the single-process one
         seed_everything(world.process_seed(seed))
     tracked = config.run.track if world.is_main else []  # rank 0 tracks, as it writes the results
@@ -114,16 +114,17 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
     with ExitStack() as opened:  # the trackers close however the run ends
         trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output)]
         for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
-            if task_id(corruption, severity) in done:
+            name = task_id(corruption, severity)
+            if name in done:
                 continue
             if not continual:  # fully TTA: every task starts from the source model (§1.7)
                 adapter.load_state_dict(initial)
                 seed_everything(world.process_seed(seed))
             # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
             loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
-            progress.start_task(task_id(corruption, severity), len(dataset))
+            progress.start_task(name, len(dataset))
             with profiled(adapter, devices, config.run.output / "profile") if profiling else nullcontext():
-                record = kind.run(adapter, loader, config.data, devices, progress, mix(seed, index))
+                record = kind.run(adapter, loader, config.data, devices, progress, task_key(seed, name))
             profiling = False
             progress.end_task()
             record = {"corruption": corruption, "severity": severity} | record
