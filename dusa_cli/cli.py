@@ -70,7 +70,7 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local .pth/.safeten
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root (ImageNet-C, CIFAR-C or, with --task seg, ADE20K-C layout) → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--corruption", help="Corruption name, comma list, 'all' (15) or 'extra' (4); repeatable → data.corruptions."),
+    typer.Option("--corruption", help="Corruption name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable → data.corruptions."),
 ]
 SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Severity 1-5, repeatable → data.severities.")]
 NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="Deterministic subset of N images per task (e.g. 5000) → data.num_ex.")]
