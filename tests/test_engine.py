@@ -1,6 +1,7 @@
 """The online loop on real digits-C files: metrics, determinism, resets, resume, output safety."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,12 +111,39 @@ def test_output_directory_guards(digits_c: Path, tmp_path: Path) -> None:
     with pytest.raises(DusaError, match="holds another run"):
         run_experiment(config)
     changed = config_for(digits_c, tmp_path / "run", method="norm")
-    with pytest.raises(DusaError, match="config.yaml differs"):
+    with pytest.raises(DusaError, match="differs from its config.yaml in method.name \\('source' → 'norm'\\)"):
         run_experiment(changed, resume=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(DusaError, match="not empty"):
         run_experiment(config_for(digits_c, tmp_path / "other"))
+
+
+def test_resume_takes_a_moved_run_cleans_killed_writes_and_records_each_session(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", method="source")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, progress=StopAfter(batches=4))  # stops in task 2
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "run", moved)
+    (moved / ".state.pt.k1ll3d").write_bytes(b"half a write")  # what a SIGKILL mid-write leaves
+    # Where the run is written and how it loads data are not what it computes: it resumes.
+    options = {"data.num_workers": 1}
+    resumed = run_experiment(config_for(digits_c, moved, method="source", **options), resume=True).results
+    assert resumed["status"] == "complete" and len(resumed["tasks"]) == 2
+    assert not list(moved.glob(".*"))
+    environment = json.loads((moved / "environment.json").read_text())
+    assert environment["device"] == "cpu" and len(environment["resumed"]) == 1
+
+    # Killed between config.yaml and its first results: --resume starts it afresh.
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(moved / "config.yaml", early / "config.yaml")
+    with pytest.raises(DusaError, match="holds another run"):
+        run_experiment(config_for(digits_c, early, method="source"))
+    assert len(run_experiment(config_for(digits_c, early, method="source"), resume=True).results["tasks"]) == 2
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DusaError, match="is a file, not a directory"):
+        run_experiment(config_for(digits_c, tmp_path / "file"))
 
 
 def test_missing_task_fails_before_writing_anything(digits_c: Path, tmp_path: Path) -> None:

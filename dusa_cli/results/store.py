@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from dusa_cli.config.loader import dump_config
 from dusa_cli.config.schema import ExperimentConfig
@@ -44,18 +45,23 @@ class ResultsStore:
     ) -> ResultsStore:
         results_path = root / RESULTS_FILE
         config_text = dump_config(config)
-        if results_path.is_file():
+        if root.exists() and not root.is_dir():
+            raise DusaError(f"output {root} is a file, not a directory")
+        if resume:  # the user says the directory is this run's: no other process is writing it
+            _remove_unfinished_writes(root)
+        if results_path.is_file() or (root / "config.yaml").is_file():
             if not resume:
                 raise DusaError(
                     f"{root} holds another run; pass --resume to continue it or choose another --output"
                 )
-            saved = (root / "config.yaml").read_text() if (root / "config.yaml").is_file() else ""
-            if saved != config_text:
-                raise DusaError(f"cannot resume {root}: its config.yaml differs from this run's config")
-            store = cls(root, json.loads(results_path.read_text()))
-            store.results["status"] = "running"
-            return store
-        if root.exists() and any(root.iterdir()):
+            _check_same_config(root, config_text)
+            if results_path.is_file():
+                store = cls(root, json.loads(results_path.read_text()))
+                store.results["status"] = "running"
+                _record_resume(root, environment)
+                return store
+            # Stopped before its first results were written: nothing to keep, it starts afresh.
+        elif root.exists() and any(root.iterdir()):
             raise DusaError(f"output directory {root} is not empty and holds no dusa run")
         plan = [
             {"corruption": c, "severity": s}
@@ -117,3 +123,50 @@ class ResultsStore:
     def _save(self) -> None:
         if self.writable:
             write_json_atomic(self.root / RESULTS_FILE, self.results)
+
+
+# What a resumed run may change: where it is written and how it is run, not what it computes.
+RESUMABLE_CHANGES = {"run.output", "data.num_workers", "run.track", "run.profile"}
+# The files a run writes atomically (results/io.py): a killed write leaves `.NAME.xxxx` behind.
+ATOMIC_FILES = ("config.yaml", "environment.json", RESULTS_FILE, "state.pt")
+
+
+def _remove_unfinished_writes(root: Path) -> None:
+    """Temporary files of writes that a SIGKILL (or power loss) stopped: never part of the run."""
+    for name in ATOMIC_FILES if root.is_dir() else ():
+        for leftover in root.glob(f".{name}.*"):
+            leftover.unlink(missing_ok=True)
+
+
+def _check_same_config(root: Path, config_text: str) -> None:
+    """A resumed run must compute what the first session computed; the error names what differs."""
+    saved_path = root / "config.yaml"
+    if not saved_path.is_file():
+        raise DusaError(f"cannot resume {root}: its config.yaml is missing")
+    saved, current = (_flatten(yaml.safe_load(text)) for text in (saved_path.read_text(), config_text))
+    changed = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+    changed = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(f"{key} ({saved.get(key)!r} → {current.get(key)!r})" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {shown}{more}")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"run": {"seed": 1}} → {"run.seed": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _record_resume(root: Path, environment: dict[str, Any]) -> None:
+    """environment.json keeps the first session's record and appends each resume's (code,
+    machine and process count may change between sessions)."""
+    path = root / "environment.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded.setdefault("resumed", []).append(environment)
+    write_json_atomic(path, recorded)
