@@ -98,3 +98,24 @@ def test_segmentation_section_and_defaults(tmp_path: Path) -> None:
         load_config(write(tmp_path, BASE), {"data.short_side": 256})  # a segmentation key in a cls config
     with pytest.raises(ConfigError, match="method 'dusa_seg' serves task seg, not cls"):
         load_config(write(tmp_path, BASE), {"method.name": "dusa_seg"})
+
+
+def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^command line: data\.corruptions: unknown corruption 'fgo'"):
+        load_config(write(tmp_path, BASE), {"data.corruptions": ["fgo"]})
+    with pytest.raises(ConfigError, match=r"^command line: data\.batch_size: Input should be greater"):
+        load_config(write(tmp_path, BASE), {}, ["data.batch_size=0"])  # nested config: no "Value error, data: …"
+    path = write(tmp_path, BASE + "optim: {lr: -1}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim\.lr"):
+        load_config(path, {"run.seed": 3})
+    with pytest.raises(ConfigError, match=r"c\.yaml and command line: optim\.lr: .*; run\.seed"):
+        load_config(path, {"run.seed": -3})
+
+
+def test_repeated_severities_are_one_task_and_seeds_are_63_bit(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(path, {"data.severities": [5, 3, 5]}).data.severities == [5, 3]
+    assert load_config(path, {"run.seed": 2**63 - 1}).run.seed == 2**63 - 1
+    for seed in (-1, 2**63):
+        with pytest.raises(ConfigError, match="run.seed"):
+            load_config(path, {"run.seed": seed})

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dusa_cli.config.schema import ExperimentConfig, format_validation_error
+from dusa_cli.config.schema import ExperimentConfig, format_problems, validation_problems
 from dusa_cli.errors import ConfigError
 
 
@@ -105,11 +105,20 @@ def load_config(
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        source = str(path) if path is not None else "command line"
-        raise ConfigError(f"{source}: {format_validation_error(error)}") from None
-    except ConfigError as error:
-        source = str(path) if path is not None else "command line"
-        raise ConfigError(f"{source}: {error}") from None
+        problems = validation_problems(error)
+        given = set(overrides) | {parse_assignment(a)[0] for a in assignments or []}
+        raise ConfigError(f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}") from None
+
+
+def _blame(path: Path | None, locations: list[str], given: set[str]) -> str:
+    """Where the bad values came from: the preset file, the command line or both."""
+    from_command_line = [
+        any(location == key or location.startswith(f"{key}.") or key.startswith(f"{location}.") for key in given)
+        for location in locations
+    ]
+    if path is None or all(from_command_line):
+        return "command line"
+    return f"{path} and command line" if any(from_command_line) else str(path)
 
 
 def dump_config(config: ExperimentConfig) -> str:

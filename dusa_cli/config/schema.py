@@ -22,16 +22,29 @@ from pydantic import (
 )
 
 from dusa_cli.data.corruptions import resolve_corruptions
+from dusa_cli.errors import ConfigError
+
+
+def validation_problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """(location, message) per pydantic error. Errors that a nested config re-raised as text
+    (data, method) already carry their location: it is taken from the text."""
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        if location and message.startswith(f"{location}."):
+            location, _, message = message.partition(": ")
+        problems.append((location, message))
+    return problems
+
+
+def format_problems(problems: list[tuple[str, str]]) -> str:
+    """One line: `a.b: message; c: message`."""
+    return "; ".join(f"{location}: {message}" if location else message for location, message in problems)
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per pydantic error list: `a.b: message; c: message`."""
-    parts = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        parts.append(f"{location}: {message}" if location else message)
-    return "; ".join(parts)
+    return format_problems(validation_problems(error, prefix))
 
 
 class StrictModel(BaseModel):
@@ -69,14 +82,17 @@ class DataConfig(StrictModel):
     def _expand(cls, value: Any) -> list[str]:
         if isinstance(value, str):
             value = [value]
-        return resolve_corruptions(value)
+        try:
+            return resolve_corruptions(value)
+        except ConfigError as error:  # as a ValueError, pydantic gives it its location
+            raise ValueError(str(error)) from None
 
     @field_validator("severities")
     @classmethod
     def _severity_range(cls, value: list[int]) -> list[int]:
         if not value or any(s not in range(1, 6) for s in value):
             raise ValueError("severities must be a non-empty list of integers 1..5")
-        return value
+        return list(dict.fromkeys(value))  # `--severity 5 --severity 5` is one task, not two
 
 
 class SegDataConfig(DataConfig):
@@ -115,7 +131,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 class RunConfig(StrictModel):
     setting: Literal["reset_each_shift", "continual"] = "reset_each_shift"
-    seed: int = 2024
+    seed: int = Field(default=2024, ge=0, lt=2**63, description="seeds every random draw (a 63-bit key)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="autocast precision (fp16 adds a GradScaler); segmentation defaults to bf16"
     )
