@@ -541,7 +541,8 @@ def report(
     metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:
-    """Tables over results: rows = methods (mean ± std over seeds), columns = corruptions + mean."""
+    """Tables over results: one row per experiment (mean ± std over its distinct seeds;
+    rows of one method are labelled by the settings that differ), columns = corruptions + mean."""
     from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
     from dusa_cli.ui import stdout
 

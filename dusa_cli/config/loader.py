@@ -121,5 +121,16 @@ def _blame(path: Path | None, locations: list[str], given: set[str]) -> str:
     return f"{path} and command line" if any(from_command_line) else str(path)
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"run": {"seed": 1}} → {"run.seed": 1}: configs compared key by key."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def dump_config(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

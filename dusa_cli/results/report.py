@@ -1,4 +1,5 @@
-"""Tables across runs: rows = methods (seeds pooled as mean ± std), columns = corruptions + mean."""
+"""Tables across runs: rows = experiments (a method and its settings; seeds pooled as mean ±
+std), columns = corruptions + mean."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from dusa_cli.config.loader import flatten
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.errors import DusaError
-from dusa_cli.results.store import RESULTS_FILE, RESULTS_FORMAT
+from dusa_cli.results.store import RESULTS_FILE, RESULTS_FORMAT, RESUMABLE_CHANGES
 
 # metric → (task record key, title, the task it belongs to)
 METRICS = {
@@ -21,7 +25,6 @@ METRICS = {
     "err": ("error", "error (%)", "cls"),
     "miou": ("miou", "mIoU (%)", "seg"),
 }
-GROUP_FIELDS = ("method", "model", "setting", "task")
 MEAN = "mean"
 
 
@@ -65,6 +68,7 @@ class Table:
     title: str
     columns: list[str]
     rows: list[Row]
+    notes: list[str] = field(default_factory=list)
 
 
 def _run_columns(run: dict[str, Any], key: str) -> dict[str, float]:
@@ -83,35 +87,89 @@ def default_metric(runs: list[dict[str, Any]]) -> str:
     return "miou" if tasks == {"seg"} else "acc"
 
 
+# How and where a run was executed, not what it measured: runs that differ only in these are
+# seeds (or reruns) of one experiment.
+HOW_IT_RAN = RESUMABLE_CHANGES | {"run.seed", "run.device", "run.split_devices", "run.compile", "run.compile_mode", "run.channels_last"}
+
+
+def _experiment(run: dict[str, Any]) -> dict[str, Any]:
+    """What the run measured: its config.yaml minus how it ran. Results without their config
+    (a copied results.json, or a run still in memory) are told apart by what results.json names."""
+    path = Path(run["path"], "config.yaml") if "path" in run else None
+    if path is None or not path.is_file():
+        return {"task": run.get("task", "cls"), "method.name": run.get("method"), "model.name": run.get("model"), "run.setting": run.get("setting")}
+    try:
+        config = flatten(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError, AttributeError) as error:
+        raise DusaError(f"unreadable config file {path}: {error}") from None
+    return {key: value for key, value in config.items() if key not in HOW_IT_RAN}
+
+
+def _value(value: Any) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _labels(experiments: list[dict[str, Any]]) -> list[str]:
+    """The method, then the settings in which its rows differ: `tent · optim.lr=0.001`."""
+    labels = []
+    for experiment in experiments:
+        siblings = [other for other in experiments if other.get("method.name") == experiment.get("method.name")]
+        keys = sorted({key for other in siblings for key in other})
+        varying = [key for key in keys if len({json.dumps(other.get(key), default=str) for other in siblings}) > 1]
+        labels.append(" · ".join([str(experiment.get("method.name")), *(f"{key}={_value(experiment.get(key))}" for key in varying)]))
+    return labels
+
+
+def _one_per_seed(runs: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
+    """A rerun of an experiment with the same seed is not another sample: the run with most
+    finished tasks counts (the first listed on a tie), and a note says which was left out."""
+    kept: dict[Any, dict[str, Any]] = {}
+    for run in runs:
+        seed = run.get("seed")
+        if seed not in kept:
+            kept[seed] = run
+            continue
+        counted, dropped = (run, kept[seed]) if len(run["tasks"]) > len(kept[seed]["tasks"]) else (kept[seed], run)
+        kept[seed] = counted
+        notes.append(f"{dropped.get('path', 'a run')} repeats seed {seed} of {counted.get('path', 'a run')}: counted once")
+    return list(kept.values())
+
+
 def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
+    """One row per experiment (runs that differ only in seed or in how they ran); its cells are
+    the mean ± std over distinct seeds."""
     metric = metric or default_metric(runs)
     key, title, task = METRICS[metric]
     other = sorted({run.get("path", "a run") for run in runs if run.get("task", "cls") != task})
     if other:
         raise DusaError(f"--metric {metric} scores task {task}, but {other[0]} is not a {task} run")
-    varying = [f for f in GROUP_FIELDS if len({r.get(f) for r in runs}) > 1]
-    rows: dict[tuple, Row] = {}
-    names: set[str] = set()
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for run in runs:
-        group = tuple(run.get(f) for f in GROUP_FIELDS)
-        label = " · ".join(str(run.get(f)) for f in ["method", *[v for v in varying if v != "method"]])
-        row = rows.setdefault(group, Row(label=label))
-        row.seeds.append(run.get("seed"))
-        columns = _run_columns(run, key)
-        names.update(columns)
-        for name, value in columns.items():
-            row.values.setdefault(name, []).append(value)
-        planned = {(t["corruption"], t["severity"]) for t in run["planned_tasks"]}
-        complete = len(run["tasks"]) == len(planned) and run["tasks"]
-        if complete:
-            row.values.setdefault(MEAN, []).append(statistics.fmean(columns.values()))
-        else:
-            row.partial = True
-    ordered = sorted(rows.values(), key=lambda row: not row.label.startswith("source"))  # reference first
+        experiment = _experiment(run)
+        groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), (experiment, []))[1].append(run)
+    notes: list[str] = []
+    rows: list[Row] = []
+    names: set[str] = set()
+    for label, (_, members) in zip(_labels([experiment for experiment, _ in groups.values()]), groups.values()):
+        row = Row(label=label)
+        for run in _one_per_seed(members, notes):
+            row.seeds.append(run.get("seed"))
+            columns = _run_columns(run, key)
+            names.update(columns)
+            for name, value in columns.items():
+                row.values.setdefault(name, []).append(value)
+            planned = {(t["corruption"], t["severity"]) for t in run["planned_tasks"]}
+            if run["tasks"] and len({(t["corruption"], t["severity"]) for t in run["tasks"]}) == len(planned):
+                row.values.setdefault(MEAN, []).append(statistics.fmean(columns.values()))
+            else:
+                row.partial = True
+        rows.append(row)
+    rows.sort(key=lambda row: not row.label.startswith("source"))  # the reference first, otherwise as found
     order = [c for c in ALL_CORRUPTIONS if c in names] + sorted(names - set(ALL_CORRUPTIONS))
     severities = sorted({t["severity"] for r in runs for t in r["tasks"]})
     suffix = f", severity {', '.join(map(str, severities))}" if severities else ""
-    return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=ordered)
+    return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=rows, notes=notes)
 
 
 def _format(cell: tuple[float, float] | None, seeds: int) -> str:
@@ -137,16 +195,18 @@ def to_markdown(table: Table) -> str:
     lines = [f"**{table.title}**", "", "| " + " | ".join(_header(table)) + " |"]
     lines.append("|" + "---|" * len(_header(table)))
     lines += ["| " + " | ".join(cells) + " |" for cells in _cells(table)]
+    lines += ["", *(f"- {note}" for note in table.notes)] if table.notes else []
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: Table) -> str:
-    """Machine-readable: one mean and one std column per corruption."""
+    """Machine-readable: one mean and one std column per corruption; `complete` is false where a
+    run stopped early (its mean is then over the complete runs only, or empty)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["method", "seeds", *[f"{c}{s}" for c in table.columns for s in ("", "_std")]])
+    writer.writerow(["method", "seeds", "complete", *[f"{c}{s}" for c in table.columns for s in ("", "_std")]])
     for row in table.rows:
-        values: list[str] = [row.label, str(len(row.seeds))]
+        values: list[str] = [row.label, str(len(row.seeds)), str(not row.partial).lower()]
         for column in table.columns:
             cell = row.cell(column)
             values += ["", ""] if cell is None else [f"{cell[0]:.4f}", f"{cell[1]:.4f}"]
@@ -163,7 +223,8 @@ def to_rich(table: Table, width: int = 200):
     if needed > width:  # transpose: rows = corruptions (+ seeds, mean), columns = methods
         header, body = ["corruption", *(row[0] for row in body)], [list(r) for r in zip(*body)][1:]
         body = [[name, *cells] for name, cells in zip(_header(table)[1:], body)]
-    rich_table = RichTable(title=table.title, header_style="bold")
+    caption = "\n".join(table.notes) or None
+    rich_table = RichTable(title=table.title, caption=caption, caption_justify="left", header_style="bold")
     for index, name in enumerate(header):
         rich_table.add_column(name, justify="left" if index == 0 else "right", overflow="fold")
     for cells in body:

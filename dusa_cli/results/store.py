@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from dusa_cli.config.loader import dump_config
+from dusa_cli.config.loader import dump_config, flatten
 from dusa_cli.config.schema import ExperimentConfig
 from dusa_cli.errors import DusaError
 from dusa_cli.results.io import write_atomic, write_json_atomic, write_text_atomic
@@ -143,24 +143,13 @@ def _check_same_config(root: Path, config_text: str) -> None:
     saved_path = root / "config.yaml"
     if not saved_path.is_file():
         raise DusaError(f"cannot resume {root}: its config.yaml is missing")
-    saved, current = (_flatten(yaml.safe_load(text)) for text in (saved_path.read_text(), config_text))
+    saved, current = (flatten(yaml.safe_load(text)) for text in (saved_path.read_text(), config_text))
     changed = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
     changed = [key for key in changed if key not in RESUMABLE_CHANGES]
     if changed:
         shown = ", ".join(f"{key} ({saved.get(key)!r} → {current.get(key)!r})" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {shown}{more}")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"run": {"seed": 1}} → {"run.seed": 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _record_resume(root: Path, environment: dict[str, Any]) -> None:

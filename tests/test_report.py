@@ -1,0 +1,56 @@
+"""`dusa report` rows: one per experiment (config minus seed and how it ran), seeds counted once."""
+
+import csv
+import io
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from dusa_cli.config.loader import load_config
+from dusa_cli.engine.loop import run_experiment
+from dusa_cli.results.report import MEAN, build_table, find_runs, to_csv, to_markdown
+
+PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
+
+
+@pytest.fixture(scope="module")
+def sweep(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tent at two learning rates × two seeds, and source once, all real runs on digits-C."""
+    root = tmp_path_factory.mktemp("sweep")
+    plan = [("source", None, 1)] + [("tent", lr, seed) for lr in (0.001, 0.01) for seed in (1, 2)]
+    for method, lr, seed in plan:
+        overrides = {"data.root": str(digits_c), "data.corruptions": ["gaussian_noise", "fog"], "data.batch_size": 16,
+                     "method.name": method, "run.seed": seed, "run.output": str(root / f"{method}-{lr}-{seed}")}
+        run_experiment(load_config(PRESET, overrides, [f"optim.lr={lr}"] if lr else []))
+    return root
+
+
+def test_a_learning_rate_sweep_is_two_rows_labelled_by_the_rate(sweep: Path) -> None:
+    table = build_table(find_runs([sweep]))
+    assert [row.label for row in table.rows] == ["source", "tent · optim.lr=0.001", "tent · optim.lr=0.01"]
+    assert [sorted(row.seeds) for row in table.rows] == [[1], [1, 2], [1, 2]]
+    for row, lr in zip(table.rows[1:], ("0.001", "0.01")):
+        means = [100 * json.loads((sweep / f"tent-{lr}-{seed}" / "results.json").read_text())["summary"]["mean_top1"]
+                 for seed in (1, 2)]
+        assert row.cell(MEAN) == pytest.approx((statistics.fmean(means), statistics.stdev(means)))
+
+
+def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    shutil.copytree(runs / "tent-0.01-1", runs / "tent-0.01-1-again")  # the same experiment and seed, moved
+    partial = runs / "tent-0.001-2" / "results.json"
+    results = json.loads(partial.read_text())
+    results["tasks"], results["status"] = results["tasks"][:1], "interrupted"
+    partial.write_text(json.dumps(results))
+    table = build_table(find_runs([runs]))
+    assert [len(row.seeds) for row in table.rows] == [1, 2, 2]
+    assert table.notes == [f"{runs / 'tent-0.01-1-again'} repeats seed 1 of {runs / 'tent-0.01-1'}: counted once"]
+    rows = {row["method"]: row for row in csv.DictReader(io.StringIO(to_csv(table)))}
+    assert rows["tent · optim.lr=0.001"]["complete"] == "false" and rows["tent · optim.lr=0.01"]["complete"] == "true"
+    assert rows["tent · optim.lr=0.001"]["mean_std"] == "0.0000"  # the mean is over the one complete run
+    markdown = to_markdown(table)
+    assert "| tent · optim.lr=0.001 (partial) | 2 |" in markdown and "counted once" in markdown
