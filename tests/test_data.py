@@ -18,6 +18,7 @@ import dusa_cli  # noqa: F401  (installs the torchvision shim before anything im
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.data.datasets import (
     ImageFolderTask,
+    check_labels,
     class_index,
     imagenet_wnids,
     open_split,
@@ -199,15 +200,23 @@ def test_class_index_wnids_canonical_integers_by_value_others_sorted(tmp_path: P
     wnids = imagenet_wnids()
     assert len(wnids) == 1000 and list(wnids) == sorted(wnids)
     partial = [wnids[999], wnids[0], wnids[417]]
-    assert class_index(partial) == {wnids[999]: 999, wnids[0]: 0, wnids[417]: 417}
-    assert class_index(["10", "2", "7"]) == {"10": 10, "2": 2, "7": 7}
-    assert class_index(["dog", "cat"]) == {"cat": 0, "dog": 1}
-    assert class_index(["n99999999", wnids[5]]) == {wnids[5]: 0, "n99999999": 1}
+    assert class_index(partial) == ({wnids[999]: 999, wnids[0]: 0, wnids[417]: 417}, True)
+    assert class_index(["10", "2", "7"]) == ({"10": 10, "2": 2, "7": 7}, True)
+    assert class_index(["dog", "cat"]) == ({"cat": 0, "dog": 1}, False)
+    assert class_index(["n99999999", wnids[5]]) == ({wnids[5]: 0, "n99999999": 1}, False)
 
     for wnid in partial:
         write_png(tmp_path / "fog" / "3" / wnid / "a.JPEG")  # PNG bytes, .JPEG name: decodes
     task = open_task(tmp_path, "fog", 3)
     assert sorted(label for _, label in (task[i] for i in range(len(task)))) == [0, 417, 999]
+    check_labels(task, 1000)  # three of ImageNet's classes, each at its own index
+    with pytest.raises(DusaError, match=r"labels run 0\.\.999, but the model predicts 10 classes"):
+        check_labels(task, 10)
+    for name in ("cat", "dog"):
+        write_png(tmp_path / "snow" / "3" / name / "a.png")
+    check_labels(open_task(tmp_path, "snow", 3), 2)  # every class named: sorted order is the convention
+    with pytest.raises(DusaError, match="2 class folders are named neither by ImageNet wnid nor by class index"):
+        check_labels(open_task(tmp_path, "snow", 3, num_ex=1), 1000)
 
 
 def test_cifar_c_arrays(tmp_path: Path) -> None:
@@ -225,6 +234,8 @@ def test_cifar_c_arrays(tmp_path: Path) -> None:
 
     np.save(tmp_path / "labels.npy", np.arange(per_severity))  # one copy for all severities
     assert open_task(tmp_path, "fog", 5)[3][1] == 3
+    with pytest.raises(DusaError, match=r"labels run 0\.\.3, but the model predicts 3 classes"):
+        check_labels(open_task(tmp_path, "fog", 5), 3)
     np.save(tmp_path / "snow.npy", images[:7])
     with pytest.raises(DusaError, match="snow.npy"):
         open_task(tmp_path, "snow", 1)

@@ -300,7 +300,7 @@ def test_segmentation_baselines_run_end_to_end(models: dict[str, Path], ade_c: P
         assert loss is None if method == "norm" else math.isfinite(loss)  # norm has no loss
     report = dusa("report", str(tmp_path), "--format", "csv")
     assert report.returncode == 0, report.stderr
-    assert report.stdout.startswith("method,seeds,gaussian_noise") and len(report.stdout.splitlines()) == 4
+    assert report.stdout.startswith("method,seeds,complete,gaussian_noise") and len(report.stdout.splitlines()) == 4
 
 
 def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:

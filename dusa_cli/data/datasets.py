@@ -39,21 +39,21 @@ def imagenet_wnids() -> tuple[str, ...]:
         raise DusaError(f"cannot read the ImageNet-1k class list {path}: {exc.strerror}") from exc
 
 
-def class_index(folder_names: Sequence[str]) -> dict[str, int]:
-    """Map class folder names to label indices.
+def class_index(folder_names: Sequence[str]) -> tuple[dict[str, int], bool]:
+    """Map class folder names to label indices, and say whether the names fixed them.
 
     ImageNet-1k wnids map to their canonical index and integer names to their value, so a copy
     holding only some classes still lines up with the model's outputs; any other names are
-    numbered in sorted order.
+    numbered in sorted order (then only a copy with every class lines up: `check_labels`).
     """
     names = list(folder_names)
     if names and all(_WNID.fullmatch(name) for name in names):
         canonical = {wnid: index for index, wnid in enumerate(imagenet_wnids())}
         if all(name in canonical for name in names):
-            return {name: canonical[name] for name in names}
+            return {name: canonical[name] for name in names}, True
     if names and all(name.isdecimal() for name in names):
-        return {name: int(name) for name in names}
-    return {name: index for index, name in enumerate(sorted(names))}
+        return {name: int(name) for name in names}, True
+    return {name: index for index, name in enumerate(sorted(names))}, False
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -67,7 +67,7 @@ class ImageFolderTask(Dataset[Item]):
     def __init__(self, root: Path) -> None:
         folders = class_folders(root)
         self.root = root
-        self.class_to_index = class_index([folder.name for folder in folders])
+        self.class_to_index, self.named_indices = class_index([folder.name for folder in folders])
         self.samples = [
             (path, self.class_to_index[folder.name])
             for folder in folders
@@ -158,6 +158,27 @@ def open_task(
             f"(ImageNet-C layout) or file {array_file} (CIFAR-C layout)"
         )
     return _subset(task, num_ex, seed)
+
+
+def check_labels(task: Dataset[Item], num_classes: int) -> None:
+    """Labels the model cannot predict would be scored as misses, without a word: refuse them,
+    and refuse folder names numbered by sort order when they cannot match the model's classes."""
+    base = task.dataset if isinstance(task, Subset) else task
+    if isinstance(base, ImageFolderTask):
+        if not base.named_indices and len(base.class_to_index) != num_classes:
+            raise DusaError(
+                f"{base.root}: its {len(base.class_to_index)} class folders are named neither by ImageNet "
+                f"wnid nor by class index, so sorted order would number them, which cannot match the "
+                f"model's {num_classes} classes; name the folders by wnid (n01440764) or index (0, 1, …)"
+            )
+        labels = np.array([label for _, label in base.samples])
+    else:
+        labels = np.asarray(base.labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DusaError(
+            f"{base.root}: labels run {labels.min()}..{labels.max()}, but the model predicts "
+            f"{num_classes} classes (0..{num_classes - 1}); check model.num_classes or the data"
+        )
 
 
 def _subset(dataset: Dataset[Item], num_ex: int | None, seed: int) -> Dataset[Item]:

@@ -8,10 +8,10 @@ from itertools import accumulate
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from dusa_cli.config.schema import DataConfig
-from dusa_cli.data.datasets import open_task
+from dusa_cli.data.datasets import check_labels, open_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
@@ -115,11 +115,15 @@ def run_task(
     return record | timing_record(record["num_samples"], start, devices)
 
 
+def open_classification_task(data: DataConfig, corruption: str, severity: int, seed: int, num_classes: int) -> Dataset:
+    task = open_task(data.root, corruption, severity, num_ex=data.num_ex, seed=seed)
+    check_labels(task, num_classes)
+    return task
+
+
 CLASSIFICATION = TaskKind(
     create_model=create_classifier,
-    open_dataset=lambda data, corruption, severity, seed: open_task(
-        data.root, corruption, severity, num_ex=data.num_ex, seed=seed
-    ),
+    open_dataset=open_classification_task,
     run=run_task,
     summarize=partial(summarize, mean_top1="top1", mean_error="error"),
     multi_process=True,

@@ -79,7 +79,7 @@ def run_task(
 
 SEGMENTATION = TaskKind(
     create_model=create_segmenter,
-    open_dataset=lambda data, corruption, severity, seed: open_seg_task(
+    open_dataset=lambda data, corruption, severity, seed, num_classes: open_seg_task(
         data.root, corruption, severity, annotations=data.annotations, num_ex=data.num_ex, seed=seed
     ),
     run=run_task,
