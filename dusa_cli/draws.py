@@ -45,6 +45,10 @@ class Draws:
         """`count` distinct classes per row of (B, C) probabilities."""
         return torch.multinomial(probabilities, count, replacement=False, generator=self.generator)
 
+    def permutation(self, count: int, device: torch.device) -> torch.Tensor:
+        """A random order of 0..count-1 (one image's choice among its classes)."""
+        return torch.randperm(count, generator=self.generator, device=device)
+
 
 class ImageDraws(Draws):
     """One stream per image, from its key; each draw of a step uses a fresh sub-stream, so the
@@ -76,6 +80,10 @@ class ImageDraws(Draws):
         return torch.stack(
             [torch.multinomial(row, count, replacement=False, generator=g) for row, g in zip(probabilities, generators)]
         )
+
+    def permutation(self, count: int, device: torch.device) -> torch.Tensor:
+        self._check(1)
+        return torch.randperm(count, generator=next(self._per_image(device)), device=device)
 
     def _check(self, batch: int) -> None:
         if batch != len(self.keys):

@@ -155,13 +155,15 @@ class PixelCandidates:
 
 
 def select_pixel_classes(
-    scores: torch.Tensor, *, topk: int = 5, cap: int = 20, temperature: float = 1.0
+    scores: torch.Tensor, *, topk: int = 5, cap: int = 20, temperature: float = 1.0, draws: Draws | None = None
 ) -> PixelCandidates:
     """The window's classes from (C, h, w) scores (§3.3): the union over pixels of each pixel's
     top-k; above `cap` classes, every class that is top-1 somewhere is kept and the rest filled at
     random from the union; if the top-1 classes alone exceed `cap`, a random `cap` of them are
-    kept and the pixels whose top-1 class was dropped leave the loss. Draws use torch's global RNG.
+    kept and the pixels whose top-1 class was dropped leave the loss. Random choices come from
+    `draws` (the image's own stream in a run; torch's global one by default).
     """
+    draws = draws or Draws()
     ranked = scores.detach().topk(min(topk, scores.shape[0]), dim=0).indices
     union, top1 = ranked.unique(), ranked[0].unique()
     mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=scores.device)
@@ -169,10 +171,10 @@ def select_pixel_classes(
         classes = union
     elif top1.numel() <= cap:
         others = union[~torch.isin(union, top1)]
-        fill = others[torch.randperm(others.numel(), device=others.device)[: cap - top1.numel()]]
+        fill = others[draws.permutation(others.numel(), others.device)[: cap - top1.numel()]]
         classes = torch.cat([top1, fill]).sort().values
     else:
-        classes = top1[torch.randperm(top1.numel(), device=top1.device)[:cap]].sort().values
+        classes = top1[draws.permutation(top1.numel(), top1.device)[:cap]].sort().values
         mask = torch.isin(ranked[0], classes)
     weights = (scores[classes].float() / temperature).softmax(dim=0)
     return PixelCandidates(classes=classes, weights=weights, mask=mask)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dusa_cli.config.schema import ModelConfig, OptimConfig
+from dusa_cli.draws import ImageDraws
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.segmentation import predict_labels, prepare_image, resized_size
 from dusa_cli.errors import ConfigError, DusaError
@@ -135,6 +136,10 @@ def test_too_many_top1_classes_mask_the_pixels_of_the_dropped_ones() -> None:
     assert torch.equal(selected.mask, torch.isin(top1, selected.classes))
     assert 0 < selected.mask.sum() < 25
     assert torch.allclose(selected.weights.sum(dim=0), torch.ones(5, 5))
+    # In a run the choice comes from the image's own stream, not from torch's global one.
+    chosen = [select_pixel_classes(scores, topk=5, cap=3, draws=ImageDraws([key])).classes for key in (7, 7, 8, 9)]
+    torch.manual_seed(123)
+    assert torch.equal(chosen[0], chosen[1]) and not all(torch.equal(chosen[0], other) for other in chosen[2:])
 
 
 def test_masked_mixture_loss_by_hand() -> None:
@@ -317,14 +322,15 @@ def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ad
     assert yaml_split(tmp_path / "two") == ["cpu", "cpu"]
 
     # The split prior compiled block by block (and its VAE encoder): the same run, up to bf16
-    # rounding (compiled kernels fuse operations and round in other places than eager ones).
+    # rounding (compiled kernels fuse operations and round in other places than eager ones; bf16
+    # keeps 8 bits, a relative step of 2^-8 ≈ 4e-3, and the loss is a mean of such values).
     compiled = dusa(
         "adapt-seg", *seg_args(models, ade_c, tmp_path / "compiled"), *common, "--gpus", "cpu,cpu",
         "--compile", "prior",
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
     for a, b in zip(second["tasks"], json.loads((tmp_path / "compiled" / "results.json").read_text())["tasks"]):
-        assert a["miou"] == pytest.approx(b["miou"], abs=1e-4) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-3)
+        assert a["miou"] == pytest.approx(b["miou"], abs=1e-4) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=4e-3)
 
 
 def yaml_split(run: Path) -> list[str]:

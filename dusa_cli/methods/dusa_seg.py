@@ -184,7 +184,8 @@ class DusaSeg(TTAMethod):
         # L2-normalised over classes first, then read at each latent pixel's centre (§3.3 step 1).
         scores = sample_window(torch.nn.functional.normalize(logits, dim=0), images.shape[-2:], window, grid)
         candidates = select_pixel_classes(
-            scores, topk=self.config.topk, cap=self.config.classes_threshold, temperature=self.config.temperature
+            scores, topk=self.config.topk, cap=self.config.classes_threshold, temperature=self.config.temperature,
+            draws=self.draws,
         )
         noise = self.draws.normal(latents)  # one draw per window, shared by its classes
         count = candidates.classes.numel()
