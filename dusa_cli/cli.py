@@ -541,8 +541,11 @@ def report(
     metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:
-    """Tables over results: one row per experiment (mean ± std over its distinct seeds;
-    rows of one method are labelled by the settings that differ), columns = corruptions + mean."""
+    """Tables over results: rows = experiments (mean ± std over seeds), columns = corruptions + mean.
+
+    Runs whose config.yaml differ only in run.seed or in how they ran (device, compile, workers,
+    output) are seeds of one experiment; a rerun of the same seed counts once. Rows of one method
+    are labelled by the settings that differ, e.g. `tent · optim.lr=0.01`."""
     from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
     from dusa_cli.ui import stdout
 
