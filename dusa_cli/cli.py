@@ -75,10 +75,10 @@ CorruptionOpt = Annotated[
 SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Severity 1-5, repeatable → data.severities.")]
 NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="Deterministic subset of N images per task (e.g. 5000) → data.num_ex.")]
 SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed → run.seed.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results directory → run.output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config; only output, workers, tracking and profiling may change).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 class CompilePart(str, Enum):
     model = "model"
