@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from dusa_cli import __version__
-from dusa_cli.errors import ConfigError, DusaError, ExitCode
+from dusa_cli.errors import ConfigError, DusaError, ExitCode, Interrupted
+from dusa_cli.stopping import SAVED, interrupted, stoppable
 
 if TYPE_CHECKING:
     from dusa_cli.config.schema import ExperimentConfig
@@ -169,6 +170,7 @@ def split_devices(text: str) -> list[str]:
     return [f"cuda:{part}" if part.isdecimal() else part for part in parts]
 
 
+@stoppable(SAVED)
 def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str]) -> None:
     from dusa_cli.config.loader import load_config
 
@@ -217,8 +219,8 @@ def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
 
 
 def _worker(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
-    """One process of a `--gpus` run (started by engine.distributed.launch)."""
-    _guarded(lambda: _execute(config, resume, quiet))
+    """One process of a `--gpus` run (started by engine.distributed.launch, which reports a stop)."""
+    _guarded(stoppable(SAVED, report=False)(partial(_execute, config, resume, quiet)))
 
 
 def _print_version(value: bool) -> None:
@@ -238,6 +240,7 @@ def root(
 
 
 @app.command("prepare-data")
+@stoppable()
 def prepare_data(
     dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (ImageNet-C layout).")],
@@ -280,6 +283,7 @@ def prepare_data(
 
 
 @pretrain_app.command("digits-classifier")
+@stoppable()
 def pretrain_digits_classifier(
     data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Weights file to write (.safetensors); default: the packaged asset.")] = None,
@@ -298,6 +302,7 @@ def pretrain_digits_classifier(
 
 
 @pretrain_app.command("digits-prior")
+@stoppable()
 def pretrain_digits_prior(
     data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Weights file to write (.safetensors); default: the packaged asset.")] = None,
@@ -430,6 +435,7 @@ class BenchPrior(str, Enum):
 
 
 @bench_app.command("cls")
+@stoppable()
 def bench_cls_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, help="Timed updates per recipe (64 images each).")] = 5,
@@ -507,6 +513,7 @@ class SegRecipeName(str, Enum):
 
 
 @bench_app.command("seg")
+@stoppable()
 def bench_seg_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, help="Timed window updates per recipe.")] = 5,
@@ -562,7 +569,7 @@ def main() -> None:
 
 def _guarded(call: Callable[[], Any]) -> None:
     """Run `call`; a failure ends the process with one line (a traceback with --debug) and its
-    exit code. Ranks other than 0 name themselves, and leave Ctrl-C to rank 0 to report."""
+    exit code. Ranks other than 0 name themselves; one process reports a stop (stopping.py)."""
     debug = "--debug" in sys.argv or os.environ.get("DUSA_DEBUG") == "1"
     rank = os.environ.get("RANK", "0")
     origin = "" if rank == "0" else f"rank {rank}: "
@@ -570,16 +577,14 @@ def _guarded(call: Callable[[], Any]) -> None:
 
     try:
         call()
-    except DusaError as failure:
-        if debug:
+    except (DusaError, KeyboardInterrupt) as caught:
+        # A KeyboardInterrupt here came before any command's stoppable(): Ctrl-C while Typer sets up.
+        failure = caught if isinstance(caught, DusaError) else interrupted(caught)
+        if debug and not isinstance(failure, Interrupted):
             raise
-        if str(failure):  # empty: another process reports it (engine.distributed.ReportedElsewhere)
+        if str(failure):  # empty: another process reports it (ReportedElsewhere, Interrupted)
             error(origin + _own_message(failure))
         _exit(int(failure.exit_code))
-    except KeyboardInterrupt:
-        if not origin:
-            error("interrupted; finished tasks are saved (continue with --resume)")
-        _exit(int(ExitCode.INTERRUPTED))
     except Exception as failure:  # anything unexpected still ends in one line (traceback with --debug)
         if debug:
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from enum import IntEnum
 
 
@@ -9,6 +10,8 @@ class ExitCode(IntEnum):
     OK = 0
     RUNTIME = 1  # a run failed on its inputs (data, checkpoint, output directory)
     USAGE = 2  # bad flags or config (Typer/Click also use 2 for usage errors)
+    # Ctrl-C: 128 + SIGINT. SIGTERM and SIGHUP exit 128 + their numbers too (143, 129): the codes
+    # a shell gives a process that the signal killed.
     INTERRUPTED = 130
 
 
@@ -22,3 +25,23 @@ class ConfigError(DusaError):
     """Invalid YAML, unknown keys, bad values or overrides."""
 
     exit_code = ExitCode.USAGE
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised by the handlers of the stop signals (dusa_cli.stopping), so that a run unwinds as at
+    Ctrl-C: finally blocks run, atomic writes remove their temporary files."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.signal = number
+
+
+class Interrupted(DusaError):
+    """Ctrl-C, SIGTERM or SIGHUP stopped the command. Not a failure: never a traceback, even
+    with --debug. Silent (no message) where another process reports the stop."""
+
+    def __init__(self, number: int, outcome: str = "", silent: bool = False):
+        what = "interrupted" if number == signal.SIGINT else f"stopped by {signal.Signals(number).name}"
+        message = f"{what}; {outcome}" if outcome else what
+        super().__init__("" if silent else message)
+        self.exit_code = 128 + number  # type: ignore[assignment]

@@ -1,9 +1,10 @@
-"""Running the real `dusa` command in a subprocess, and what its errors must look like."""
+"""Running the real `dusa` command (or the `--gpus` launcher) in a subprocess, and what its errors must look like."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.CompletedProcess:
@@ -18,3 +19,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: 
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
+
+
+# What `--gpus 0,1` runs after its CUDA checks; with run.device cpu, two CPU processes (gloo).
+LAUNCH = """
+from pathlib import Path
+from dusa_cli.cli import _guarded, _worker
+from dusa_cli.config.loader import load_config
+from dusa_cli.engine.distributed import launch
+
+settings = {settings}
+_guarded(lambda: launch([0, 1], _worker, (load_config(Path({preset!r}), settings), False, True)))
+"""
+LAUNCH_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # the listed "GPUs" need not exist
+
+
+def launch_command(preset: Path, settings: dict[str, Any]) -> list[str]:
+    """A Python command that launches the run of `preset` and `settings` as `--gpus 0,1` would."""
+    return [sys.executable, "-c", LAUNCH.format(settings=settings, preset=str(preset))]

@@ -17,7 +17,7 @@ from dusa_cli.config.schema import DataConfig
 from dusa_cli.engine.distributed import World, parse_gpus
 from dusa_cli.engine.loop import run_experiment, task_loader
 from dusa_cli.errors import ConfigError
-from helpers import assert_one_line_error, dusa
+from helpers import LAUNCH_ENV, assert_one_line_error, dusa, launch_command
 
 PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
 KEYS = ("top1", "top5", "mean_loss")
@@ -37,43 +37,6 @@ SETTINGS = {
     "run.setting": "continual",
     "run.device": "cpu",  # gloo, also on a GPU machine
 }
-
-# Imported by every process of the runs below: logs each results write with the writer's rank,
-# and the sum of the trained parameters after each update; makes rank 1 die (SIGKILL) or hang
-# after N adaptation steps.
-HOOKS = '''
-import os
-if os.environ.get("DUSA_TEST_HOOKS"):
-    import signal, time
-    import dusa_cli.results.io as io
-    from dusa_cli.engine.adapter import OnlineAdapter
-
-    write, step, flush, steps = io.write_atomic, OnlineAdapter.step, OnlineAdapter.flush, [0]
-
-    def logged_flush(self):
-        updates = self.pending
-        flush(self)
-        if updates:
-            with open(os.environ["DUSA_TEST_PARAMETER_LOG"], "a") as log:
-                log.write(f"{os.environ.get('RANK')} {sum(float(p.double().sum()) for p in self.params)!r}\\n")
-
-    def logged_write(path, *args, **kwargs):
-        with open(os.environ["DUSA_TEST_WRITE_LOG"], "a") as log:
-            log.write(f"{os.environ.get('RANK')} {path}\\n")
-        return write(path, *args, **kwargs)
-
-    def faulty_step(self, *args, **kwargs):
-        steps[0] += 1
-        fault, after = os.environ.get("DUSA_TEST_RANK1_FAULT", ":").split(":")
-        if os.environ.get("RANK") == "1" and fault and steps[0] > int(after):
-            if fault == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)
-        return step(self, *args, **kwargs)
-
-    io.write_atomic, OnlineAdapter.step, OnlineAdapter.flush = logged_write, faulty_step, logged_flush
-'''
-
 
 def cli_args(digits_c: Path, output: Path) -> list[str]:
     settings = SETTINGS | {"data.root": str(digits_c), "run.output": str(output)}
@@ -104,21 +67,6 @@ def reference(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
     output = tmp_path_factory.mktemp("single") / "run"
     config = load_config(PRESET, SETTINGS | {"data.root": str(digits_c), "run.output": str(output)})
     return run_experiment(config).results["tasks"]
-
-
-@pytest.fixture
-def hooks(tmp_path: Path) -> dict[str, str]:
-    folder = tmp_path / "hooks"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(HOOKS)
-    return {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
-        "DUSA_TEST_HOOKS": "1",
-        "DUSA_TEST_WRITE_LOG": str(tmp_path / "writes.log"),
-        "DUSA_TEST_PARAMETER_LOG": str(tmp_path / "parameters.log"),
-        "DUSA_DIST_TIMEOUT_S": "20",
-        "COLUMNS": "200",
-    }
 
 
 def torchrun(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
@@ -196,7 +144,7 @@ def test_dusa_under_torchrun_matches_one_process(digits_c: Path, tmp_path: Path,
 def test_a_killed_rank_stops_the_run_and_resume_completes_it(digits_c: Path, tmp_path: Path, reference: list[dict], hooks: dict[str, str]) -> None:
     output = tmp_path / "run"
     # 8 micro-batches per task: rank 1 dies early in the second task.
-    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_RANK1_FAULT": "kill:10"})
+    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_FAULT": "1:kill:10"})
     assert result.returncode != 0 and elapsed < 120
     partial = json.loads((output / "results.json").read_text())
     assert partial["status"] == "running" and [t["corruption"] for t in partial["tasks"]] == ["gaussian_noise"]
@@ -207,30 +155,17 @@ def test_a_killed_rank_stops_the_run_and_resume_completes_it(digits_c: Path, tmp
 
 def test_a_hung_rank_times_out_with_one_error_line_from_rank_0(digits_c: Path, tmp_path: Path, hooks: dict[str, str]) -> None:
     output = tmp_path / "run"
-    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_RANK1_FAULT": "hang:3", "DUSA_DIST_TIMEOUT_S": "5"})
+    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_FAULT": "1:hang:3", "DUSA_DIST_TIMEOUT_S": "5"})
     assert result.returncode != 0 and elapsed < 60
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lost contact with the other processes" in errors[0], result.stderr
     assert json.loads((output / "results.json").read_text())["status"] == "running"
 
 
-LAUNCH = """
-from pathlib import Path
-from dusa_cli.cli import _guarded, _worker
-from dusa_cli.config.loader import load_config
-from dusa_cli.engine.distributed import launch
-
-settings = {settings}
-_guarded(lambda: launch([0, 1], _worker, (load_config(Path({preset!r}), settings), False, True)))
-"""
-
-
 def launch(digits_c: Path, output: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """What `--gpus 0,1` runs after its CUDA checks: here two CPU processes (gloo)."""
     settings = SETTINGS | {"data.root": str(digits_c), "run.output": str(output)}
-    script = LAUNCH.format(settings=settings, preset=str(PRESET))
-    env = os.environ | env | {"CUDA_VISIBLE_DEVICES": ""}  # the listed "GPUs" need not exist
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    env = os.environ | env | LAUNCH_ENV
+    return subprocess.run(launch_command(PRESET, settings), capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_gpus_launcher_matches_one_process_and_reports_failures(digits_c: Path, tmp_path: Path, reference: list[dict], hooks: dict[str, str]) -> None:
@@ -241,6 +176,6 @@ def test_gpus_launcher_matches_one_process_and_reports_failures(digits_c: Path, 
     assert writers(tmp_path / "writes.log") == {"0"}
     # Failing in every process (the output holds a run): one line, from rank 0.
     assert_one_line_error(launch(digits_c, output, hooks), 1, "holds another run")
-    killed = launch(digits_c, tmp_path / "killed", hooks | {"DUSA_TEST_RANK1_FAULT": "kill:2"})
+    killed = launch(digits_c, tmp_path / "killed", hooks | {"DUSA_TEST_FAULT": "1:kill:2"})
     assert killed.returncode == 1 and "Traceback" not in killed.stderr
     assert "the process on GPU 1 was killed by SIGKILL" in killed.stderr.splitlines()[-1]

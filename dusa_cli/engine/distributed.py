@@ -12,12 +12,14 @@ here starts a process group and every collective is a no-op, so one process runs
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import logging
 import os
 import re
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ from torch.utils.data import BatchSampler, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from dusa_cli.engine.runtime import resolve_device
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, Interrupted
+from dusa_cli.stopping import SAVED, STOP_SIGNALS, handling
 
 T = TypeVar("T")
 
@@ -40,6 +43,7 @@ DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BUCKET_BYTES = 64 * 2**20  # gradients per all-reduce call: few calls, bounded extra memory
 LINGER_S = 30.0
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
 
 
 class ReportedElsewhere(DusaError):
@@ -310,7 +314,10 @@ def parse_gpus(text: str) -> list[int]:
 def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) -> None:
     """Run `worker(*args)` in one process per listed GPU, with the variables torchrun would set
     (so the engine takes the same path), and wait for all of them. The first process to fail
-    stops the others; its own one-line error is the report."""
+    stops the others; its own one-line error is the report.
+
+    A stop (Ctrl-C, SIGTERM, SIGHUP) is reported here, and the workers stop silently: when one
+    exits, torch SIGTERMs the others, which could cut rank 0 off before its line."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = visible.split(",") if visible else [str(gpu) for gpu in range(max(gpus) + 1)]
     os.environ.update(
@@ -324,27 +331,51 @@ def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(gpus))))
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no line per stopped worker
     context = torch.multiprocessing.start_processes(
-        _launched, args=(worker, args), nprocs=len(gpus), join=False, start_method="spawn"
+        _launched, args=(os.getpid(), worker, args), nprocs=len(gpus), join=False, start_method="spawn"
     )
-    # Ctrl-C reaches every worker from the terminal; rank 0 reports it, this process waits.
-    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stops: list[int] = []
+
+    def forward(number: int, _frame: Any) -> None:
+        stops.append(number)
+        if number != signal.SIGINT:  # Ctrl-C reaches every worker from the terminal
+            for pid in context.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, number)
+
     try:
-        while not context.join():
-            pass
+        with handling(forward):
+            while not context.join():
+                pass
     except torch.multiprocessing.ProcessExitedException as failure:
-        if failure.signal_name is None:
-            raise ReportedElsewhere(failure.exit_code) from None
+        if stops:
+            raise Interrupted(stops[0], SAVED) from None
+        code = failure.exit_code
+        if failure.signal_name is not None:
+            cause = f"killed by {failure.signal_name}"
+        elif code - 128 in STOP_SIGNALS:  # sent to that worker alone, which stopped silently
+            cause = f"stopped by {signal.Signals(code - 128).name}"
+        else:
+            raise ReportedElsewhere(code) from None
         raise DusaError(
-            f"the process on GPU {gpus[failure.error_index]} was killed by {failure.signal_name}; "
+            f"the process on GPU {gpus[failure.error_index]} was {cause}; "
             "the others were stopped (finished tasks are saved; continue with --resume)"
         ) from None
-    finally:
-        signal.signal(signal.SIGINT, interrupt)
 
 
-def _launched(index: int, worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+def _launched(index: int, parent: int, worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+    _stop_with(parent)
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(index)
     worker(*args)
+
+
+def _stop_with(parent: int) -> None:
+    """On Linux, SIGTERM this process when the launcher dies, even by SIGKILL (which it cannot
+    forward). torch asks for SIGINT, which the processes of a run started in the background ignore."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the call
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _free_port() -> int:

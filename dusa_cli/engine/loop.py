@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
@@ -46,7 +47,17 @@ def task_loader(dataset: Dataset, data: DataConfig, world: World, seed: int) -> 
         num_workers=data.num_workers,
         pin_memory=world.device.type == "cuda",
         generator=generator,
+        worker_init_fn=_restore_sigterm_handler,
     )
+
+
+def _restore_sigterm_handler(_worker_id: int) -> None:
+    """A forked DataLoader worker takes back the run's SIGTERM handler (dusa_cli.stopping), which
+    torch replaced by one that kills it. A scheduler signals every process: the run, stopping as
+    at Ctrl-C, would fail on its killed workers before it could report the stop."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _to_cpu(state: Any) -> Any:

@@ -1,0 +1,69 @@
+"""Stop signals: Ctrl-C (SIGINT), a scheduler's SIGTERM and a closed terminal's SIGHUP end a
+command the way Ctrl-C does. It unwinds (finally blocks run, atomic writes remove their temporary
+files, finished tasks stay saved) and exits with one line and 128 + the signal's number."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from dusa_cli.errors import Interrupted, Stopped
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+SAVED = "finished tasks are saved (continue with --resume)"  # what a stopped run keeps
+
+Handler = Callable[[int, FrameType | None], Any]
+
+
+@contextmanager
+def handling(handler: Handler) -> Iterator[None]:
+    """`handler` for the stop signals while the block runs, the previous handlers after. Only the
+    main thread may set handlers (elsewhere this does nothing). A signal the process ignores stays
+    ignored: nohup ignores SIGHUP; a shell's background job, SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, before in previous.items():
+        if before is not signal.SIG_IGN:
+            signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, before in previous.items():
+            signal.signal(number, signal.SIG_DFL if before is None else before)  # None: not set from Python
+
+
+@contextmanager
+def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
+    """The block (a context manager, or a decorator of a function) stops at the first stop signal
+    as at Ctrl-C, and ends in Interrupted, its message followed by `outcome`. Only rank 0 says it;
+    no process does with `report` false (the --gpus launcher reports for its workers).
+
+    Typer would turn the KeyboardInterrupt of a command into a silent exit 130."""
+    stopped = False
+
+    def stop(number: int, _frame: FrameType | None) -> None:
+        nonlocal stopped
+        # Only the first: more may follow (a scheduler signals every process, and the --gpus
+        # launcher forwards its own), and raising again would break off the unwinding.
+        if not stopped:
+            stopped = True
+            raise Stopped(number)
+
+    try:
+        with handling(stop):
+            yield
+    except KeyboardInterrupt as interrupt:
+        raise interrupted(interrupt, outcome, report) from interrupt
+
+
+def interrupted(interrupt: KeyboardInterrupt, outcome: str = "", report: bool = True) -> Interrupted:
+    """The Interrupted error of a KeyboardInterrupt: Ctrl-C, or the signal that Stopped carries."""
+    number = interrupt.signal if isinstance(interrupt, Stopped) else signal.SIGINT
+    return Interrupted(number, outcome, silent=not report or os.environ.get("RANK", "0") != "0")

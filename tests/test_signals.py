@@ -1,0 +1,176 @@
+"""Ctrl-C, SIGTERM and SIGHUP stop a run cleanly: one line, exit 128 + the signal's number, no
+temporary file left behind, and --resume completes the run as if it had never stopped."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dusa_cli.config.loader import load_config
+from dusa_cli.engine.loop import run_experiment
+from dusa_cli.errors import ExitCode
+from helpers import LAUNCH_ENV, assert_one_line_error, launch_command
+
+PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
+KEYS = ("corruption", "top1", "top5", "mean_loss", "num_samples")
+# A run writes config.yaml, environment.json, results.json without tasks, then with the first
+# task: the hooks (conftest.HOOKS) make rank 0 hang in its fifth write, the second task's record,
+# with the temporary file written but not yet in place.
+STALL = {"DUSA_TEST_FAULT": "0:hang-write:4"}
+SAVED = "finished tasks are saved (continue with --resume)"
+
+Start = Callable[..., subprocess.Popen]
+
+
+def settings(digits_c: Path, output: Path) -> dict:
+    return {"data.root": str(digits_c), "data.corruptions": ["gaussian_noise", "fog"], "run.output": str(output)}
+
+
+def baseline(digits_c: Path, output: Path, *more: str) -> list[str]:
+    """The `dusa baseline` command of those settings."""
+    return [sys.executable, "-m", "dusa_cli", "baseline", "-c", str(PRESET), "--data", str(digits_c),
+            "--corruption", "gaussian_noise,fog", "-o", str(output), "-q", *more]  # fmt: skip
+
+
+def records(output: Path) -> list[list]:
+    return [[task[key] for key in KEYS] for task in json.loads((output / "results.json").read_text())["tasks"]]
+
+
+@pytest.fixture(scope="module")
+def reference(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> list[list]:
+    """The same run, never stopped (in this process)."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    run_experiment(load_config(PRESET, settings(digits_c, output)))
+    return records(output)
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    """Start a command in a process group of its own, with Ctrl-C as `sigint` says (a shell's
+    background job ignores it, and so would the command if pytest were one). What is left of the
+    group when the test ends is killed: the runs here hang until they are signalled."""
+    groups = []
+
+    def started(command: list[str], env: dict[str, str], sigint: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | env,
+            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+        )  # fmt: skip
+        groups.append(process.pid)
+        return process
+
+    yield started
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def wait_for_hang(process: subprocess.Popen, hang_log: Path) -> None:
+    """Until the hooks make the run hang (DUSA_TEST_FAULT)."""
+    deadline = time.monotonic() + 60
+    while not hang_log.is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never reached its hang"
+        time.sleep(0.05)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize(
+    ("number", "code", "message"),
+    [
+        (signal.SIGINT, ExitCode.INTERRUPTED, f"interrupted; {SAVED}"),
+        (signal.SIGTERM, 143, f"stopped by SIGTERM; {SAVED}"),
+        (signal.SIGHUP, 129, f"stopped by SIGHUP; {SAVED}"),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
+def test_a_stopped_run_says_so_in_one_line_and_resumes(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list], number: int, code: int, message: str) -> None:
+    output = tmp_path / "run"
+    process = start(baseline(digits_c, output), hooks | STALL)
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(number)
+    assert_one_line_error(finish(process), code, message)
+    assert not list(output.glob(".*"))  # the interrupted write removed its temporary file
+    assert records(output) == reference[:1]
+    resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert records(output) == reference
+
+
+def test_sigterm_to_every_process_of_a_run_with_data_workers(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    """A scheduler signals every process of a job: DataLoader workers too, which torch would
+    have die of it (the run would then fail on them rather than report the stop)."""
+    output = tmp_path / "run"
+    # One micro-batch per task: the run hangs with the second task's first batch, its workers up.
+    process = start(baseline(digits_c, output, "--set", "data.num_workers=2"), hooks | {"DUSA_TEST_FAULT": "0:hang:1"})
+    wait_for_hang(process, tmp_path / "hangs.log")
+    os.killpg(process.pid, signal.SIGTERM)
+    assert_one_line_error(finish(process), 143, f"stopped by SIGTERM; {SAVED}")
+    assert len(records(output)) == 1
+
+
+def launched(digits_c: Path, output: Path, hooks: dict[str, str], start: Start, sigint: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen:
+    """The `--gpus 0,1` launcher running the same settings on two CPU processes, once rank 0
+    hangs in its fifth write (STALL)."""
+    command = launch_command(PRESET, settings(digits_c, output) | {"run.device": "cpu"})
+    process = start(command, hooks | LAUNCH_ENV | STALL, sigint)
+    wait_for_hang(process, Path(hooks["DUSA_TEST_HANG_LOG"]))
+    return process
+
+
+def test_the_gpus_launcher_forwards_sigterm_and_reports_it_once(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    output = tmp_path / "run"
+    process = launched(digits_c, output, hooks, start)
+    process.send_signal(signal.SIGTERM)  # to the launcher alone
+    assert_one_line_error(finish(process), 143, f"stopped by SIGTERM; {SAVED}")
+    assert not list(output.glob(".*"))  # rank 0 stopped as at Ctrl-C
+    assert len(records(output)) == 1
+
+
+def children(pid: int) -> list[int]:
+    """The processes that `pid` started (Linux: /proc/PID/stat reads "PID (NAME) STATE PARENT ...")."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # an orphan's zombie waits for a parent that may never reap it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_workers_of_a_killed_launcher_stop(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    """SIGKILL, which the launcher cannot forward: the kernel SIGTERMs its workers. Also in the
+    background, where they ignore SIGINT (the signal torch asks for)."""
+    output = tmp_path / "run"
+    process = launched(digits_c, output, hooks, start, sigint=signal.SIG_IGN)
+    workers = children(process.pid)
+    assert len(workers) >= 2
+    process.kill()
+    finish(process)  # its output pipes close when the workers, which share them, have ended
+    deadline = time.monotonic() + 30
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(running, workers))
+    assert not list(output.glob(".*"))  # rank 0 stopped as at Ctrl-C, not killed
