@@ -543,6 +543,7 @@ def bench_seg_command(
 
 
 @app.command()
+@stoppable()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs.")],
     metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
