@@ -31,7 +31,7 @@ SETTINGS = {
     "data.batch_size": 5,
     "model.name": "convnext_atto",
     "model.num_classes": 10,
-    "model.pretrained": False,
+    "model.pretrained": False, "model.random_init": True,
     "method.name": "tent",
     "optim.accumulation": 3,
     "run.setting": "continual",
@@ -125,7 +125,7 @@ def test_dusa_under_torchrun_matches_one_process(digits_c: Path, tmp_path: Path,
     LayerNorm classifier: no shard batch statistics)."""
     preset = PRESET.with_name("dusa_digits.yaml")
     settings = {"data.root": str(digits_c), "data.corruptions": ["fog"], "data.num_ex": 20, "data.batch_size": 8,
-                "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False, "run.device": "cpu"}
+                "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False, "model.random_init": True, "run.device": "cpu"}
     single = run_experiment(load_config(preset, settings | {"run.output": str(tmp_path / "single")})).results["tasks"]
     output = tmp_path / "run"
     args = [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]

@@ -211,7 +211,7 @@ def test_micro_batch_layout_does_not_change_a_dusa_run(digits_c: Path, tmp_path:
         overrides = {
             "data.root": str(digits_c), "data.corruptions": ["fog"], "data.num_ex": 32,
             "data.batch_size": batch, "optim.accumulation": accumulation, "model.name": "convnext_atto",
-            "model.num_classes": 10, "model.pretrained": False, "run.output": str(tmp_path / f"{batch}x{accumulation}"),
+            "model.num_classes": 10, "model.pretrained": False, "model.random_init": True, "run.output": str(tmp_path / f"{batch}x{accumulation}"),
         }  # fmt: skip
         runs.append(run_experiment(load_config(preset, overrides)).results["tasks"][0])
     one, two = runs
@@ -227,7 +227,7 @@ def test_a_task_run_alone_draws_what_it_draws_inside_a_longer_run(digits_c: Path
     for name, corruptions in (("alone", ["fog"]), ("second", ["gaussian_noise", "fog"])):
         overrides = {
             "data.root": str(digits_c), "data.corruptions": corruptions, "data.num_ex": 16, "data.batch_size": 8,
-            "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False,
+            "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False, "model.random_init": True,
             "run.output": str(tmp_path / name),
         }  # fmt: skip
         runs[name] = run_experiment(load_config(PRESET, overrides)).results["tasks"][-1]
@@ -248,7 +248,7 @@ def test_compiled_and_channels_last_runs_compute_what_the_eager_run_does(digits_
     for name, options in (("eager", {}), ("compiled", compiled), ("nhwc", {"run.channels_last": True})):
         overrides = {
             "data.root": str(digits_c), "data.corruptions": ["fog"], "data.num_ex": 16, "data.batch_size": 8,
-            "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False,
+            "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False, "model.random_init": True,
             "run.output": str(tmp_path / name),
         } | options  # fmt: skip
         counters.clear()

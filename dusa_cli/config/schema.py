@@ -65,6 +65,11 @@ class ModelConfig(StrictModel):
         description="load the weights named by the model's pretrained config from a local file "
         "shipped with the package (never downloaded)",
     )
+    random_init: bool = Field(
+        default=False,
+        description="cls: run the model untrained (random weights), e.g. a smoke test; otherwise a run "
+        "needs checkpoint or pretrained",
+    )
     num_classes: int | None = Field(default=None, description="override the head size")
 
 

@@ -10,13 +10,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dusa_cli.config.schema import DataConfig
+from dusa_cli.config.schema import DataConfig, ModelConfig
 from dusa_cli.data.datasets import check_labels, open_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
 from dusa_cli.engine.tasks import Progress, TaskKind, online_curve, start_timing, summarize, timing_record
-from dusa_cli.models.classifier import create_classifier
+from dusa_cli.errors import ConfigError
+from dusa_cli.models.classifier import NormalizedClassifier, create_classifier
 
 
 @dataclass
@@ -115,6 +116,17 @@ def run_task(
     return record | timing_record(record["num_samples"], start, devices)
 
 
+def create_trained_classifier(config: ModelConfig) -> NormalizedClassifier:
+    """A run adapts a trained model: random weights only where the config asks for them (an
+    ImageNet preset run without --checkpoint scored 0 % and exited 0 before)."""
+    if config.checkpoint is None and not config.pretrained and not config.random_init:
+        raise ConfigError(
+            f"model '{config.name}' has no weights: pass --checkpoint PATH (local weights), set "
+            "model.pretrained=true (weights packaged on disk) or model.random_init=true (untrained)"
+        )
+    return create_classifier(config)
+
+
 def open_classification_task(data: DataConfig, corruption: str, severity: int, seed: int, num_classes: int) -> Dataset:
     task = open_task(data.root, corruption, severity, num_ex=data.num_ex, seed=seed)
     check_labels(task, num_classes)
@@ -122,7 +134,7 @@ def open_classification_task(data: DataConfig, corruption: str, severity: int, s
 
 
 CLASSIFICATION = TaskKind(
-    create_model=create_classifier,
+    create_model=create_trained_classifier,
     open_dataset=open_classification_task,
     run=run_task,
     summarize=partial(summarize, mean_top1="top1", mean_error="error"),
