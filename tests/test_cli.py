@@ -63,6 +63,9 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     assert_one_line_error(dusa("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", out), 2, "optim.lrr: unknown key")
     untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c))
     assert_one_line_error(dusa("baseline", "-c", PRESET, *untrained, "-o", out), 2, "'convnext_atto' has no weights: pass --checkpoint")
+    (tmp_path / "file").write_text("")
+    unwritable = ("--data", str(digits_c), "--corruption", "fog", "-o", str(tmp_path / "file" / "run"))
+    assert_one_line_error(dusa("baseline", "-c", PRESET, *unwritable), 1, "cannot write")
     brackets = tmp_path / "[/odd].yaml"  # rich markup characters in a message stay text
     assert_one_line_error(dusa("baseline", "-c", str(brackets)), 2, "[/odd].yaml")
     bad = tmp_path / "bad.yaml"

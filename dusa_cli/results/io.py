@@ -9,10 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from dusa_cli.errors import DusaError
+
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:  # a read-only place, a file where a folder should be: the user's to fix
+        raise DusaError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
