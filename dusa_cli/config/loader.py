@@ -100,13 +100,14 @@ def load_config(
         if dotted == "method.name":
             data["method"] = _options_for(value, data.get("method"))
         set_path(data, dotted, value)
-    for assignment in assignments or []:
-        set_path(data, *parse_assignment(assignment))
+    assigned = [parse_assignment(assignment) for assignment in assignments or []]
+    for dotted, value in assigned:
+        set_path(data, dotted, value)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
         problems = validation_problems(error)
-        given = set(overrides) | {parse_assignment(a)[0] for a in assignments or []}
+        given = set(overrides) | {dotted for dotted, _ in assigned}
         raise ConfigError(f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}") from None
 
 

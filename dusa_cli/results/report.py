@@ -112,13 +112,18 @@ def _value(value: Any) -> str:
 
 def _labels(experiments: list[dict[str, Any]]) -> list[str]:
     """The method, then the settings in which its rows differ: `tent · optim.lr=0.001`."""
-    labels = []
+    by_method: dict[Any, list[dict[str, Any]]] = {}
     for experiment in experiments:
-        siblings = [other for other in experiments if other.get("method.name") == experiment.get("method.name")]
-        keys = sorted({key for other in siblings for key in other})
-        varying = [key for key in keys if len({json.dumps(other.get(key), default=str) for other in siblings}) > 1]
-        labels.append(" · ".join([str(experiment.get("method.name")), *(f"{key}={_value(experiment.get(key))}" for key in varying)]))
-    return labels
+        by_method.setdefault(experiment.get("method.name"), []).append(experiment)
+    varying = {
+        method: [key for key in sorted({key for e in siblings for key in e})
+                 if len({json.dumps(e.get(key), default=str) for e in siblings}) > 1]
+        for method, siblings in by_method.items()
+    }  # fmt: skip
+    return [
+        " · ".join([str(e.get("method.name")), *(f"{key}={_value(e.get(key))}" for key in varying[e.get("method.name")])])
+        for e in experiments
+    ]
 
 
 def _one_per_seed(runs: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
