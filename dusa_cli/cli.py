@@ -250,9 +250,13 @@ def prepare_data(
     seed: Annotated[int, typer.Option(help="Seed of the split and the corruption noise.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
     limit_per_class: Annotated[Optional[int], typer.Option(min=1, help="digits-c only: keep N test images per class (quick trials).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="digits-c only: rebuilding into an earlier build, delete its files this build does not make (other corruptions, severities or images).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Build a corrupted benchmark on disk, deterministic and checksummed (manifest.json)."""
+    """Build a corrupted benchmark on disk, deterministic and checksummed (manifest.json).
+
+    OUTPUT must be new, empty or an earlier build of the same dataset: imagenet-c and ade20k-c
+    resume one (with the same seed), digits-c rebuilds it."""
     from dusa_cli.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, resolve_corruptions
     from dusa_cli.ui import FileProgress, info
 
@@ -261,16 +265,16 @@ def prepare_data(
     corruptions = resolve_corruptions(corruption) if corruption else list(CORRUPTIONS if is_ade else ALL_CORRUPTIONS)
     severities = severity or ([5] if is_ade else list(SEVERITIES))
     if any(s not in SEVERITIES for s in severities):
-        raise DusaError("severities must be integers 1..5")
+        raise ConfigError("--severity takes integers 1..5")
     if dataset is Dataset.imagenet_c and source is None:
-        raise DusaError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
+        raise ConfigError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
     if is_ade and source is None:
-        raise DusaError("ade20k-c needs --source DIR (the ADEChallengeData2016 folder)")
+        raise ConfigError("ade20k-c needs --source DIR (the ADEChallengeData2016 folder)")
     with FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
         if dataset is Dataset.digits_c:
             from dusa_cli.data.digits import build_digits_c
 
-            manifest = build_digits_c(output, seed=seed, corruptions=corruptions, severities=severities, workers=workers, limit_per_class=limit_per_class, progress=progress)
+            manifest = build_digits_c(output, seed=seed, corruptions=corruptions, severities=severities, workers=workers, limit_per_class=limit_per_class, replace=force, progress=progress)
         elif is_ade:
             from dusa_cli.data.ade20k_c import prepare_ade20k_c
 
@@ -285,39 +289,39 @@ def prepare_data(
 @pretrain_app.command("digits-classifier")
 @stoppable()
 def pretrain_digits_classifier(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
     data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Weights file to write (.safetensors); default: the packaged asset.")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the small digits ResNet on the clean source split (its weights ship in the package)."""
     from dusa_cli.engine.pretrain import train_digits_classifier
-    from dusa_cli.models.digits_resnet import digits_weights_path
+    from dusa_cli.results.io import check_writable
     from dusa_cli.ui import info
 
-    target = output or Path(digits_weights_path())
-    accuracy = train_digits_classifier(data, target, epochs=epochs, seed=seed, show_progress=not quiet)
-    info(f"clean test accuracy {accuracy:.1%}; weights written to {target}")
+    check_writable(output)
+    accuracy = train_digits_classifier(data, output, epochs=epochs, seed=seed, show_progress=not quiet)
+    info(f"clean test accuracy {accuracy:.1%}; weights written to {output}")
 
 
 @pretrain_app.command("digits-prior")
 @stoppable()
 def pretrain_digits_prior(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
     data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Weights file to write (.safetensors); default: the packaged asset.")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the class-conditional pixel-space SiT prior of the digits demo (flow matching)."""
     from dusa_cli.engine.pretrain import train_digits_prior
-    from dusa_cli.priors.registry import packaged_weights
+    from dusa_cli.results.io import check_writable
     from dusa_cli.ui import info
 
-    target = output or packaged_weights("sit_digits")
-    loss = train_digits_prior(data, target, epochs=epochs, seed=seed, show_progress=not quiet)
-    info(f"clean test flow-matching loss {loss:.4f}; weights written to {target}")
+    check_writable(output)
+    loss = train_digits_prior(data, output, epochs=epochs, seed=seed, show_progress=not quiet)
+    info(f"clean test flow-matching loss {loss:.4f}; weights written to {output}")
 
 
 @app.command()
@@ -459,6 +463,7 @@ def bench_cls_command(
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
     from dusa_cli.engine.runtime import resolve_device
 
+    _check_outputs(output, profile)
     flags = {"micro-batch": micro_batch, "checkpointing": checkpointing, "compile-classifier": compile_classifier,
              "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
     fast = vary(FAST, {lever: str(v).lower() for lever, v in flags.items() if v not in (None, False, "default")}, "fast")
@@ -480,6 +485,16 @@ def bench_cls_command(
         on_result=_partial_writer(output), profile=profile,
     )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
+
+
+def _check_outputs(figures: Optional[Path], profile: Optional[Path]) -> None:
+    """A benchmark's --output file and --profile folder must be writable before minutes of work."""
+    from dusa_cli.results.io import check_writable
+
+    if figures is not None:
+        check_writable(figures)
+    if profile is not None:
+        check_writable(profile, directory=True)
 
 
 def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]], None]]:
@@ -529,6 +544,7 @@ def bench_seg_command(
     from dusa_cli.engine.bench_seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
     from dusa_cli.engine.runtime import resolve_device
 
+    _check_outputs(output, profile)
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
     wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
     from dusa_cli.priors.checkpointing import parse_checkpointing

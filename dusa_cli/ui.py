@@ -103,9 +103,11 @@ class FileProgress(_Bars):
         return (TimeElapsedColumn(),)
 
     def __enter__(self):
-        super().__enter__()
+        # Shown from the first report on: checks that fail before the work leave no empty bar.
         self.task_id = self.progress.add_task(self.description, total=None)
         return self
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()
         self.progress.update(self.task_id, completed=done, total=total)

@@ -136,14 +136,19 @@ def test_digits_c_other_seed_gives_other_split_and_noise(digits_c: Path, tmp_pat
             assert not np.array_equal(ours, theirs)
 
 
-def test_digits_c_rebuild_removes_files_of_the_earlier_build(tmp_path: Path) -> None:
+def test_digits_c_rebuild_removes_files_of_the_earlier_build_only_when_asked(tmp_path: Path) -> None:
     output = tmp_path / "digits-c"
-    build(output, seed=0, workers=1)
-    manifest = build_digits_c(
-        output, corruptions=["fog"], severities=[2], workers=1, limit_per_class=1
-    )
+    first = build(output, seed=0, workers=1)
+    smaller = {"corruptions": ["fog"], "severities": [2], "workers": 1, "limit_per_class": 1}
+    with pytest.raises(DusaError, match=r"files this one would not make: clean, frost/1, frost/5, gaussian_noise/1, … \(\d+ files\); pass --force"):
+        build_digits_c(output, **smaller)
+    assert relative_pngs(output) == set(first["files"])  # refused before anything changed
+    manifest = build_digits_c(output, replace=True, **smaller)
     assert not (output / "gaussian_noise").exists()
     assert relative_pngs(output) == set(manifest["files"])
+    (output / "results.json").write_text("{}")  # not a digits-C folder any more: never written into
+    with pytest.raises(DusaError, match="holds files that are not part of digits-C \\(results.json\\)"):
+        build_digits_c(output, **smaller)
 
 
 @pytest.fixture(scope="module")

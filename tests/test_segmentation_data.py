@@ -177,4 +177,9 @@ def test_cli_prepare_ade20k_c(ade: Path, tmp_path: Path) -> None:
     assert (output / "fog" / "5" / "validation" / "ADE_val_00000001.jpg").is_file()
     assert json.loads((output / "manifest.json").read_text())["severities"] == [5]
     missing = dusa("prepare-data", "ade20k-c", "-o", str(output))
-    assert_one_line_error(missing, 1, "ade20k-c needs --source")
+    assert_one_line_error(missing, 2, "ade20k-c needs --source")
+    results = tmp_path / "results"  # a folder that holds something else is never written into
+    results.mkdir()
+    (results / "results.json").write_text("{}")
+    foreign = dusa("prepare-data", "ade20k-c", "--source", str(ade), "-o", str(results), "--corruption", "fog")
+    assert_one_line_error(foreign, 1, "is not empty and holds no build of `dusa prepare-data`")

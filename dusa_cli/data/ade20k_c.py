@@ -112,8 +112,6 @@ def prepare_ade20k_c(
     """
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     jobs, labels = _source_jobs(source)
-    if output.exists() and not output.is_dir():
-        raise DusaError(f"output is not a directory: {output}")
     claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options})
 
     plan = Plan(

@@ -25,6 +25,7 @@ from dusa_cli.data.generate import (
     Plan,
     Progress,
     check_corruptions,
+    planned_files,
     run_jobs,
     write_manifest,
 )
@@ -88,6 +89,33 @@ def _previous_files(output: Path) -> set[str]:
     return {path.as_posix() for path in paths if not path.is_absolute() and ".." not in path.parts}
 
 
+# What a digits-C folder holds at its top level (a build stopped part-way has no manifest yet).
+_LAYOUT = frozenset({"train", "clean", "manifest.json", *ALL_CORRUPTIONS})
+
+
+def _check_output(output: Path) -> None:
+    """`output` is new, empty or an earlier digits-C build: never a results or another dataset's folder."""
+    if output.exists() and not output.is_dir():
+        raise DusaError(f"output is not a directory: {output}")
+    if not output.is_dir():
+        return
+    foreign = sorted(e.name for e in output.iterdir() if e.name not in _LAYOUT and not e.name.startswith("."))
+    if foreign:
+        raise DusaError(
+            f"{output} holds files that are not part of digits-C ({_listed(foreign)}); choose a new or empty --output"
+        )
+
+
+def _listed(names: Sequence[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+
+
+def _describe(paths: set[str]) -> str:
+    """The folders the files are in (a split, or corruption/severity), e.g. "fog/3, fog/4 (160 files)"."""
+    folders = sorted({path.rsplit("/", 2)[0] for path in paths})
+    return f"{_listed(folders)} ({len(paths)} files)"
+
+
 def _remove_stale(output: Path, stale: set[str]) -> None:
     """Delete files of an earlier build that this one did not make, and folders left empty."""
     for relative_path in stale:
@@ -108,28 +136,25 @@ def build_digits_c(
     severities: Sequence[int] = SEVERITIES,
     workers: int = 2,
     limit_per_class: int | None = None,
+    replace: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write digits-C under `output` and return its manifest (also written as manifest.json).
 
     Layout: train/<class>/<id>.png (clean source split), clean/<class>/<id>.png (clean test
     split), <corruption>/<severity>/<class>/<id>.png (test split corrupted); <id> is the image's
-    index in `load_digits()`, zero-padded. The same seed gives byte-identical files.
+    index in `load_digits()`, zero-padded. The same seed gives byte-identical files. Files of an
+    earlier build in `output` that this one does not make are deleted only with `replace`.
     """
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     if limit_per_class is not None and limit_per_class < 1:
         raise ConfigError(f"limit_per_class must be at least 1, got {limit_per_class}")
-    if output.exists() and not output.is_dir():
-        raise DusaError(f"output is not a directory: {output}")
+    _check_output(output)
 
     labels = digit_images()[1]
     train, test = stratified_split(labels, seed)
     if limit_per_class is not None:
         test = _limit_per_class(test, labels, limit_per_class)
-
-    previous_files = _previous_files(output)
-    # The old manifest would describe files this build is about to replace.
-    (output / "manifest.json").unlink(missing_ok=True)
 
     def job(index: int, is_test: bool) -> Job:
         return Job(
@@ -149,8 +174,16 @@ def build_digits_c(
         resume=False,  # rebuilding is quick, and old files may come from another seed
     )
     jobs = [job(index, False) for index in train] + [job(index, True) for index in test]
+    stale = _previous_files(output) - planned_files(plan, jobs)
+    if stale and not replace:
+        raise DusaError(
+            f"{output} holds an earlier build with files this one would not make: {_describe(stale)}; "
+            "pass --force to delete them, or choose another --output"
+        )
+    # The old manifest would describe files this build is about to replace.
+    (output / "manifest.json").unlink(missing_ok=True)
     checksums = run_jobs(plan, jobs, workers, progress)
-    _remove_stale(output, previous_files - checksums.keys())
+    _remove_stale(output, stale)
 
     description = {
         "dataset": "digits-c",

@@ -181,6 +181,11 @@ def _batches(plan: Plan, jobs: Iterable[Job], min_outputs: int) -> Iterator[list
         yield batch
 
 
+def planned_files(plan: Plan, jobs: Iterable[Job]) -> set[str]:
+    """The relative path of every file the jobs will write."""
+    return {relative_path for job in jobs for relative_path, _, _ in _outputs(plan, job)}
+
+
 def run_jobs(
     plan: Plan, jobs: Sequence[Job], workers: int, progress: Progress | None = None
 ) -> dict[str, str]:
@@ -284,8 +289,13 @@ SETTINGS_FILE = ".dusa-prepare.json"
 
 
 def claim_output(output: Path, settings: dict[str, Any]) -> None:
-    """Record the settings in `output`, refusing to resume a build made with different ones."""
+    """Record the settings in `output`, refusing to resume a build made with different ones and
+    to write into a folder that holds something else (a results directory, another dataset)."""
+    if output.exists() and not output.is_dir():
+        raise DusaError(f"output is not a directory: {output}")
     settings_path = output / SETTINGS_FILE
+    if not settings_path.is_file() and output.is_dir() and any(output.iterdir()):
+        raise DusaError(f"{output} is not empty and holds no build of `dusa prepare-data`; choose a new or empty --output")
     if settings_path.is_file():
         try:
             previous = json.loads(settings_path.read_text())

@@ -89,8 +89,6 @@ def prepare_imagenet_c(
     """
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     classes, jobs = _source_jobs(source)
-    if output.exists() and not output.is_dir():
-        raise DusaError(f"output is not a directory: {output}")
     claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options})
 
     plan = Plan(

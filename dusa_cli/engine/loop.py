@@ -109,6 +109,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         datasets = [kind.open_dataset(config.data, c, s, seed, model.num_classes) for c, s in tasks]
         return adapter, datasets
 
+    # The output is checked before minutes of model loading, and opened after it.
+    agree(lambda: ResultsStore.check(config.run.output, config, resume) if world.is_main else None)
     adapter, datasets = agree(setup)
     initial = None if continual else _to_cpu(adapter.state_dict())  # what each reset restores
     if not world.is_main:  # its own random stream from here; rank 0 goes on with the single-process one
@@ -116,13 +118,14 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
     tracked = config.run.track if world.is_main else []  # rank 0 tracks, as it writes the results
     check_trackers(tracked)  # a missing package fails before the results directory is written
     store = _open_store(config, world, resume)
-    done = store.finished()
-    if continual and done and len(done) < len(tasks):  # a finished run needs no state back
-        agree(lambda: _restore(store, adapter, world))
+    # results.json says how the run ended (complete, stopped or failed); the trackers close however it ends.
+    with store.running(), ExitStack() as opened:
         done = store.finished()
-    # run.profile: the first task this process runs (rank 0 alone with several processes).
-    profiling = config.run.profile and world.is_main
-    with ExitStack() as opened:  # the trackers close however the run ends
+        if continual and done and len(done) < len(tasks):  # a finished run needs no state back
+            agree(lambda: _restore(store, adapter, world))
+            done = store.finished()
+        # run.profile: the first task this process runs (rank 0 alone with several processes).
+        profiling = config.run.profile and world.is_main
         trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output)]
         for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
             name = task_id(corruption, severity)
@@ -147,7 +150,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             images_before = sum(task["num_samples"] for task in store.results["tasks"][:-1])
             for tracker in trackers:
                 tracker.log_task(record, index, images_before)
-    store.complete(kind.summarize(store.results["tasks"]))
+        store.complete(kind.summarize(store.results["tasks"]))
     return store
 
 

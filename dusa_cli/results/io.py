@@ -12,6 +12,22 @@ from typing import IO, Any
 from dusa_cli.errors import DusaError
 
 
+def check_writable(path: Path, *, directory: bool = False) -> None:
+    """Fail now, before the work, if `path` cannot be written: a file (or with `directory`, a
+    folder) whose nearest existing ancestor is not a writable folder. Nothing is left behind."""
+    if path.exists() and path.is_dir() != directory:
+        raise DusaError(f"cannot write {path}: it is {'a file' if directory else 'a directory'}")
+    place = path if directory and path.exists() else path.parent
+    while not place.exists():
+        place = place.parent
+    try:
+        if not place.is_dir():
+            raise NotADirectoryError(f"{place} is a file")
+        tempfile.TemporaryFile(dir=place).close()  # what the atomic writes will do there
+    except OSError as error:
+        raise DusaError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ With several processes only rank 0 writes; the others keep an unwritten copy of 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import yaml
 from dusa_cli.config.loader import dump_config, flatten
 from dusa_cli.config.schema import ExperimentConfig
 from dusa_cli.errors import DusaError
-from dusa_cli.results.io import write_atomic, write_json_atomic, write_text_atomic
+from dusa_cli.results.io import check_writable, write_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_FORMAT = "dusa-results/1"
 RESULTS_FILE = "results.json"
@@ -39,30 +41,38 @@ class ResultsStore:
         self.results = results
         self.writable = writable
 
-    @classmethod
-    def open(
-        cls, root: Path, config: ExperimentConfig, environment: dict[str, Any], resume: bool
-    ) -> ResultsStore:
-        results_path = root / RESULTS_FILE
-        config_text = dump_config(config)
+    @staticmethod
+    def check(root: Path, config: ExperimentConfig, resume: bool) -> None:
+        """Refuse now what `open` would refuse, before any model loads; writes nothing."""
         if root.exists() and not root.is_dir():
             raise DusaError(f"output {root} is a file, not a directory")
-        if resume:  # the user says the directory is this run's: no other process is writing it
-            _remove_unfinished_writes(root)
-        if results_path.is_file() or (root / "config.yaml").is_file():
+        if (root / RESULTS_FILE).is_file() or (root / "config.yaml").is_file():
             if not resume:
                 raise DusaError(
                     f"{root} holds another run; pass --resume to continue it or choose another --output"
                 )
-            _check_same_config(root, config_text)
-            if results_path.is_file():
-                store = cls(root, json.loads(results_path.read_text()))
-                store.results["status"] = "running"
-                _record_resume(root, environment)
-                return store
-            # Stopped before its first results were written: nothing to keep, it starts afresh.
-        elif root.exists() and any(root.iterdir()):
-            raise DusaError(f"output directory {root} is not empty and holds no dusa run")
+            _check_same_config(root, dump_config(config))
+        elif root.exists():
+            leftovers = _unfinished_writes(root) if resume else []
+            if any(entry not in leftovers for entry in root.iterdir()):
+                raise DusaError(f"output directory {root} is not empty and holds no dusa run")
+        check_writable(root, directory=True)
+
+    @classmethod
+    def open(
+        cls, root: Path, config: ExperimentConfig, environment: dict[str, Any], resume: bool
+    ) -> ResultsStore:
+        cls.check(root, config, resume)
+        if resume:  # the user says the directory is this run's: no other process is writing it
+            for leftover in _unfinished_writes(root):
+                leftover.unlink(missing_ok=True)
+        results_path = root / RESULTS_FILE
+        if resume and results_path.is_file():
+            store = cls(root, json.loads(results_path.read_text()))
+            store.results["status"] = "running"
+            _record_resume(root, environment)
+            return store
+        # A new run, or one stopped before its first results were written: it starts afresh.
         plan = [
             {"corruption": c, "severity": s}
             for c in config.data.corruptions
@@ -81,7 +91,7 @@ class ResultsStore:
             "tasks": [],
         }
         store = cls(root, results)
-        write_text_atomic(root / "config.yaml", config_text)
+        write_text_atomic(root / "config.yaml", dump_config(config))
         write_json_atomic(root / "environment.json", environment)
         store._save()
         return store
@@ -100,6 +110,18 @@ class ResultsStore:
             raise DusaError(f"cannot resume {self.root}: state.pt is older than results.json")
         self.results["tasks"] = list(records)
         self._save()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """A run's tasks; a signal that stops them leaves status "stopped", an error "failed"."""
+        try:
+            yield
+        except BaseException as ending:
+            if self.writable and self.results["status"] == "running":
+                self.results["status"] = "stopped" if isinstance(ending, KeyboardInterrupt) else "failed"
+                with suppress(OSError, DusaError):  # the original error is the one to report
+                    self._save()
+            raise
 
     def complete(self, summary: dict[str, Any]) -> None:
         self.results["summary"] = summary
@@ -131,11 +153,11 @@ RESUMABLE_CHANGES = {"run.output", "data.num_workers", "run.track", "run.profile
 ATOMIC_FILES = ("config.yaml", "environment.json", RESULTS_FILE, "state.pt")
 
 
-def _remove_unfinished_writes(root: Path) -> None:
+def _unfinished_writes(root: Path) -> list[Path]:
     """Temporary files of writes that a SIGKILL (or power loss) stopped: never part of the run."""
-    for name in ATOMIC_FILES if root.is_dir() else ():
-        for leftover in root.glob(f".{name}.*"):
-            leftover.unlink(missing_ok=True)
+    if not root.is_dir():
+        return []
+    return [leftover for name in ATOMIC_FILES for leftover in root.glob(f".{name}.*")]
 
 
 def _check_same_config(root: Path, config_text: str) -> None:
