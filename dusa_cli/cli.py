@@ -561,7 +561,7 @@ def bench_seg_command(
 @app.command()
 @stoppable()
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs.")],
+    paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs (searched for results.json; other tools' files are skipped with a warning).")],
     metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:
@@ -571,9 +571,9 @@ def report(
     output) are seeds of one experiment; a rerun of the same seed counts once. Rows of one method
     are labelled by the settings that differ, e.g. `tent · optim.lr=0.01`."""
     from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
-    from dusa_cli.ui import stdout
+    from dusa_cli.ui import stdout, warn
 
-    table = build_table(find_runs(paths), metric.value if metric else None)
+    table = build_table(find_runs(paths, skip=warn), metric.value if metric else None)
     if format is Format.table:
         stdout.print(to_rich(table, stdout.width))
     else:

@@ -34,6 +34,10 @@ def error(message: str) -> None:
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def info(message: str) -> None:
     stderr.print(escape(message), highlight=False, soft_wrap=True)
 

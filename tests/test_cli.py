@@ -126,7 +126,7 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
     from dusa_cli.models.digits_resnet import dusa_digits_resnet
 
     load_strict(dusa_digits_resnet(), read_state_dict(weights), "trained weights")
-    assert_one_line_error(dusa("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 1, "--source")
+    assert_one_line_error(dusa("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 2, "--source")
 
 
 def test_help_and_version() -> None:

@@ -147,7 +147,8 @@ def test_a_killed_rank_stops_the_run_and_resume_completes_it(digits_c: Path, tmp
     result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_FAULT": "1:kill:10"})
     assert result.returncode != 0 and elapsed < 120
     partial = json.loads((output / "results.json").read_text())
-    assert partial["status"] == "running" and [t["corruption"] for t in partial["tasks"]] == ["gaussian_noise"]
+    # Rank 0 fails on the lost peer ("failed"), unless torchrun's SIGTERM reaches it first ("stopped").
+    assert partial["status"] in ("failed", "stopped") and [t["corruption"] for t in partial["tasks"]] == ["gaussian_noise"]
     resumed, _ = torchrun("baseline", *cli_args(digits_c, output), "--resume", env=hooks)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_results(output, reference)
@@ -159,7 +160,7 @@ def test_a_hung_rank_times_out_with_one_error_line_from_rank_0(digits_c: Path, t
     assert result.returncode != 0 and elapsed < 60
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lost contact with the other processes" in errors[0], result.stderr
-    assert json.loads((output / "results.json").read_text())["status"] == "running"
+    assert json.loads((output / "results.json").read_text())["status"] == "failed"
 
 
 def launch(digits_c: Path, output: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -99,8 +99,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(digits_c: Path, t
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, progress=StopAfter(batches=4))  # 3 batches per task: stops in task 2
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert partial["status"] == "running" and len(partial["tasks"]) == 1
+    assert partial["status"] == "stopped" and len(partial["tasks"]) == 1
     resumed = run_experiment(config, resume=True).results
+    assert resumed["status"] == "complete"
     keys = ("corruption", "top1", "top5", "mean_loss", "num_samples")
     assert [[t[k] for k in keys] for t in resumed["tasks"]] == [[t[k] for k in keys] for t in reference["tasks"]]
 
@@ -110,6 +111,10 @@ def test_output_directory_guards(digits_c: Path, tmp_path: Path) -> None:
     run_experiment(config)
     with pytest.raises(DusaError, match="holds another run"):
         run_experiment(config)
+    # The output is checked before the model loads: the missing checkpoint is never reached.
+    unloadable = config_for(digits_c, tmp_path / "run", method="source", **{"model.checkpoint": str(tmp_path / "missing.pth")})
+    with pytest.raises(DusaError, match="holds another run"):
+        run_experiment(unloadable)
     changed = config_for(digits_c, tmp_path / "run", method="norm")
     with pytest.raises(DusaError, match="differs from its config.yaml in method.name \\('source' → 'norm'\\)"):
         run_experiment(changed, resume=True)

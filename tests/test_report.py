@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line_error, dusa
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.loop import run_experiment
@@ -54,3 +55,21 @@ def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: P
     assert rows["tent · optim.lr=0.001"]["mean_std"] == "0.0000"  # the mean is over the one complete run
     markdown = to_markdown(table)
     assert "| tent · optim.lr=0.001 (partial) | 2 |" in markdown and "counted once" in markdown
+
+
+def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(sweep: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep / "source-None-1", runs / "source")
+    foreign = runs / "other-tool" / "results.json"
+    foreign.parent.mkdir()
+    foreign.write_text(json.dumps({"accuracy": 0.9}))
+    result = dusa("report", str(runs), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    assert [row["method"] for row in csv.DictReader(io.StringIO(result.stdout))] == ["source"]
+    assert result.stderr.strip() == f"warning: skipped {foreign}: not a dusa results file (dusa-results/1)"
+    assert_one_line_error(dusa("report", str(foreign)), 1, "not a dusa results file")  # named: an error
+    nothing = dusa("report", str(foreign.parent))
+    assert nothing.returncode == 1 and nothing.stderr.splitlines() == [
+        f"warning: skipped {foreign}: not a dusa results file (dusa-results/1)",
+        f"error: no dusa results.json found under {foreign.parent}",
+    ]

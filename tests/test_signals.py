@@ -21,9 +21,10 @@ from helpers import LAUNCH_ENV, assert_one_line_error, launch_command
 PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
 KEYS = ("corruption", "top1", "top5", "mean_loss", "num_samples")
 # A run writes config.yaml, environment.json, results.json without tasks, then with the first
-# task: the hooks (conftest.HOOKS) make rank 0 hang in its fifth write, the second task's record,
-# with the temporary file written but not yet in place.
-STALL = {"DUSA_TEST_FAULT": "0:hang-write:4"}
+# task: the hooks (conftest.HOOKS) make rank 0 hang in its fourth write, the first task's record,
+# with the temporary file written but not yet in place. The stop then writes results.json itself:
+# the first task (finished, its record in memory) and status "stopped".
+STALL = {"DUSA_TEST_FAULT": "0:hang-write:3"}
 SAVED = "finished tasks are saved (continue with --resume)"
 
 Start = Callable[..., subprocess.Popen]
@@ -103,6 +104,7 @@ def test_a_stopped_run_says_so_in_one_line_and_resumes(digits_c: Path, tmp_path:
     assert_one_line_error(finish(process), code, message)
     assert not list(output.glob(".*"))  # the interrupted write removed its temporary file
     assert records(output) == reference[:1]
+    assert json.loads((output / "results.json").read_text())["status"] == "stopped"
     resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert records(output) == reference
@@ -122,7 +124,7 @@ def test_sigterm_to_every_process_of_a_run_with_data_workers(digits_c: Path, tmp
 
 def launched(digits_c: Path, output: Path, hooks: dict[str, str], start: Start, sigint: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen:
     """The `--gpus 0,1` launcher running the same settings on two CPU processes, once rank 0
-    hangs in its fifth write (STALL)."""
+    hangs in its fourth write (STALL)."""
     command = launch_command(PRESET, settings(digits_c, output) | {"run.device": "cpu"})
     process = start(command, hooks | LAUNCH_ENV | STALL, sigint)
     wait_for_hang(process, Path(hooks["DUSA_TEST_HANG_LOG"]))

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,25 +28,38 @@ METRICS = {
 MEAN = "mean"
 
 
-def find_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """Load every results.json at or below the given paths (a run dir or a dir of runs)."""
+def find_runs(paths: Iterable[Path], skip: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Load every results.json at or below the given paths (a run dir or a dir of runs). A file
+    named on the command line must be a dusa results file; one found below a folder that is not
+    (another tool's results.json) is passed over, and `skip` is told why."""
     runs = []
     for path in paths:
         if not path.exists():
             raise DusaError(f"no such results path: {path}")
-        files = [path] if path.is_file() else sorted(path.rglob(RESULTS_FILE))
-        if not files:
-            raise DusaError(f"no {RESULTS_FILE} found under {path}")
-        for file in files:
+        named = path.is_file()
+        found = []
+        for file in [path] if named else sorted(path.rglob(RESULTS_FILE)):
             try:
-                run = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise DusaError(f"unreadable results file {file}: {error}") from None
-            if run.get("format") != RESULTS_FORMAT:
-                raise DusaError(f"{file} is not a dusa results file ({RESULTS_FORMAT})")
-            run["path"] = str(file.parent)
-            runs.append(run)
+                found.append(_read_run(file))
+            except DusaError as problem:
+                if named or skip is None:
+                    raise
+                skip(f"skipped {problem}")
+        if not found:
+            raise DusaError(f"no dusa {RESULTS_FILE} found under {path}")
+        runs += found
     return runs
+
+
+def _read_run(file: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DusaError(f"unreadable results file {file}: {error}") from None
+    if not isinstance(run, dict) or run.get("format") != RESULTS_FORMAT:
+        raise DusaError(f"{file}: not a dusa results file ({RESULTS_FORMAT})")
+    run["path"] = str(file.parent)
+    return run
 
 
 @dataclass
