@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
@@ -231,12 +232,12 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an error (also after the subcommand).")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Global options (the --debug flag is read in main())."""
+    """Global options (--debug is read in main(), wherever it stands)."""
 
 
 @app.command("prepare-data")
@@ -581,13 +582,18 @@ def report(
 
 
 def main() -> None:
+    # --debug may come anywhere (`dusa baseline … --debug`): it is taken out before Typer parses,
+    # and the environment carries it to the processes of a --gpus run.
+    if "--debug" in sys.argv[1:]:
+        sys.argv = [arg for arg in sys.argv if arg != "--debug"]
+        os.environ["DUSA_DEBUG"] = "1"
     _guarded(app)
 
 
 def _guarded(call: Callable[[], Any]) -> None:
-    """Run `call`; a failure ends the process with one line (a traceback with --debug) and its
-    exit code. Ranks other than 0 name themselves; one process reports a stop (stopping.py)."""
-    debug = "--debug" in sys.argv or os.environ.get("DUSA_DEBUG") == "1"
+    """Run `call`; a failure ends the process with one line (after its traceback with --debug)
+    and its exit code. Ranks other than 0 name themselves; one process reports a stop (stopping.py)."""
+    debug = os.environ.get("DUSA_DEBUG") == "1"
     rank = os.environ.get("RANK", "0")
     origin = "" if rank == "0" else f"rank {rank}: "
     from dusa_cli.ui import error
@@ -598,14 +604,15 @@ def _guarded(call: Callable[[], Any]) -> None:
         # A KeyboardInterrupt here came before any command's stoppable(): Ctrl-C while Typer sets up.
         failure = caught if isinstance(caught, DusaError) else interrupted(caught)
         if debug and not isinstance(failure, Interrupted):
-            raise
+            traceback.print_exc()
         if str(failure):  # empty: another process reports it (ReportedElsewhere, Interrupted)
             error(origin + _own_message(failure))
         _exit(int(failure.exit_code))
     except Exception as failure:  # anything unexpected still ends in one line (traceback with --debug)
         if debug:
-            raise
-        error(f"{origin}internal error: {type(failure).__name__}: {failure} (rerun with --debug for the traceback)")
+            traceback.print_exc()
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        error(f"{origin}internal error: {type(failure).__name__}: {failure}{hint}")
         _exit(int(ExitCode.RUNTIME))
 
 

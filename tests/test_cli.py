@@ -94,8 +94,11 @@ def test_checkpoint_that_does_not_fit_is_reported(tmp_path: Path, digits_c: Path
     result = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"))
     assert_one_line_error(result, 1, "does not fit")
     assert "missing" in result.stderr and "unexpected" in result.stderr
-    debug = dusa("--debug", "baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"))
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    debug = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"), "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug adds the traceback, keeps the code
+    assert debug.stderr.splitlines()[-1].startswith("error: checkpoint") and "does not fit" in debug.stderr
+    usage = dusa("--debug", "baseline", "-c", PRESET, "--set", "optim.lrr=1")
+    assert usage.returncode == 2 and "Traceback" in usage.stderr and "optim.lrr: unknown key" in usage.stderr
 
 
 def test_a_matching_checkpoint_loads_through_wrappers(tmp_path: Path, digits_c: Path) -> None:
