@@ -66,10 +66,13 @@ class Dataset(str, Enum):
 
 
 # Flags shared by every run command; each overrides one key of the YAML config.
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML preset (see configs/).")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML preset, e.g. configs/cls/digits.yaml (see configs/). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
+]
 ModelOpt = Annotated[Optional[str], typer.Option(help="timm model name → model.name.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local .pth/.safetensors weights → model.checkpoint.")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root (ImageNet-C, CIFAR-C or, with --task seg, ADE20K-C layout) → data.root.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
     typer.Option("--corruption", help="Corruption name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable → data.corruptions."),
@@ -332,7 +335,7 @@ def baseline(
     task: Annotated[Optional[Task], typer.Option(help="cls: classification; seg: segmentation (ADE20K-C, SegFormer) → task.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
-    data: DataOpt = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE), CIFAR-10-C's .npy files or, with --task seg, ADE20K-C → data.root.")] = None,
     corruption: CorruptionOpt = None,
     severity: SeverityOpt = None,
     num_ex: NumExOpt = None,

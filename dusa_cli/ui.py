@@ -88,7 +88,8 @@ class TaskProgress(_Bars):
         if not self.progress.disable and (now - self.score_read >= SCORE_PERIOD_S or task.finished):
             self.progress.update(self.task_id, score=score())
             self.score_read = now
-        speed = task.speed
+        # rich estimates the speed from two reports on; a task of one batch gets its average.
+        speed = task.speed or (task.completed / task.elapsed if task.finished and task.elapsed else None)
         if speed:
             self.progress.update(self.task_id, rate=speed)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dusa_cli
+
 from helpers import assert_one_line_error, dusa
 
 PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
@@ -31,7 +33,9 @@ def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_formats_pool_seeds(runs: Path) -> None:
     table = dusa("report", str(runs))
     assert table.returncode == 0 and "source" in table.stdout and "tent" in table.stdout
-    rows = list(csv.DictReader(io.StringIO(dusa("report", str(runs), "--format", "csv", "--metric", "err").stdout)))
+    errors = dusa("report", str(runs), "--format", "csv", "--metric", "err").stdout
+    assert "\r" not in errors  # plain text lines
+    rows = list(csv.DictReader(io.StringIO(errors)))
     assert [r["method"] for r in rows] == ["source", "tent"] and {r["seeds"] for r in rows} == {"2"}
     runs_by_method: dict[str, list[float]] = {}
     for path in runs.glob("*/results.json"):
@@ -71,6 +75,12 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: x\n")
     assert_one_line_error(dusa("baseline", "-c", str(bad)), 2, "invalid YAML")
+    weights = Path(dusa_cli.__file__).parent / "assets" / "sit_digits.safetensors"
+    assert_one_line_error(dusa("baseline", "-c", str(weights)), 2, "not a YAML file (not UTF-8 text)")
+    assert_one_line_error(dusa("baseline", "--data", str(digits_c)), 2, "start from a preset: -c configs/cls/digits.yaml")
+    assert_one_line_error(dusa("baseline", "-c", PRESET, "--set", "data.corruptions=[fog"), 2, "--set data.corruptions=[fog: invalid YAML")
+    not_weights = ("--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(bad), "-o", out)
+    assert_one_line_error(dusa("baseline", "-c", PRESET, *not_weights), 1, "not a torch or safetensors file")
     assert not Path(out).exists()
 
 

@@ -16,16 +16,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text)") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(error, 'problem', error)}") from None
+        raise ConfigError(f"{path}: invalid YAML{_where(error)}: {getattr(error, 'problem', error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
+
+
+def _where(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f" (line {mark.line + 1})" if mark else ""
 
 
 INHERIT_KEY = "inherit"
@@ -61,8 +66,10 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key.path=value, got '{assignment}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as error:
+        if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: say what is wrong with it
+            raise ConfigError(f"--set {assignment}: invalid YAML: {getattr(error, 'problem', error)}") from None
+        value = raw  # a string YAML cannot read as a scalar (`a: b`), taken as written
     return key.strip(), value
 
 
@@ -108,7 +115,10 @@ def load_config(
     except ValidationError as error:
         problems = validation_problems(error)
         given = set(overrides) | {dotted for dotted, _ in assigned}
-        raise ConfigError(f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}") from None
+        message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}"
+        if path is None and any("." not in location and "required" in text for location, text in problems):
+            message += " (start from a preset: -c configs/cls/digits.yaml, or see configs/)"
+        raise ConfigError(message) from None
 
 
 def _blame(path: Path | None, locations: list[str], given: set[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any decoder failure means the file is not usable weights
-        raise DusaError(f"cannot read checkpoint {path}: {error}") from error
+        reason = error if path.suffix == ".safetensors" or _torch_format(path) else "not a torch or safetensors file"
+        raise DusaError(f"cannot read checkpoint {path}: {reason}") from error
     while isinstance(state, Mapping) and not _is_flat(state):
         inner = next((state[key] for key in WRAPPER_KEYS if isinstance(state.get(key), Mapping)), None)
         if inner is None:
@@ -40,6 +42,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise DusaError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     return _strip_prefixes({str(k): v for k, v in state.items()})
+
+
+def _torch_format(path: Path) -> bool:
+    """A zip archive (torch.save) or a pickle (legacy torch.save); other files fail in the
+    unpickler with messages about its internals ("list index out of range")."""
+    with path.open("rb") as stream:
+        pickled = stream.read(1) == b"\x80"  # a pickle's protocol opcode
+    return pickled or zipfile.is_zipfile(path)
 
 
 def _is_flat(state: Mapping) -> bool:

@@ -221,7 +221,7 @@ def to_csv(table: Table) -> str:
     """Machine-readable: one mean and one std column per corruption; `complete` is false where a
     run stopped early (its mean is then over the complete runs only, or empty)."""
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv.writer(out, lineterminator="\n")  # text lines, as the other formats
     writer.writerow(["method", "seeds", "complete", *[f"{c}{s}" for c in table.columns for s in ("", "_std")]])
     for row in table.rows:
         values: list[str] = [row.label, str(len(row.seeds)), str(not row.partial).lower()]
