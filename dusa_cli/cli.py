@@ -461,11 +461,13 @@ def bench_cls_command(
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
     from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
     from dusa_cli.engine.runtime import resolve_device
+    from dusa_cli.ui import StatusLine
 
     _check_outputs(output, profile)
     flags = {"micro-batch": micro_batch, "checkpointing": checkpointing, "compile-classifier": compile_classifier,
@@ -484,10 +486,11 @@ def bench_cls_command(
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
     chosen += tuple(vary(fast, parse_variant(text)) for text in variant or [])
-    result = bench_cls(
-        tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
-        on_result=_partial_writer(output), profile=profile,
-    )  # fmt: skip
+    with StatusLine(enabled=not quiet) as say:
+        result = bench_cls(
+            tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
+            on_result=_partial_writer(output), profile=profile, say=say,
+        )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
 
 
@@ -542,11 +545,13 @@ def bench_seg_command(
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
     window with 20 classes and each device's peak memory, for two recipes in the same run."""
     from dusa_cli.engine.bench_seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
     from dusa_cli.engine.runtime import resolve_device
+    from dusa_cli.ui import StatusLine
 
     _check_outputs(output, profile)
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
@@ -555,10 +560,11 @@ def bench_seg_command(
 
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))
     chosen = tuple(r for r in (BASELINE, fast, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
-    result = bench_seg(
-        tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output),
-        profile=profile,
-    )
+    with StatusLine(enabled=not quiet) as say:
+        result = bench_seg(
+            tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output),
+            profile=profile, say=say,
+        )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
 
 

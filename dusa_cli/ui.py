@@ -116,3 +116,31 @@ class FileProgress(_Bars):
         if not self.progress.live.is_started:
             self.progress.start()
         self.progress.update(self.task_id, completed=done, total=total)
+
+
+class StatusLine:
+    """What a long step without a count is doing (a benchmark's recipe and update), with the
+    seconds since the start: a spinner line on a terminal, a line per step in a log."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.spinner = stderr.status("") if enabled and stderr.is_terminal else None
+        self.start = time.monotonic()
+
+    def __enter__(self):
+        if self.spinner is not None:
+            self.spinner.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.spinner is not None:
+            self.spinner.stop()
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.monotonic() - self.start:5.0f} s] {text}"
+        if self.spinner is not None:
+            self.spinner.update(escape(line))
+        else:
+            info(line)

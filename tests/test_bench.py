@@ -17,6 +17,7 @@ def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
     result = dusa("bench", "cls", "--tiny", "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
     assert result.returncode == 0, result.stderr
     assert "fast / official" in result.stdout
+    assert "] recipe 2/2 fast: timed update 1/1" in result.stderr  # the progress line, one per step in a log
     figures = json.loads(output.read_text())
     official, fast = figures["recipes"]
     assert (official["name"], official["micro_batch"], official["accumulation"]) == ("official", 8, 8)
@@ -125,13 +126,16 @@ def test_figures_so_far_are_handed_on_after_every_recipe() -> None:
 
     from dusa_cli.engine.bench import FAST, FP32, OFFICIAL, run_recipes
 
-    def run(recipe) -> dict:
+    def run(recipe, say) -> dict:
+        say("building the models")
         if recipe is FAST:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return {"name": recipe.name, "images_per_s": 1.0}
 
     seen: list[dict] = []
-    final = run_recipes((OFFICIAL, FAST, FP32), run, lambda rows: {"recipes": list(rows)}, seen.append)
+    said: list[str] = []
+    final = run_recipes((OFFICIAL, FAST, FP32), run, lambda rows: {"recipes": list(rows)}, seen.append, said.append)
+    assert said == [f"recipe {i}/3 {name}: building the models" for i, name in enumerate(("official", "fast", "fp32"), 1)]
     assert [[row["name"] for row in result["recipes"]] for result in seen] == [
         ["official"], ["official", "fast"], ["official", "fast", "fp32"]
     ]

@@ -198,20 +198,45 @@ def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict
             torch.cuda.empty_cache()
 
 
+# Told what a benchmark is doing ("recipe 1/2 official: timed update 3/5"), for a progress line.
+Say = Callable[[str], None]
+
+
 def run_recipes(
     recipes: tuple[Any, ...],
-    run: Callable[[Any], dict[str, Any]],
+    run: Callable[[Any, Say], dict[str, Any]],
     result_of: Callable[[list[dict[str, Any]]], dict[str, Any]],
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    say: Say | None = None,
 ) -> dict[str, Any]:
     """Each recipe in turn; `on_result` sees the result so far after every row (`complete`
-    False until the last), so a benchmark cut short keeps the figures of the recipes it finished."""
+    False until the last), so a benchmark cut short keeps the figures of the recipes it finished.
+    `run` reports its steps through the `Say` it is given, which `say` receives with the recipe named."""
     rows: list[dict[str, Any]] = []
-    for recipe in recipes:
-        rows.append(unless_out_of_memory(recipe, lambda: run(recipe)))
+    for index, recipe in enumerate(recipes):
+        prefix = f"recipe {index + 1}/{len(recipes)} {recipe.name}: "
+        told = (lambda text: say(prefix + text)) if say is not None else (lambda text: None)
+        rows.append(unless_out_of_memory(recipe, lambda: run(recipe, told)))
         if on_result is not None:
             on_result(result_of(rows) | {"complete": len(rows) == len(recipes)})
     return result_of(rows) | {"complete": True}
+
+
+def time_updates(update: Callable[[], None], *, warmup: int, updates: int, devices: list[torch.device], say: Say) -> float:
+    """Seconds for `updates` calls of `update` after `warmup` untimed ones (compilation, autotuning,
+    allocator warm-up); each device's peak memory counts from the timed calls on."""
+    for index in range(warmup):
+        say(f"warm-up update {index + 1}/{warmup}")
+        update()
+    synchronize(devices)
+    for device in devices:
+        reset_peak_memory(device)
+    start = time.perf_counter()
+    for index in range(updates):
+        say(f"timed update {index + 1}/{updates}")
+        update()
+    synchronize(devices)
+    return time.perf_counter() - start
 
 
 def file_stem(name: str) -> str:
@@ -236,29 +261,26 @@ def run_recipe(
     device: torch.device,
     vae: Path,
     profile: Path | None = None,
+    say: Say = lambda text: None,
 ) -> dict[str, Any]:
     """Timed updates of one recipe; with `profile` (a folder) one more update under the profiler."""
+    say("building the models")
     adapter = _build(shapes, recipe, vae, device)
     batch = _images(recipe.micro_batch, shapes, device)
+    say("counting FLOPs")
     flops = flops_per_image(adapter, batch)
 
     def update() -> None:
         for index in range(recipe.accumulation):
             adapter.step(batch, draws=_draws(recipe, index, 0))
 
-    for _ in range(warmup):  # compilation, cuDNN autotuning, allocator warm-up
-        update()
-    synchronize([device])
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        update()
-    synchronize([device])
-    seconds = time.perf_counter() - start
+    seconds = time_updates(update, warmup=warmup, updates=updates, devices=[device], say=say)
     images_per_s = updates * recipe.accumulation * recipe.micro_batch / seconds
     memory, memory_kind = peak_memory(device)
     tflops = flops * images_per_s / 1e12
     peak = bf16_peak_tflops(device_name(device))
+    if profile:
+        say("profiled update")
     profiled = {"profile": profile_update(update, [device], profile / file_stem(recipe.name))} if profile else {}
     return asdict(recipe) | profiled | {
         "images_per_update": recipe.micro_batch * recipe.accumulation,
@@ -284,10 +306,11 @@ def bench_cls(
     recipes: tuple[Recipe, ...] = (OFFICIAL, FAST),
     on_result: Callable[[dict[str, Any]], None] | None = None,
     profile: Path | None = None,
+    say: Say | None = None,
 ) -> dict[str, Any]:
     """The recipes one after the other in one process on the same device; `ratio` = fast /
-    official images/s; `prior`: a PRIORS family. `on_result`: see `run_recipes`; `profile`: a
-    folder for one profiled update per recipe (engine/profiling.py)."""
+    official images/s; `prior`: a PRIORS family. `on_result`, `say`: see `run_recipes`; `profile`:
+    a folder for one profiled update per recipe (engine/profiling.py)."""
     shapes = bench_shapes(tiny, prior)
     if device.type != "cuda":
         # torch.compile needs minutes and a C++ toolchain on a CPU, fused Adam needs CUDA: the CPU
@@ -306,10 +329,10 @@ def bench_cls(
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
 
-        def run(recipe: Recipe) -> dict[str, Any]:
-            return run_recipe(recipe, shapes, updates=updates, warmup=warmup, device=device, vae=vae, profile=profile)
+        def run(recipe: Recipe, told: Say) -> dict[str, Any]:
+            return run_recipe(recipe, shapes, updates=updates, warmup=warmup, device=device, vae=vae, profile=profile, say=told)
 
-        return run_recipes(recipes, run, result_of, on_result)
+        return run_recipes(recipes, run, result_of, on_result, say)
 
 
 def run_trajectory(recipe: Recipe, shapes: Shapes, *, updates: int, device: torch.device, vae: Path) -> dict[str, Any]:

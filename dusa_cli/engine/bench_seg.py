@@ -13,7 +13,6 @@ peak memory (the 2 × 24 GB target of issue 5).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,9 +22,9 @@ import torch
 
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.bench import file_stem, ratio, run_recipes
+from dusa_cli.engine.bench import Say, file_stem, ratio, run_recipes, time_updates
 from dusa_cli.engine.profiling import profile_update
-from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
+from dusa_cli.engine.runtime import device_name, peak_memory, seed_everything
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
 from dusa_cli.priors.checkpointing import Checkpointing, describe
@@ -113,24 +112,22 @@ def run_recipe(
     warmup: int,
     devices: list[torch.device],
     profile: Path | None = None,
+    say: Say = lambda text: None,
 ) -> dict[str, Any]:
     """Timed window updates of one recipe; with `profile` (a folder) one more under the profiler."""
+    say("building the models")
     adapter = _build(shapes, recipe, devices)
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, shapes.window, shapes.window, generator=generator).to(devices[0])
-    for _ in range(warmup):  # compilation, autotuning, allocator warm-up
+
+    def update() -> None:
         adapter.step(image)
-    synchronize(devices)
-    for device in devices:
-        reset_peak_memory(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        adapter.step(image)
-    synchronize(devices)
-    seconds = (time.perf_counter() - start) / updates
+
+    seconds = time_updates(update, warmup=warmup, updates=updates, devices=devices, say=say) / updates
     peaks = [peak_memory(device) for device in devices]
-    stem = profile / file_stem(recipe.name) if profile else None
-    profiled = {"profile": profile_update(lambda: adapter.step(image), devices, stem)} if stem else {}
+    if profile:
+        say("profiled update")
+    profiled = {"profile": profile_update(update, devices, profile / file_stem(recipe.name))} if profile else {}
     return asdict(recipe) | profiled | {
         "seconds_per_window": seconds,
         "updates": updates,
@@ -149,15 +146,16 @@ def bench_seg(
     recipes: tuple[SegRecipe, ...] = (BASELINE, FAST),
     on_result: Callable[[dict[str, Any]], None] | None = None,
     profile: Path | None = None,
+    say: Say | None = None,
 ) -> dict[str, Any]:
-    """The recipes one after the other on the same devices; `on_result`: see `run_recipes`;
+    """The recipes one after the other on the same devices; `on_result`, `say`: see `run_recipes`;
     `profile`: a folder for one profiled window update per recipe (engine/profiling.py)."""
     shapes = TINY if tiny else PAPER
     if devices[0].type != "cuda":  # compile takes minutes on a CPU and fused AdamW needs CUDA
         recipes = tuple(replace(r, compile_blocks=False, fused_adamw=False) for r in recipes)
 
-    def run(recipe: SegRecipe) -> dict[str, Any]:
-        return run_recipe(recipe, shapes, updates=updates, warmup=warmup, devices=devices, profile=profile)
+    def run(recipe: SegRecipe, told: Say) -> dict[str, Any]:
+        return run_recipe(recipe, shapes, updates=updates, warmup=warmup, devices=devices, profile=profile, say=told)
 
     def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -170,7 +168,7 @@ def bench_seg(
             "speedup_fast_over_baseline": ratio(rows, "seconds_per_window", "baseline", "fast"),
         }
 
-    return run_recipes(recipes, run, result_of, on_result)
+    return run_recipes(recipes, run, result_of, on_result, say)
 
 
 def to_rich(result: dict[str, Any]):
