@@ -579,7 +579,8 @@ def report(
 
     Runs whose config.yaml differ only in run.seed or in how they ran (device, compile, workers,
     output) are seeds of one experiment; a rerun of the same seed counts once. Rows of one method
-    are labelled by the settings that differ, e.g. `tent · optim.lr=0.01`."""
+    are labelled by the settings that differ, e.g. `tent · optim.lr=0.01`; a note under the table
+    names any model, data or setting key in which rows differ otherwise (not like for like)."""
     from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
     from dusa_cli.ui import stdout, warn
 

@@ -73,3 +73,12 @@ def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(s
         f"warning: skipped {foreign}: not a dusa results file (dusa-results/1)",
         f"error: no dusa results.json found under {foreign.parent}",
     ]
+
+
+def test_rows_that_do_not_measure_the_same_thing_say_so(sweep: Path, digits_c: Path, tmp_path: Path) -> None:
+    overrides = {"data.root": str(digits_c), "data.corruptions": ["gaussian_noise", "fog"], "data.batch_size": 16,
+                 "data.num_ex": 20, "method.name": "norm", "run.seed": 1, "run.output": str(tmp_path / "norm")}
+    run_experiment(load_config(PRESET, overrides))
+    table = build_table(find_runs([sweep / "source-None-1", tmp_path / "norm"]))
+    assert [row.label for row in table.rows] == ["source", "norm"]  # labels name a method's own variations only
+    assert table.notes == ["rows differ in data.num_ex (source: None; norm: 20)"]

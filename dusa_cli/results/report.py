@@ -139,6 +139,23 @@ def _labels(experiments: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+# What makes two rows' scores comparable: the same task, model, data and setting.
+LIKE_FOR_LIKE = ("task", "model.", "data.", "run.setting")
+
+
+def _unlike(experiments: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """A note per comparability setting in which rows differ that their labels do not show
+    (tent on every image next to dusa on 64 of them)."""
+    shared = set.intersection(*(set(e) for e in experiments)) if experiments else set()
+    notes = []
+    for key in sorted(k for k in shared if k.startswith(LIKE_FOR_LIKE)):
+        values = [_value(e[key]) for e in experiments]
+        if len(set(values)) > 1 and not any(f"{key}=" in label for label in labels):
+            rows = "; ".join(f"{label}: {value}" for label, value in zip(labels, values))
+            notes.append(f"rows differ in {key} ({rows})")
+    return notes
+
+
 def _one_per_seed(runs: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
     """A rerun of an experiment with the same seed is not another sample: the run with most
     finished tasks counts (the first listed on a tie), and a note says which was left out."""
@@ -166,10 +183,12 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
     for run in runs:
         experiment = _experiment(run)
         groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), (experiment, []))[1].append(run)
-    notes: list[str] = []
+    experiments = [experiment for experiment, _ in groups.values()]
+    labels = _labels(experiments)
+    notes = _unlike(experiments, labels)
     rows: list[Row] = []
     names: set[str] = set()
-    for label, (_, members) in zip(_labels([experiment for experiment, _ in groups.values()]), groups.values()):
+    for label, (_, members) in zip(labels, groups.values()):
         row = Row(label=label)
         for run in _one_per_seed(members, notes):
             row.seeds.append(run.get("seed"))
