@@ -117,7 +117,8 @@ def load_config(
         given = set(overrides) | {dotted for dotted, _ in assigned}
         message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}"
         if path is None and any("." not in location and "required" in text for location, text in problems):
-            message += " (start from a preset: -c configs/cls/digits.yaml, or see configs/)"
+            example = "seg/ade20k_c_segformer_b5.yaml" if data.get("task") == "seg" else "cls/digits.yaml"
+            message += f" (start from a preset: -c configs/{example}, or see configs/)"
         raise ConfigError(message) from None
 
 

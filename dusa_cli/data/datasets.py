@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
-from dusa_cli.data.files import class_folders, image_files, read_rgb, require_directory
+from dusa_cli.data.files import class_folders, image_files, read_rgb, require_data_root
 from dusa_cli.errors import ConfigError, DusaError
 
 Item = tuple[torch.Tensor, int]
@@ -145,7 +145,7 @@ def open_task(
         )
     if severity not in SEVERITIES:
         raise ConfigError(f"severity must be one of 1..5, got {severity!r}")
-    require_directory(root, "data directory")
+    require_data_root(root)
     folder = root / corruption
     array_file = root / f"{corruption}.npy"
     if folder.is_dir():
@@ -193,5 +193,5 @@ def _subset(dataset: Dataset[Item], num_ex: int | None, seed: int) -> Dataset[It
 
 def open_split(root: Path, split: str) -> ImageFolderTask:
     """A clean split `root/<split>/<class>/<image>`, e.g. digits-C's `train` and `clean`."""
-    require_directory(root, "data directory")
+    require_data_root(root)
     return ImageFolderTask(root / split)

@@ -22,6 +22,13 @@ def require_directory(path: Path, what: str) -> None:
         raise DusaError(f"{what} is not a directory: {path}")
 
 
+def require_data_root(root: Path) -> None:
+    """A dataset root must exist; the error says how to make one."""
+    if not root.exists():
+        raise DusaError(f"data directory not found: {root} (`dusa prepare-data` builds digits-c, ImageNet-C and ADE20K-C)")
+    require_directory(root, "data directory")
+
+
 def class_folders(root: Path) -> list[Path]:
     """The class sub-folders of `root` (`root/<class>/<image>`), sorted by name."""
     require_directory(root, "image folder")

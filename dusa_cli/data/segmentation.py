@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
 from dusa_cli.data.datasets import _subset, _to_tensor
-from dusa_cli.data.files import image_files, read_rgb, require_directory
+from dusa_cli.data.files import image_files, read_rgb, require_data_root, require_directory
 from dusa_cli.errors import ConfigError, DusaError
 
 Item = tuple[torch.Tensor, torch.Tensor]
@@ -119,7 +119,7 @@ def open_seg_task(
         raise ConfigError(f"unknown corruption '{corruption}'; choose from: " + ", ".join(ALL_CORRUPTIONS))
     if severity not in SEVERITIES:
         raise ConfigError(f"severity must be one of 1..5, got {severity!r}")
-    require_directory(root, "data directory")
+    require_data_root(root)
     official = root / corruption / str(severity) / "validation"
     beside_clean = root / "images" / "validation" / f"{corruption}_{severity}"
     if official.is_dir():
