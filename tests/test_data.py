@@ -313,7 +313,7 @@ def test_prepare_imagenet_c_reports_an_unreadable_source_image_from_a_worker(
 
 def test_missing_and_empty_inputs_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(DusaError, match=re.escape(f"not found: {missing}") + "$"):
+    with pytest.raises(DusaError, match=re.escape(f"not found: {missing} (`dusa prepare-data` builds") + ".*ImageNet-C"):
         open_task(missing, "fog", 1)
     with pytest.raises(DusaError, match=re.escape(f"not found: {missing}") + "$"):
         prepare_imagenet_c(missing, tmp_path / "out", corruptions=["fog"], severities=[1])
