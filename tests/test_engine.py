@@ -218,3 +218,12 @@ def test_a_missing_tracker_package_is_a_one_line_error_before_anything_is_writte
     with pytest.raises(ConfigError, match=r"tensorboard package is not installed: pip install 'dusa\[track\]'"):
         run_experiment(config_for(digits_c, tmp_path / "run", **{"run.track": ["tensorboard"]}))
     assert not (tmp_path / "run").exists()  # the run can start afresh once it is installed
+
+
+def test_more_data_workers_than_cores_is_said_once(digits_c: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from dusa_cli.engine.runtime import usable_cores
+
+    workers = usable_cores() + 1
+    run_experiment(config_for(digits_c, tmp_path / "run", method="source", **{"data.num_workers": workers}))
+    said = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert said == [f"warning: data.num_workers={workers} is more than the {usable_cores()} CPU cores this process may use"]

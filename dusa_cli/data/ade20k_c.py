@@ -31,10 +31,10 @@ from dusa_cli.data.generate import (
     Progress,
     check_corruptions,
     claim_output,
-    default_workers,
     run_jobs,
     write_manifest,
 )
+from dusa_cli.engine.runtime import usable_cores
 from dusa_cli.errors import DusaError
 
 SPLIT = "validation"
@@ -124,7 +124,7 @@ def prepare_ade20k_c(
         resume=True,
     )
     checksums = _copy_labels(labels, output)
-    checksums |= run_jobs(plan, jobs, default_workers() if workers is None else workers, progress)
+    checksums |= run_jobs(plan, jobs, usable_cores() if workers is None else workers, progress)
     description = {
         "dataset": "ade20k-c",
         "source": str(source),

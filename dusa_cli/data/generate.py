@@ -13,7 +13,6 @@ import io
 import itertools
 import json
 import multiprocessing
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -277,11 +276,6 @@ def write_manifest(plan: Plan, checksums: dict[str, str], description: dict[str,
     }
     write_bytes_atomic(plan.output / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Records a resumable build's settings in its output directory.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
@@ -25,7 +26,7 @@ from dusa_cli.engine.distributed import (
     process_group,
 )
 from dusa_cli.engine.profiling import step_profiler
-from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state, usable_cores
 from dusa_cli.engine.segmentation import SEGMENTATION
 from dusa_cli.engine.tasks import NoProgress, Progress, TaskKind
 from dusa_cli.errors import ConfigError, DusaError
@@ -33,6 +34,7 @@ from dusa_cli.methods import get_method
 from dusa_cli.results.environment import collect_environment
 from dusa_cli.results.store import ResultsStore, task_id
 from dusa_cli.results.tracking import check_trackers, open_trackers
+from dusa_cli.ui import warn
 
 
 def task_loader(dataset: Dataset, data: DataConfig, world: World, seed: int) -> DataLoader:
@@ -77,7 +79,12 @@ def run_experiment(
     """One process, or one of several under torchrun / `--gpus` (rank 0 alone writes and shows
     progress). Returns the run's results store (an unwritten copy on ranks other than 0)."""
     split = config.run.split_devices
-    with process_group(split[0] if split else config.run.device) as world:
+    with process_group(split[0] if split else config.run.device) as world, warnings.catch_warnings():
+        # torch warns of too many data workers twice per loader, made and iterated; the run, once.
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        cores = usable_cores()
+        if world.is_main and config.data.num_workers > cores:
+            warn(f"data.num_workers={config.data.num_workers} is more than the {cores} CPU cores this process may use")
         shown = progress if progress is not None and world.is_main else NoProgress()
         return _run(config, world, resume, shown)
 
