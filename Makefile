@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 DIGITS := data/digits-c
 DEMO := results/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,14 @@ bench: $(STAMP)
 		$(BIN)/dusa bench cls --tiny --updates 1 --warmup 0 --output results/bench_cls_tiny.json && \
 		$(BIN)/dusa bench seg --tiny --updates 1 --warmup 0 --output results/bench_seg_tiny.json; \
 	fi
+
+# The packages dusa needs that the lent GPU machine lacks (device README: Python 3.12 there, no
+# package index), at constraints.txt's versions, as wheels in .whl/ to carry. Use them there as
+# docs/BENCHMARKS.md ("Paper-sized runs on a GPU") shows.
+GPU_WHEELS := diffusers pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+	importlib_metadata lazy-importer zipp imagecorruptions-imaug
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-c constraints.txt -d .whl $(GPU_WHEELS)
