@@ -254,12 +254,12 @@ def prepare_data(
     seed: Annotated[int, typer.Option(help="Seed of the split and the corruption noise.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
     limit_per_class: Annotated[Optional[int], typer.Option(min=1, help="digits-c only: keep N test images per class (quick trials).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="digits-c only: rebuilding into an earlier build, delete its files this build does not make (other corruptions, severities or images).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="digits-c only: when rebuilding over an earlier build, delete its files that this build does not make (other corruptions, severities or images).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build a corrupted benchmark on disk, deterministic and checksummed (manifest.json).
 
-    OUTPUT must be new, empty or an earlier build of the same dataset: imagenet-c and ade20k-c
+    --output must be new, empty or an earlier build of the same dataset: imagenet-c and ade20k-c
     resume one (with the same seed), digits-c rebuilds it."""
     from dusa_cli.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, resolve_corruptions
     from dusa_cli.ui import FileProgress, info
