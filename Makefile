@@ -53,8 +53,8 @@ bench: $(STAMP)
 	fi
 
 # The packages dusa needs that the lent GPU machine lacks (device README: Python 3.12 there, no
-# package index), at constraints.txt's versions, as wheels in .whl/ to carry. Use them there as
-# docs/BENCHMARKS.md ("Paper-sized runs on a GPU") shows.
+# package index), at constraints.txt's versions, as wheels in .whl/ to carry; scripts/on-device.sh
+# installs them there (docs/BENCHMARKS.md, "Paper-sized runs on a GPU").
 GPU_WHEELS := diffusers pydantic pydantic_core annotated-types typing-inspection typing_extensions \
 	importlib_metadata lazy-importer zipp imagecorruptions-imaug
 gpu-wheels:
