@@ -375,6 +375,8 @@ def test_vae_encode(tiny_vae_dir: Path, subdir: str) -> None:
         expected = vae.encode(resized * 2 - 1).latent_dist.mean * 0.18215
     torch.testing.assert_close(z0, expected)
     assert not any(p.requires_grad for p in prior.encoder.parameters())
+    kept = sum(p.numel() for p in prior.encoder.parameters())  # only encoding is needed: no decoder
+    assert kept == sum(p.numel() for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()])
 
 
 def test_vae_weights_file(tmp_path: Path, tiny_vae_dir: Path) -> None:

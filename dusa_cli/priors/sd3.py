@@ -16,7 +16,7 @@ from dusa_cli.priors.checkpointing import Checkpointing, checkpoint_only, checkp
 from dusa_cli.priors.paths import SD3FlowPath
 from dusa_cli.priors.prompts import CLIP_LENGTH, PromptEmbeddings, load_prompt_embeddings
 from dusa_cli.priors.split import module_bytes, place_transformer
-from dusa_cli.priors.vae import LOW_CPU_MEMORY, SD_VAE_CONFIG
+from dusa_cli.priors.vae import LOW_CPU_MEMORY, SD_VAE_CONFIG, encoder_only
 
 # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (research/peers.md §D).
 SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
@@ -114,7 +114,7 @@ class SD3Prior(nn.Module):
                 f"expects {config.pooled_projection_dim} (text encoders and transformer do not belong together)"
             )
         self.devices = _check_devices(devices)
-        self.vae = vae.to(self.devices[0]).eval().requires_grad_(False)
+        self.vae = encoder_only(vae).to(self.devices[0]).eval().requires_grad_(False)
         self.prompts = prompts.to(self.devices[0])
         self.path = SD3FlowPath(shift)
         # Where T5 is not used the pipeline still appends this many zero tokens (peers.md §D).

@@ -67,12 +67,19 @@ class PixelSpace(LatentEncoder):
         return images
 
 
+def encoder_only(vae: nn.Module) -> nn.Module:
+    """A diffusers AutoencoderKL without its decoder: DUSA only encodes, and the decoder is over
+    half of an SD VAE's weights (about 200 MB in fp32 on the first device)."""
+    del vae.decoder, vae.post_quant_conv
+    return vae
+
+
 class VAEEncoder(LatentEncoder):
     """Posterior mean × 0.18215, no sampling, as the official DUSA code (dusa_official.md §1.2)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae = encoder_only(vae).eval().requires_grad_(False)
         self.channels = vae.config.latent_channels
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
