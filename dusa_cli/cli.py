@@ -474,9 +474,10 @@ def bench_cls_command(
              "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
     fast = vary(FAST, {lever: str(v).lower() for lever, v in flags.items() if v not in (None, False, "default")}, "fast")
     if trajectory:
-        result = compare_trajectories(
-            tiny=tiny, updates=trajectory, device=resolve_device(device), prior=prior.value, candidate=fast
-        )
+        with StatusLine(enabled=not quiet) as say:
+            result = compare_trajectories(
+                tiny=tiny, updates=trajectory, device=resolve_device(device), prior=prior.value, candidate=fast, say=say
+            )  # fmt: skip
         _show_figures(trajectory_to_rich(result), result, output)
         if result["max_relative_loss_deviation"] > tolerance:
             raise DusaError(

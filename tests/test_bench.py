@@ -64,6 +64,7 @@ def test_tiny_trajectory_check_compares_fast_with_fp32(tmp_path: Path) -> None:
     output = tmp_path / "trajectory.json"
     result = dusa("bench", "cls", "--tiny", "--trajectory", "2", "--device", "cpu", "-o", str(output))
     assert result.returncode == 0, result.stderr
+    assert "] fast: update 2/2" in result.stderr
     figures = json.loads(output.read_text())
     reference, candidate = figures["reference"], figures["candidate"]
     assert reference["recipe"]["precision"] == "fp32" and candidate["recipe"]["precision"] == "bf16"

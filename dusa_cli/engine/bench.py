@@ -335,13 +335,17 @@ def bench_cls(
         return run_recipes(recipes, run, result_of, on_result, say)
 
 
-def run_trajectory(recipe: Recipe, shapes: Shapes, *, updates: int, device: torch.device, vae: Path) -> dict[str, Any]:
+def run_trajectory(
+    recipe: Recipe, shapes: Shapes, *, updates: int, device: torch.device, vae: Path, say: Say = lambda text: None
+) -> dict[str, Any]:
     """`updates` DUSA updates on fresh images each (the same images and draws for every recipe):
     the mean loss of each update and the online prediction of every image."""
+    say(f"{recipe.name}: building the models")
     adapter = _build(shapes, recipe, vae, device)
     images_per_update = recipe.micro_batch * recipe.accumulation
     losses, predictions = [], []
     for update in range(updates):
+        say(f"{recipe.name}: update {update + 1}/{updates}")
         generator = torch.Generator().manual_seed(update)
         size = (images_per_update, 3, shapes.image_size, shapes.image_size)
         images = torch.randint(0, 256, size, generator=generator).to(device).float().div_(255)
@@ -362,6 +366,7 @@ def compare_trajectories(
     prior: str = "dit",
     reference: Recipe = FP32,
     candidate: Recipe = FAST,
+    say: Say = lambda text: None,
 ) -> dict[str, Any]:
     """The fast recipe against an fp32 run over the same `updates` (issue 6's numerical check):
     per-update losses, their largest relative deviation, and how often the online predictions agree."""
@@ -370,7 +375,7 @@ def compare_trajectories(
         candidate = replace(candidate, compile_prior=False, compile_classifier=False, fused_adam=False)
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
-        runs = [run_trajectory(r, shapes, updates=updates, device=device, vae=vae) for r in (reference, candidate)]
+        runs = [run_trajectory(r, shapes, updates=updates, device=device, vae=vae, say=say) for r in (reference, candidate)]
     base, other = runs
     deviations = [abs(b - a) / abs(a) for a, b in zip(base["losses"], other["losses"])]
     return {
