@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
@@ -598,6 +599,10 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         sys.argv = [arg for arg in sys.argv if arg != "--debug"]
         os.environ["DUSA_DEBUG"] = "1"
+    else:  # warnings in one line, like errors (with --debug: Python's, with where they came from)
+        from dusa_cli.ui import warn
+
+        warnings.showwarning = lambda message, *_where, **_: warn(str(message))
     _guarded(app)
 
 

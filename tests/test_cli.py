@@ -18,15 +18,21 @@ PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
 @pytest.fixture(scope="module")
 def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """source and tent, each over two seeds, through the real CLI."""
+    from dusa_cli.engine.runtime import usable_cores
+
     root = tmp_path_factory.mktemp("runs")
+    workers = usable_cores() + 1  # one run with more data workers than cores: a warning, not results
     for method in ("source", "tent"):
         for seed in ("1", "2"):
+            more = ["--set", f"data.num_workers={workers}"] if (method, seed) == ("source", "2") else []
             result = dusa(
                 "baseline", "-c", PRESET, "--method", method, "--data", str(digits_c),
-                "--corruption", "gaussian_noise,fog", "--seed", seed, "--output", str(root / f"{method}-{seed}"), "-q",
-            )
+                "--corruption", "gaussian_noise,fog", "--seed", seed, "--output", str(root / f"{method}-{seed}"), "-q", *more,
+            )  # fmt: skip
             assert result.returncode == 0, result.stderr
             assert "gaussian_noise" in result.stdout  # the run's own table
+            warned = f"warning: data.num_workers={workers} is more than the {usable_cores()} CPU cores this process may use"
+            assert [line for line in result.stderr.splitlines() if "warning" in line] == ([warned] if more else [])
     return root
 
 

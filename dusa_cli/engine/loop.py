@@ -34,7 +34,6 @@ from dusa_cli.methods import get_method
 from dusa_cli.results.environment import collect_environment
 from dusa_cli.results.store import ResultsStore, task_id
 from dusa_cli.results.tracking import check_trackers, open_trackers
-from dusa_cli.ui import warn
 
 
 def task_loader(dataset: Dataset, data: DataConfig, world: World, seed: int) -> DataLoader:
@@ -84,7 +83,7 @@ def run_experiment(
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         cores = usable_cores()
         if world.is_main and config.data.num_workers > cores:
-            warn(f"data.num_workers={config.data.num_workers} is more than the {cores} CPU cores this process may use")
+            warnings.warn(f"data.num_workers={config.data.num_workers} is more than the {cores} CPU cores this process may use", stacklevel=2)
         shown = progress if progress is not None and world.is_main else NoProgress()
         return _run(config, world, resume, shown)
 
