@@ -1,6 +1,7 @@
 """Stop signals: Ctrl-C (SIGINT), a scheduler's SIGTERM and a closed terminal's SIGHUP end a
 command the way Ctrl-C does. It unwinds (finally blocks run, atomic writes remove their temporary
-files, finished tasks stay saved) and exits with one line and 128 + the signal's number."""
+files, finished tasks stay saved) and exits with one line and 128 + the signal's number. A second
+Ctrl-C ends the process at once."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
         if not stopped:
             stopped = True
             raise Stopped(number)
+        if number == signal.SIGINT:  # Ctrl-C again: a person who will not wait for the unwinding
+            quit_at_once(report)
 
     try:
         with handling(stop):
@@ -67,3 +70,10 @@ def interrupted(interrupt: KeyboardInterrupt, outcome: str = "", report: bool = 
     """The Interrupted error of a KeyboardInterrupt: Ctrl-C, or the signal that Stopped carries."""
     number = interrupt.signal if isinstance(interrupt, Stopped) else signal.SIGINT
     return Interrupted(number, outcome, silent=not report or os.environ.get("RANK", "0") != "0")
+
+
+def quit_at_once(report: bool = True) -> None:
+    """End the process now, without unwinding: what a write in progress leaves, --resume removes."""
+    if report and os.environ.get("RANK", "0") == "0":
+        os.write(2, f"error: interrupted again, quit at once; {SAVED}\n".encode())
+    os._exit(Interrupted(signal.SIGINT).exit_code)

@@ -15,8 +15,8 @@ TINY_CORRUPTIONS = ("gaussian_noise", "fog")
 # write with the writer's rank, and the sum of the trained parameters after each update.
 # DUSA_TEST_FAULT=RANK:FAULT:N makes the process of that rank (0 when alone) die (kill: SIGKILL)
 # or hang (hang) after N adaptation steps, or hang in its write after the Nth (hang-write), with
-# the write's temporary file filled but not yet in place; a process hangs once, and says so in the
-# hang log first.
+# the write's temporary file filled but not yet in place; a process hangs once (hang-writes: in
+# every write from then on, the stop's own too), and says so in the hang log first.
 HOOKS = '''
 import os
 if os.environ.get("DUSA_TEST_HOOKS"):
@@ -33,8 +33,9 @@ if os.environ.get("DUSA_TEST_HOOKS"):
             return
         if (event, fault) == ("step", "kill"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if (event, fault) in (("step", "hang"), ("write", "hang-write")) and not counts.get("hung"):
-            counts["hung"] = 1  # once: the writes of the stop that ends the hang go through
+        again = fault == "hang-writes"  # else once: the writes of the stop that ends the hang go through
+        if (event, fault) in (("step", "hang"), ("write", "hang-write"), ("write", "hang-writes")) and (again or not counts.get("hung")):
+            counts["hung"] = 1
             with open(os.environ["DUSA_TEST_HANG_LOG"], "a") as log:
                 log.write(f"{rank} {event}\\n")
             time.sleep(3600)

@@ -73,10 +73,10 @@ def start() -> Iterator[Start]:
             os.killpg(group, signal.SIGKILL)
 
 
-def wait_for_hang(process: subprocess.Popen, hang_log: Path) -> None:
-    """Until the hooks make the run hang (DUSA_TEST_FAULT)."""
+def wait_for_hang(process: subprocess.Popen, hang_log: Path, hangs: int = 1) -> None:
+    """Until the hooks make the run hang (DUSA_TEST_FAULT), the `hangs`-th time."""
     deadline = time.monotonic() + 60
-    while not hang_log.is_file():
+    while not hang_log.is_file() or len(hang_log.read_text().splitlines()) < hangs:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run never reached its hang"
         time.sleep(0.05)
@@ -108,6 +108,22 @@ def test_a_stopped_run_says_so_in_one_line_and_resumes(digits_c: Path, tmp_path:
     resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert records(output) == reference
+
+
+def test_ctrl_c_again_quits_a_stuck_stop_at_once(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list]) -> None:
+    """The stop's own write hangs too (every write does, from the first task's record on): a
+    second Ctrl-C ends the process there, and --resume still completes the run."""
+    output = tmp_path / "run"
+    process = start(baseline(digits_c, output), hooks | {"DUSA_TEST_FAULT": "0:hang-writes:3"})
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGINT)
+    wait_for_hang(process, tmp_path / "hangs.log", hangs=2)  # in the stop's status write
+    process.send_signal(signal.SIGINT)
+    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, f"interrupted again, quit at once; {SAVED}")
+    assert list(output.glob(".results.json.*"))  # the write it cut off: --resume removes it
+    resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert records(output) == reference and not list(output.glob(".*"))
 
 
 def test_sigterm_to_every_process_of_a_run_with_data_workers(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
