@@ -599,10 +599,6 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         sys.argv = [arg for arg in sys.argv if arg != "--debug"]
         os.environ["DUSA_DEBUG"] = "1"
-    else:  # warnings in one line, like errors (with --debug: Python's, with where they came from)
-        from dusa_cli.ui import warn
-
-        warnings.showwarning = lambda message, *_where, **_: warn(str(message))
     _guarded(app)
 
 
@@ -612,7 +608,10 @@ def _guarded(call: Callable[[], Any]) -> None:
     debug = os.environ.get("DUSA_DEBUG") == "1"
     rank = os.environ.get("RANK", "0")
     origin = "" if rank == "0" else f"rank {rank}: "
-    from dusa_cli.ui import error
+    from dusa_cli.ui import error, warn
+
+    if not debug:  # warnings in one line too (with --debug: Python's, saying where they came from)
+        warnings.showwarning = lambda message, *_where, **_: warn(origin + str(message))
 
     try:
         call()
