@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from dusa_cli.errors import Interrupted, Stopped
+from dusa_cli.errors import ExitCode, Interrupted, Stopped
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 SAVED = "finished tasks are saved (continue with --resume)"  # what a stopped run keeps
@@ -57,7 +57,7 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
             stopped = True
             raise Stopped(number)
         if number == signal.SIGINT:  # Ctrl-C again: a person who will not wait for the unwinding
-            quit_at_once(report)
+            quit_at_once(outcome, report)
 
     try:
         with handling(stop):
@@ -69,11 +69,17 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
 def interrupted(interrupt: KeyboardInterrupt, outcome: str = "", report: bool = True) -> Interrupted:
     """The Interrupted error of a KeyboardInterrupt: Ctrl-C, or the signal that Stopped carries."""
     number = interrupt.signal if isinstance(interrupt, Stopped) else signal.SIGINT
-    return Interrupted(number, outcome, silent=not report or os.environ.get("RANK", "0") != "0")
+    return Interrupted(number, outcome, silent=not _says(report))
 
 
-def quit_at_once(report: bool = True) -> None:
-    """End the process now, without unwinding: what a write in progress leaves, --resume removes."""
-    if report and os.environ.get("RANK", "0") == "0":
-        os.write(2, f"error: interrupted again, quit at once; {SAVED}\n".encode())
-    os._exit(Interrupted(signal.SIGINT).exit_code)
+def quit_at_once(outcome: str = "", report: bool = True) -> None:
+    """End the process now, without unwinding: what a write in progress leaves, --resume removes.
+    The line is written directly: the signal may have come in the middle of rich's output."""
+    if _says(report):
+        os.write(2, f"error: interrupted again, quit at once{f'; {outcome}' if outcome else ''}\n".encode())
+    os._exit(ExitCode.INTERRUPTED)
+
+
+def _says(report: bool) -> bool:
+    """Whether this process reports a stop: rank 0 alone, and not where another process does."""
+    return report and os.environ.get("RANK", "0") == "0"
