@@ -646,9 +646,8 @@ def _exit(code: int) -> None:
     """Exit with `code`. A process whose run failed inside a process group skips interpreter
     teardown: destroying a gloo/NCCL group with a lost peer can block or abort (SIGABRT), which
     would replace the one-line error and its exit code with a crash report."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group (and no second's import)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import dusa_cli  # noqa: F401  (torchvision shim before timm)
+import dusa_cli._compat  # noqa: F401  (torchvision shim before timm)
 from dusa_cli.data.digits import build_digits_c
 
 TINY_CORRUPTIONS = ("gaussian_noise", "fog")

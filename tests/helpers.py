@@ -14,6 +14,27 @@ def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.
     )
 
 
+# Runs the CLI on the arguments after -c, then names the heavy libraries the process imported.
+HEAVY_IMPORTS = """
+import sys
+from dusa_cli.cli import main
+
+sys.argv[0] = "dusa"
+try:
+    main()
+except SystemExit:
+    pass
+print(*[name for name in ("torch", "numpy", "timm", "transformers", "diffusers") if name in sys.modules])
+"""
+
+
+def heavy_imports(*args: str) -> list[str]:
+    """The heavy libraries `dusa ARGS` imported (torch alone takes a second on a CPU)."""
+    result = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[-1].split()
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ import torch
 
 import dusa_cli
 
-from helpers import assert_one_line_error, dusa
+from helpers import assert_one_line_error, dusa, heavy_imports
 
 PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
 
@@ -151,6 +151,13 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
 def test_help_and_version() -> None:
     assert "prepare-data" in dusa("--help").stdout
     assert dusa("--version").stdout.startswith("dusa ")
+
+
+@pytest.mark.parametrize("args", [("--help",), ("adapt-cls", "--help"), ("baseline", "-c", "no-such-preset.yaml")])
+def test_help_and_a_missing_preset_load_no_torch(args: tuple[str, ...]) -> None:
+    """torch takes a second to import: what needs no model answers without it (checking a
+    config's model name needs timm, so other config errors take that second)."""
+    assert heavy_imports(*args) == []
 
 
 def test_a_classifier_released_under_its_authors_layer_names_loads(tmp_path: Path) -> None:

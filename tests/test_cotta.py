@@ -1,6 +1,6 @@
 """CoTTA on a tiny real timm classifier and a tiny real SegFormer: teacher, anchor, restore."""
 
-import dusa_cli  # noqa: F401  (torchvision shim before timm)
+import dusa_cli._compat  # noqa: F401  (torchvision shim before timm)
 
 import pydantic
 import pytest

@@ -14,7 +14,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-import dusa_cli  # noqa: F401  (installs the torchvision shim before anything imports timm)
+import dusa_cli._compat  # noqa: F401  (installs the torchvision shim before anything imports timm)
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.data.datasets import (
     ImageFolderTask,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dusa_cli  # noqa: F401  (torchvision shim before timm/diffusers)
+import dusa_cli._compat  # noqa: F401  (torchvision shim before timm/diffusers)
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.priors import (
     DDPMPath,

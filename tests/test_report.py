@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, dusa
+from helpers import assert_one_line_error, dusa, heavy_imports
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.loop import run_experiment
@@ -37,6 +37,10 @@ def test_a_learning_rate_sweep_is_two_rows_labelled_by_the_rate(sweep: Path) -> 
         means = [100 * json.loads((sweep / f"tent-{lr}-{seed}" / "results.json").read_text())["summary"]["mean_top1"]
                  for seed in (1, 2)]
         assert row.cell(MEAN) == pytest.approx((statistics.fmean(means), statistics.stdev(means)))
+
+
+def test_report_reads_results_without_torch(sweep: Path) -> None:
+    assert heavy_imports("report", str(sweep), "--format", "csv") == []
 
 
 def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: Path, tmp_path: Path) -> None:

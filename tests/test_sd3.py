@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_sd3 import IMAGE_SIZE, LATENT_SIZE, SHIFT, TRANSFORMER, VAE, write_tiny_sd3
 
-import dusa_cli  # noqa: F401  (torchvision shim before timm/diffusers)
+import dusa_cli._compat  # noqa: F401  (torchvision shim before timm/diffusers)
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.priors import SD3FlowPath, SD3Prior
 from dusa_cli.priors.prompts import PromptEmbeddings, default_t5_dtype, encode_prompts, load_prompt_embeddings

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import dusa_cli  # noqa: F401  (torchvision shim before diffusers/transformers)
+import dusa_cli._compat  # noqa: F401  (torchvision shim before diffusers/transformers)
 
 IMAGE_SIZE = 32  # pixels; the VAE downsamples 8×, so latents are 4×4 (2×2 transformer patches)
 LATENT_SIZE = IMAGE_SIZE // 8

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-import dusa_cli  # noqa: F401  (torchvision shim before transformers)
+import dusa_cli._compat  # noqa: F401  (torchvision shim before transformers)
 
 
 def write_tiny_segformer(root: Path, num_labels: int = 150, seed: int = 0) -> Path:

@@ -2,6 +2,7 @@
 noise paths and latent encoders, built by preset name from local files only; and the
 text-conditioned Stable Diffusion 3 prior for segmentation."""
 
+import dusa_cli._compat  # noqa: F401  (torchvision shim before diffusers/transformers)
 from dusa_cli.priors.paths import DDPMPath, LinearFlowPath, NoisePath, SD3FlowPath, create_path
 from dusa_cli.priors.prior import GenerativePrior, create_prior
 from dusa_cli.priors.prompts import PromptEmbeddings, load_prompt_embeddings

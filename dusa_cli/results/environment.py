@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from dusa_cli import TORCHVISION_STATUS, __version__
+from dusa_cli import __version__
+from dusa_cli._compat import TORCHVISION_STATUS
 
 PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "diffusers", "torchmetrics",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+import dusa_cli._compat  # noqa: F401  (torchvision shim before torchmetrics)
 from dusa_cli.data.segmentation import IGNORE_INDEX, NUM_CLASSES
 from dusa_cli.errors import DusaError
 

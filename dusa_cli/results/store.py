@@ -19,7 +19,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from dusa_cli.config.loader import dump_config, flatten
@@ -133,10 +132,14 @@ class ResultsStore:
         return self.root / "state.pt"
 
     def save_state(self, state: dict[str, Any]) -> None:
+        import torch  # here, not at the top: `dusa report` reads results without torch
+
         if self.writable:
             write_atomic(self.state_path, lambda stream: torch.save(state, stream))
 
     def load_state(self) -> dict[str, Any]:
+        import torch
+
         if not self.state_path.is_file():
             raise DusaError(f"cannot resume the continual run in {self.root}: state.pt is missing")
         # mmap: every process of a multi-process resume reads the file without its own copy in RAM.
