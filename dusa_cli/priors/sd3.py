@@ -16,7 +16,7 @@ from dusa_cli.priors.checkpointing import Checkpointing, checkpoint_only, checkp
 from dusa_cli.priors.paths import SD3FlowPath
 from dusa_cli.priors.prompts import CLIP_LENGTH, PromptEmbeddings, load_prompt_embeddings
 from dusa_cli.priors.split import module_bytes, place_transformer
-from dusa_cli.priors.vae import LOW_CPU_MEMORY, SD_VAE_CONFIG, encoder_only
+from dusa_cli.priors.vae import SD_VAE_CONFIG, encoder_only
 
 # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (research/peers.md §D).
 SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
@@ -70,7 +70,8 @@ def _subfolder(directory: Path, name: str) -> Path:
 
 def _load_diffusers(model_class: type, folder: Path) -> nn.Module:
     try:
-        model = model_class.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=LOW_CPU_MEMORY)
+        # low_cpu_mem_usage: no random initialisation of the 2 B parameters before the weights load (vae.py)
+        model = model_class.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=True)
     except Exception as error:  # OSError, ValueError, SafetensorError, …: whatever the files' fault
         raise DusaError(f"cannot load {folder}: {error}".replace("\n", " ")) from error
     return model.float()  # fp32 whatever the stored dtype; autocast decides the compute precision

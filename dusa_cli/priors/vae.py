@@ -3,7 +3,6 @@ for DiT/SiT, or the pixels themselves for pixel-space priors. Local files only."
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -11,11 +10,6 @@ from torch import nn
 
 from dusa_cli.errors import DusaError
 from dusa_cli.models.checkpoint import load_strict, read_state_dict
-
-# diffusers loads weights straight into a model built on the meta device (no random initialisation
-# first: faster, half the host memory; SD3's transformer is 2 B parameters) only with `accelerate`
-# installed; without it, asking for that warns, so it is asked for only where it is installed.
-LOW_CPU_MEMORY = importlib.util.find_spec("accelerate") is not None
 
 # DiT and REPA's SiT were both trained on SD-VAE latents scaled by 0.18215, no shift
 # (research/dusa_official.md §1.2, research/peers.md §C). The scale belongs to how the prior was
@@ -97,10 +91,9 @@ def load_vae(spec: str | Path) -> LatentEncoder:
     path = Path(spec)
     if path.is_dir():
         subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-        try:
-            vae = AutoencoderKL.from_pretrained(
-                path, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=LOW_CPU_MEMORY
-            )
+        try:  # low_cpu_mem_usage (needs accelerate): weights go straight into a model built on the
+            # meta device, with no random initialisation first: faster, half the host memory
+            vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=True)
         except (OSError, ValueError) as error:
             raise DusaError(f"cannot load the VAE directory {path}: {error}".replace("\n", " ")) from error
         return VAEEncoder(vae)
