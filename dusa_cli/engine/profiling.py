@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ def step_profiler(devices: list[torch.device], directory: Path) -> Any:
         summary = write_profile(profiler, directory / "steps", devices[0].type == "cuda")
         write_json_atomic(directory / "summary.json", summary | {"schedule": RUN_SCHEDULE})
 
+    # One cycle (repeat 1): that a new cycle would clear the events, as torch 2.11 warns, never applies.
+    warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
     return profile(activities=_activities(devices), schedule=schedule(**RUN_SCHEDULE), on_trace_ready=ready)
 
 
