@@ -4,7 +4,6 @@ prediction, model-parallel placement (outputs and gradients unchanged) and eval 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -87,11 +86,8 @@ def test_sd3_flow_path_matches_the_diffusers_scheduler() -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
-    path = SD3FlowPath(shift=SHIFT)
-    uniform = torch.linspace(1, 1000, 1000).flip(0) / 1000
-    torch.testing.assert_close(path.shifted(uniform), scheduler.sigmas)
+    path = SD3FlowPath()
     torch.testing.assert_close(path.model_time(scheduler.sigmas), scheduler.timesteps)
-    assert path.shifted(0.5).item() == pytest.approx(0.75) and path.shifted(0.0).item() == 0.0
 
     x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
     step = torch.tensor([700, 100])
@@ -169,10 +165,8 @@ def test_prompt_cache_hits_without_reading_the_encoders(sd3_copy: Path, tmp_path
 
 
 def test_from_pretrained_reads_the_folder(sd3_copy: Path) -> None:
-    config = sd3_copy / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 2.5}))
     prior = load_prior(sd3_copy)
-    assert prior.path.shift == 2.5 and prior.transformer.config.num_layers == TRANSFORMER["num_layers"]
+    assert prior.transformer.config.num_layers == TRANSFORMER["num_layers"]
     assert prior.vae.config.scaling_factor == 1.5305 and prior.vae.config.shift_factor == 0.0609
     assert len(prior.prompts) == len(PROMPTS) and prior.prompts.t5 is None and prior.t5_length == T5_LENGTH
     assert prior.block_devices == [CPU] * TRANSFORMER["num_layers"]
@@ -180,8 +174,6 @@ def test_from_pretrained_reads_the_folder(sd3_copy: Path) -> None:
     assert {id(p) for p in prior.trainable_parameters()} == {id(p) for p in prior.transformer.parameters()}
     assert all(p.requires_grad for p in prior.trainable_parameters())
 
-    config.unlink()  # absent scheduler config: SD3's shift
-    assert load_prior(sd3_copy).path.shift == 3.0
 
 
 @pytest.mark.parametrize("missing", ["transformer", "vae", "text_encoder", "tokenizer_2", "text_encoder_3", "."])

@@ -124,20 +124,12 @@ class SD3FlowPath(LinearFlowPath):
 
     name = "sd3_flow"
     # [A] σ with the SNR of DDPM t=100, the fixed timestep of the official DUSA-seg on SD 1.5
-    # (research/dusa_official.md §3.5); see LinearFlowPath for the arithmetic. Used as σ directly,
-    # not passed through `shifted`.
+    # (research/dusa_official.md §3.5); see LinearFlowPath for the arithmetic. Used as σ directly:
+    # the scheduler's `shift` maps sampling steps to σ, and DUSA samples no steps.
     default_timestep = 0.25
-
-    def __init__(self, shift: float = 3.0):
-        self.shift = shift  # scheduler_config.json `shift`; SD3-medium ships 3.0
 
     def model_time(self, t: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(t).float() * 1000
-
-    def shifted(self, u: torch.Tensor | float) -> torch.Tensor:
-        """The scheduler's map from a uniform u ∈ [0, 1] to σ, which spends more steps at high noise."""
-        u = torch.as_tensor(u).float()
-        return self.shift * u / (1 + (self.shift - 1) * u)
 
 
 PATHS: dict[str, type[NoisePath]] = {path.name: path for path in (DDPMPath, LinearFlowPath)}

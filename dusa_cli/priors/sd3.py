@@ -4,7 +4,6 @@ rectified-flow path, with the transformer optionally split over several devices.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ SD3_VAE: dict[str, Any] = SD_VAE_CONFIG | {
     "use_post_quant_conv": False,
 }
 
-DEFAULT_SHIFT = 3.0  # FlowMatchEulerDiscreteScheduler `shift` of SD3-medium
 
 
 def random_prompt_embeddings(
@@ -77,16 +75,6 @@ def _load_diffusers(model_class: type, folder: Path) -> nn.Module:
     return model.float()  # fp32 whatever the stored dtype; autocast decides the compute precision
 
 
-def _read_shift(directory: Path) -> float:
-    config = directory / "scheduler" / "scheduler_config.json"
-    if not config.is_file():
-        return DEFAULT_SHIFT
-    try:
-        return float(json.loads(config.read_text()).get("shift", DEFAULT_SHIFT))
-    except (ValueError, TypeError) as error:
-        raise DusaError(f"cannot read `shift` from {config}: {error}") from error
-
-
 class SD3Prior(nn.Module):
     """Always in eval mode, like GenerativePrior: `train()` is a no-op, so no dropout ever."""
 
@@ -98,7 +86,6 @@ class SD3Prior(nn.Module):
         *,
         devices: list[torch.device],
         split: list[int] | None = None,
-        shift: float = DEFAULT_SHIFT,
         max_sequence_length: int = 256,
         gradient_checkpointing: Checkpointing = False,
         trainable: bool = True,
@@ -117,7 +104,7 @@ class SD3Prior(nn.Module):
         self.devices = _check_devices(devices)
         self.vae = encoder_only(vae).to(self.devices[0]).eval().requires_grad_(False)
         self.prompts = prompts.to(self.devices[0])
-        self.path = SD3FlowPath(shift)
+        self.path = SD3FlowPath()
         # Where T5 is not used the pipeline still appends this many zero tokens (peers.md §D).
         self.t5_length = prompts.t5.shape[1] if prompts.t5 is not None else max_sequence_length
         # Every transformer tensor adapts (DUSA-seg trains its whole diffusion model,
@@ -156,7 +143,6 @@ class SD3Prior(nn.Module):
         if not directory.is_dir():
             raise DusaError(f"SD3 directory {directory} does not exist")
         transformer_folder, vae_folder = _subfolder(directory, "transformer"), _subfolder(directory, "vae")
-        shift = _read_shift(directory)
         # Prompts first: the text encoders are freed before the transformer is loaded.
         embeddings = load_prompt_embeddings(
             directory,
@@ -171,7 +157,6 @@ class SD3Prior(nn.Module):
             _load_diffusers(AutoencoderKL, vae_folder),
             embeddings,
             devices=devices,
-            shift=shift,
             max_sequence_length=max_sequence_length,
             **placement,
         )
