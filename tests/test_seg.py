@@ -291,6 +291,18 @@ def test_source_records_match_an_independent_evaluation(models: dict[str, Path],
     assert "mIoU" in result.stdout
 
 
+def test_tent_scores_the_entropy_at_every_image_pixel(models: dict[str, Path]) -> None:
+    """The official baseline's loss: pixel-wise entropy of the logits resized to the image (§3.7)."""
+    tent = get_method("tent")
+    method = tent(create_segmenter(ModelConfig(name="segformer", checkpoint=models["segformer"])), tent.Config(name="tent"))
+    images = torch.rand(1, 3, 32, 48)
+    output = method.forward(images)
+    assert output.logits.shape[-2:] == (8, 12)  # stride 4: what the prediction upsamples
+    resized = torch.nn.functional.interpolate(output.logits, size=(32, 48), mode="bilinear", align_corners=False)
+    entropy = torch.distributions.Categorical(logits=resized.movedim(1, -1)).entropy()
+    assert output.loss.item() == pytest.approx(entropy.mean().item(), rel=1e-5)
+
+
 def test_segmentation_baselines_run_end_to_end(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
     for method in ("norm", "tent", "cotta"):
         result = dusa(

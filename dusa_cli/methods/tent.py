@@ -3,12 +3,14 @@ the normalisation layers.
 
 Generalised beyond the official BatchNorm-only code (research/peers.md §A.3): LayerNorm and
 GroupNorm affine parameters are adapted too, since ConvNeXt and ViT have no BatchNorm
-(research/dusa_official.md §2). BatchNorm layers use test-batch statistics.
+(research/dusa_official.md §2). BatchNorm layers use test-batch statistics. Segmentation: the
+pixel-wise entropy of the logits resized to the image, as the official baseline (§3.7).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
@@ -32,4 +34,7 @@ class Tent(TTAMethod):
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         logits = self.model(images)
-        return StepOutput(logits=logits.detach(), loss=softmax_entropy(logits).mean())
+        scored = logits
+        if logits.dim() == 4:  # segmentation: stride-4 logits, scored at every image pixel
+            scored = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return StepOutput(logits=logits.detach(), loss=softmax_entropy(scored).mean())
