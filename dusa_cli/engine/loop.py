@@ -140,7 +140,9 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             if not continual:  # fully TTA: every task starts from the source model (§1.7)
                 adapter.load_state_dict(initial)
                 seed_everything(world.process_seed(seed))
-            # Reset runs replay one RNG stream per task, as the official code re-seeds (§1.7).
+            # Reset runs shuffle every task with the run's seed, as the official code re-seeds (§1.7);
+            # DUSA's noise and classes come from per-image streams keyed by the task (draws.py), where
+            # the official code's one global stream gives each task the same draws.
             loader = task_loader(dataset, config.data, world, seed if not continual else seed + index)
             progress.start_task(name, len(dataset))
             with profiled(adapter, devices, config.run.output / "profile") if profiling else nullcontext():
