@@ -79,7 +79,7 @@ CorruptionOpt = Annotated[
     typer.Option("--corruption", help="Corruption name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable → data.corruptions."),
 ]
 SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Severity 1-5, repeatable → data.severities.")]
-NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="Deterministic subset of N images per task (e.g. 5000) → data.num_ex.")]
+NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="A fixed subset of N images per task (e.g. 5000), the same for every --seed → data.num_ex.")]
 SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results directory → run.output.")]

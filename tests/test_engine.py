@@ -65,6 +65,15 @@ def test_same_seed_same_run_and_seed_matters(digits_c: Path, tmp_path: Path) -> 
     assert [t["mean_loss"] for t in other] != [t["mean_loss"] for t in first]
 
 
+def test_num_ex_picks_the_same_images_for_every_seed(digits_c: Path, tmp_path: Path) -> None:
+    """Seeds vary the adaptation, not the sample: the unadapted model scores the same on each."""
+    scores = [
+        [task["top1"] for task in run_experiment(config_for(digits_c, tmp_path / str(seed), "source", **{"run.seed": seed, "data.num_ex": 25})).results["tasks"]]
+        for seed in (1, 2)
+    ]  # fmt: skip
+    assert scores[0] == scores[1]
+
+
 def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
     def fog(output: str, corruptions: list[str], setting: str) -> dict:
         config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})

@@ -77,7 +77,7 @@ class DataConfig(StrictModel):
     root: Path = Field(description="ImageNet-C layout <corruption>/<severity>/<class>/ or CIFAR-C .npy files")
     corruptions: list[str] = Field(default_factory=lambda: ["all"], validate_default=True)
     severities: list[int] = Field(default_factory=lambda: [5])
-    num_ex: int | None = Field(default=None, ge=1, description="deterministic subset per task")
+    num_ex: int | None = Field(default=None, ge=1, description="fixed subset per task, the same for every seed")
     batch_size: int = Field(default=64, ge=1, description="images per online step (micro-batch)")
     num_workers: int = Field(default=0, ge=0)
     shuffle: bool = Field(default=True, description="shuffle within a task (seeded)")

@@ -129,15 +129,12 @@ class CorruptionArrayTask(Dataset[Item]):
         return _to_tensor(self.images[index]), int(self.labels[index])
 
 
-def open_task(
-    root: Path, corruption: str, severity: int, *, num_ex: int | None = None, seed: int = 0
-) -> Dataset[Item]:
+def open_task(root: Path, corruption: str, severity: int, *, num_ex: int | None = None) -> Dataset[Item]:
     """The test set of one (corruption, severity) under `root`, in either layout.
 
     `root/<corruption>/<severity>/<class>/<image>` (ImageNet-C) or `root/<corruption>.npy` with
-    `root/labels.npy` (CIFAR-C). With `num_ex`, a random subset of that many items, in stored
-    order; it depends only on (seed, dataset size), so equal-sized tasks share it. A `num_ex`
-    above the size gives the whole set: check `len()`.
+    `root/labels.npy` (CIFAR-C). With `num_ex`, a fixed subset of that many items (`_subset`).
+    A `num_ex` above the size gives the whole set: check `len()`.
     """
     if corruption not in ALL_CORRUPTIONS:
         raise ConfigError(
@@ -157,7 +154,7 @@ def open_task(
             f"no '{corruption}' data in {root}: expected folder {folder / str(severity)} "
             f"(ImageNet-C layout) or file {array_file} (CIFAR-C layout)"
         )
-    return _subset(task, num_ex, seed)
+    return _subset(task, num_ex)
 
 
 def check_labels(task: Dataset[Item], num_classes: int) -> None:
@@ -181,13 +178,20 @@ def check_labels(task: Dataset[Item], num_classes: int) -> None:
         )
 
 
-def _subset(dataset: Dataset[Item], num_ex: int | None, seed: int) -> Dataset[Item]:
+# The subset of `num_ex` images is drawn with a fixed seed, not the run's: like RobustBench's fixed
+# 5,000-image ImageNet-C list (research/peers.md), every seed and method sees the same images, so
+# a spread over seeds measures the adaptation, not the sample.
+SUBSET_SEED = 0
+
+
+def _subset(dataset: Dataset[Item], num_ex: int | None) -> Dataset[Item]:
+    """`num_ex` items in stored order, the same for every task of the same size."""
     if num_ex is not None and num_ex < 1:
         raise ConfigError(f"num_ex must be at least 1, got {num_ex}")
     size = len(dataset)  # type: ignore[arg-type]
     if num_ex is None or num_ex >= size:
         return dataset
-    chosen = np.random.default_rng(seed).permutation(size)[:num_ex]
+    chosen = np.random.default_rng(SUBSET_SEED).permutation(size)[:num_ex]
     return Subset(dataset, sorted(chosen.tolist()))
 
 

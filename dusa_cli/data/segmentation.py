@@ -108,12 +108,11 @@ def open_seg_task(
     *,
     annotations: Path | None = None,
     num_ex: int | None = None,
-    seed: int = 0,
 ) -> Dataset[Item]:
     """The ADE20K-C test set of one (corruption, severity) under `root`, in either layout.
 
     `annotations` is the folder of label PNGs (default `root/annotations/validation`). `num_ex`
-    picks a seeded subset the way `open_task` does.
+    picks the fixed subset `open_task` picks.
     """
     if corruption not in ALL_CORRUPTIONS:
         raise ConfigError(f"unknown corruption '{corruption}'; choose from: " + ", ".join(ALL_CORRUPTIONS))
@@ -129,4 +128,4 @@ def open_seg_task(
     else:
         raise DusaError(f"no '{corruption}' severity {severity} data in {root}: expected folder {official} or {beside_clean}")
     labels = annotations if annotations is not None else root / "annotations" / "validation"
-    return _subset(SegmentationTask(images, labels), num_ex, seed)
+    return _subset(SegmentationTask(images, labels), num_ex)

@@ -127,8 +127,8 @@ def create_trained_classifier(config: ModelConfig) -> NormalizedClassifier:
     return create_classifier(config)
 
 
-def open_classification_task(data: DataConfig, corruption: str, severity: int, seed: int, num_classes: int) -> Dataset:
-    task = open_task(data.root, corruption, severity, num_ex=data.num_ex, seed=seed)
+def open_classification_task(data: DataConfig, corruption: str, severity: int, num_classes: int) -> Dataset:
+    task = open_task(data.root, corruption, severity, num_ex=data.num_ex)
     check_labels(task, num_classes)
     return task
 

@@ -112,7 +112,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         method.compile(config.run.compile, config.run.compile_mode)
         adapter = OnlineAdapter(method, config.optim, config.run.precision, device, config.run.channels_last)
         # Open every task first: a missing corruption folder fails before any compute is spent.
-        datasets = [kind.open_dataset(config.data, c, s, seed, model.num_classes) for c, s in tasks]
+        datasets = [kind.open_dataset(config.data, c, s, model.num_classes) for c, s in tasks]
         return adapter, datasets
 
     # The output is checked before minutes of model loading, and opened after it.

@@ -79,8 +79,8 @@ def run_task(
 
 SEGMENTATION = TaskKind(
     create_model=create_segmenter,
-    open_dataset=lambda data, corruption, severity, seed, num_classes: open_seg_task(
-        data.root, corruption, severity, annotations=data.annotations, num_ex=data.num_ex, seed=seed
+    open_dataset=lambda data, corruption, severity, num_classes: open_seg_task(
+        data.root, corruption, severity, annotations=data.annotations, num_ex=data.num_ex
     ),
     run=run_task,
     summarize=partial(summarize, mean_miou="miou", mean_pixel_accuracy="pixel_accuracy"),

@@ -35,7 +35,7 @@ class NoProgress:
 @dataclass(frozen=True)
 class TaskKind:
     create_model: Callable[[ModelConfig], nn.Module]
-    open_dataset: Callable[[DataConfig, str, int, int, int], Dataset]  # (data, corruption, severity, seed, model's classes)
+    open_dataset: Callable[[DataConfig, str, int, int], Dataset]  # (data, corruption, severity, model's classes)
     # (adapter, loader, data, devices, progress, task key: the images' random streams derive from it)
     run: Callable[[OnlineAdapter, DataLoader, DataConfig, list[torch.device], Progress, int], dict[str, Any]]
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
