@@ -36,7 +36,7 @@ def test_a_learning_rate_sweep_is_two_rows_labelled_by_the_rate(sweep: Path) -> 
     for row, lr in zip(table.rows[1:], ("0.001", "0.01")):
         means = [100 * json.loads((sweep / f"tent-{lr}-{seed}" / "results.json").read_text())["summary"]["mean_top1"]
                  for seed in (1, 2)]
-        assert row.cell(MEAN) == pytest.approx((statistics.fmean(means), statistics.stdev(means)))
+        assert row.cell(MEAN) == pytest.approx((statistics.fmean(means), statistics.stdev(means), 2))
 
 
 def test_report_reads_results_without_torch(sweep: Path) -> None:
@@ -56,9 +56,41 @@ def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: P
     assert table.notes == [f"{runs / 'tent-0.01-1-again'} repeats seed 1 of {runs / 'tent-0.01-1'}: counted once"]
     rows = {row["method"]: row for row in csv.DictReader(io.StringIO(to_csv(table)))}
     assert rows["tent · optim.lr=0.001"]["complete"] == "false" and rows["tent · optim.lr=0.01"]["complete"] == "true"
-    assert rows["tent · optim.lr=0.001"]["mean_std"] == "0.0000"  # the mean is over the one complete run
+    assert rows["tent · optim.lr=0.001"]["mean_std"] == ""  # the mean is over the one complete run: no std
     markdown = to_markdown(table)
     assert "| tent · optim.lr=0.001 (partial) | 2 |" in markdown and "counted once" in markdown
+    partial_row = next(line for line in markdown.splitlines() if "optim.lr=0.001 (partial)" in line)
+    assert partial_row.endswith(" (n=1) |") and "±" not in partial_row.split("|")[-2]  # the mean: one seed, said so
+
+
+def test_a_run_with_no_finished_task_is_left_out_and_a_difference_some_labels_hide_is_noted(sweep: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    stopped = runs / "tent-0.01-2" / "results.json"
+    results = json.loads(stopped.read_text())
+    results["tasks"], results["status"] = [], "stopped"
+    stopped.write_text(json.dumps(results))
+    for seed in (1, 2):  # tent at lr 0.001 on fog alone: its rows name the corruptions, source's does not
+        config = runs / f"tent-0.001-{seed}" / "config.yaml"
+        config.write_text(config.read_text().replace("  - gaussian_noise\n", ""))
+    table = build_table(find_runs([runs]))
+    assert [row.label for row in table.rows] == [
+        "source", "tent · data.corruptions=fog · optim.lr=0.001", "tent · data.corruptions=gaussian_noise,fog · optim.lr=0.01",
+    ]  # fmt: skip
+    assert [len(row.seeds) for row in table.rows] == [1, 2, 1]
+    assert f"{runs / 'tent-0.01-2'} has no finished task: left out" in table.notes
+    assert any(note.startswith("rows differ in data.corruptions (source: gaussian_noise,fog;") for note in table.notes)
+
+
+def test_labels_cut_short_stay_apart(sweep: Path, tmp_path: Path) -> None:
+    long = ["gaussian_noise", "shot_noise", "impulse_noise"]
+    for name, last in (("a", "defocus_blur"), ("b", "fog")):  # alike in their first 40 characters
+        run = tmp_path / name
+        shutil.copytree(sweep / "source-None-1", run)
+        config = run / "config.yaml"
+        config.write_text(config.read_text().replace("  - gaussian_noise\n", "".join(f"  - {c}\n" for c in long)).replace("  - fog\n", f"  - {last}\n"))
+    labels = [row.label for row in build_table(find_runs([tmp_path / "a", tmp_path / "b"])).rows]
+    assert labels == [f"source · data.corruptions={','.join([*long, last])}" for last in ("defocus_blur", "fog")]
 
 
 def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(sweep: Path, tmp_path: Path) -> None:

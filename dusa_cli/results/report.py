@@ -69,11 +69,12 @@ class Row:
     values: dict[str, list[float]] = field(default_factory=dict)
     partial: bool = False
 
-    def cell(self, column: str) -> tuple[float, float] | None:
+    def cell(self, column: str) -> tuple[float, float | None, int] | None:
+        """Mean, std (None for one value) and how many seeds the column pools."""
         values = self.values.get(column)
         if not values:
             return None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
 @dataclass
@@ -118,9 +119,9 @@ def _experiment(run: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in HOW_IT_RAN}
 
 
-def _value(value: Any) -> str:
+def _value(value: Any, limit: int | None = 40) -> str:
     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-    return text if len(text) <= 40 else text[:39] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _labels(experiments: list[dict[str, Any]]) -> list[str]:
@@ -133,10 +134,14 @@ def _labels(experiments: list[dict[str, Any]]) -> list[str]:
                  if len({json.dumps(e.get(key), default=str) for e in siblings}) > 1]
         for method, siblings in by_method.items()
     }  # fmt: skip
-    return [
-        " · ".join([str(e.get("method.name")), *(f"{key}={_value(e.get(key))}" for key in varying[e.get("method.name")])])
-        for e in experiments
-    ]
+    for limit in (40, None):  # values cut short, unless that makes two rows' labels alike
+        labels = [
+            " · ".join([str(e.get("method.name")), *(f"{key}={_value(e.get(key), limit)}" for key in varying[e.get("method.name")])])
+            for e in experiments
+        ]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
 
 
 # What makes two rows' scores comparable: the same task, model, data and setting.
@@ -150,7 +155,7 @@ def _unlike(experiments: list[dict[str, Any]], labels: list[str]) -> list[str]:
     notes = []
     for key in sorted(k for k in shared if k.startswith(LIKE_FOR_LIKE)):
         values = [_value(e[key]) for e in experiments]
-        if len(set(values)) > 1 and not any(f"{key}=" in label for label in labels):
+        if len(set(values)) > 1 and not all(f"{key}=" in label for label in labels):
             rows = "; ".join(f"{label}: {value}" for label, value in zip(labels, values))
             notes.append(f"rows differ in {key} ({rows})")
     return notes
@@ -179,13 +184,17 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
     other = sorted({run.get("path", "a run") for run in runs if run.get("task", "cls") != task})
     if other:
         raise DusaError(f"--metric {metric} scores task {task}, but {other[0]} is not a {task} run")
+    notes = [f"{run.get('path', 'a run')} has no finished task: left out" for run in runs if not run["tasks"]]
+    runs = [run for run in runs if run["tasks"]]
+    if not runs:
+        raise DusaError("none of these runs has a finished task yet")
     groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for run in runs:
         experiment = _experiment(run)
         groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), (experiment, []))[1].append(run)
     experiments = [experiment for experiment, _ in groups.values()]
     labels = _labels(experiments)
-    notes = _unlike(experiments, labels)
+    notes += _unlike(experiments, labels)
     rows: list[Row] = []
     names: set[str] = set()
     for label, (_, members) in zip(labels, groups.values()):
@@ -197,7 +206,7 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
             for name, value in columns.items():
                 row.values.setdefault(name, []).append(value)
             planned = {(t["corruption"], t["severity"]) for t in run["planned_tasks"]}
-            if run["tasks"] and len({(t["corruption"], t["severity"]) for t in run["tasks"]}) == len(planned):
+            if len({(t["corruption"], t["severity"]) for t in run["tasks"]}) == len(planned):
                 row.values.setdefault(MEAN, []).append(statistics.fmean(columns.values()))
             else:
                 row.partial = True
@@ -209,11 +218,13 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
     return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=rows, notes=notes)
 
 
-def _format(cell: tuple[float, float] | None, seeds: int) -> str:
+def _format(cell: tuple[float, float | None, int] | None, seeds: int) -> str:
+    """`mean ± std`; a cell pooling fewer seeds than its row (a stopped run) says how many."""
     if cell is None:
         return "—"
-    mean, std = cell
-    return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f}"
+    mean, std, count = cell
+    text = f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+    return text if count == seeds else f"{text} (n={count})"
 
 
 def _header(table: Table) -> list[str]:
@@ -237,8 +248,9 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """Machine-readable: one mean and one std column per corruption; `complete` is false where a
-    run stopped early (its mean is then over the complete runs only, or empty)."""
+    """Machine-readable: one mean and one std column per corruption (the std empty for one
+    seed); `complete` is false where a run stopped early (its mean is then over the complete
+    runs only, or empty)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")  # text lines, as the other formats
     writer.writerow(["method", "seeds", "complete", *[f"{c}{s}" for c in table.columns for s in ("", "_std")]])
@@ -246,7 +258,7 @@ def to_csv(table: Table) -> str:
         values: list[str] = [row.label, str(len(row.seeds)), str(not row.partial).lower()]
         for column in table.columns:
             cell = row.cell(column)
-            values += ["", ""] if cell is None else [f"{cell[0]:.4f}", f"{cell[1]:.4f}"]
+            values += ["", ""] if cell is None else [f"{cell[0]:.4f}", "" if cell[1] is None else f"{cell[1]:.4f}"]
         writer.writerow(values)
     return out.getvalue()
 
