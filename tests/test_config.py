@@ -112,6 +112,16 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
         load_config(path, {"run.seed": -3})
 
 
+@pytest.mark.parametrize(("assignment", "problem"), [
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+    ("optim.lr=nan", "optim.lr: Input should be a finite number"),
+    ("optim.betas=[0.9,2.0]", "optim.betas.1: Input should be less than 1"),
+])  # fmt: skip
+def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=f"^command line: {problem}"):
+        load_config(write(tmp_path, BASE), {}, [assignment])
+
+
 def test_repeated_severities_are_one_task_and_seeds_are_63_bit(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     assert load_config(path, {"data.severities": [5, 3, 5]}).data.severities == [5, 3]

@@ -74,6 +74,14 @@ def test_num_ex_picks_the_same_images_for_every_seed(digits_c: Path, tmp_path: P
     assert scores[0] == scores[1]
 
 
+def test_a_diverged_run_says_so_and_writes_standard_json(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", **{"optim.lr": 1e30, "data.corruptions": ["fog"]})
+    with pytest.warns(UserWarning, match="fog/5: the loss became nan"):
+        run_experiment(config)
+    text = (tmp_path / "run" / "results.json").read_text()
+    assert "NaN" not in text and json.loads(text)["tasks"][0]["mean_loss"] is None
+
+
 def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
     def fog(output: str, corruptions: list[str], setting: str) -> dict:
         config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})

@@ -8,7 +8,7 @@ class, looked up in the method registry (the schema knows no method by name).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -48,7 +48,7 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -115,10 +115,13 @@ class SegDataConfig(DataConfig):
     max_long_side: int = Field(default=2048, ge=8, description="…unless the long side would exceed this")
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decays
+
+
 class OptimConfig(StrictModel):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     momentum: float = Field(default=0.9, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     accumulation: int = Field(default=1, ge=1, description="micro-batches per optimizer step")

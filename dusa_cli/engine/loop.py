@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import warnings
 from collections.abc import Iterator
@@ -150,6 +151,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             profiling = False
             progress.end_task()
             record = {"corruption": corruption, "severity": severity} | record
+            if record.get("mean_loss") is not None and not math.isfinite(record["mean_loss"]):
+                warnings.warn(f"{name}: the loss became {record['mean_loss']} (the model diverged; a lower optim.lr?)", stacklevel=2)
             if continual:  # state first, carrying the records, so a kill between the writes loses nothing
                 records = store.results["tasks"] + [record]
                 rng = gather_to_main(rng_state())  # one stream per process
