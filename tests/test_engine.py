@@ -82,6 +82,13 @@ def test_a_diverged_run_says_so_and_writes_standard_json(digits_c: Path, tmp_pat
     assert "NaN" not in text and json.loads(text)["tasks"][0]["mean_loss"] is None
 
 
+def test_resume_where_there_is_no_run_says_it_starts_from_the_first_task(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "typo", "source", **{"data.corruptions": ["fog"]})
+    expected = f"--resume: nothing to resume in {tmp_path / 'typo'} \\(no results.json\\); the run starts from its first task"
+    with pytest.warns(UserWarning, match=expected):
+        assert run_experiment(config, resume=True).results["status"] == "complete"
+
+
 def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
     def fog(output: str, corruptions: list[str], setting: str) -> dict:
         config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})
@@ -162,7 +169,8 @@ def test_resume_takes_a_moved_run_cleans_killed_writes_and_records_each_session(
     shutil.copy(moved / "config.yaml", early / "config.yaml")
     with pytest.raises(DusaError, match="holds another run"):
         run_experiment(config_for(digits_c, early, method="source"))
-    assert len(run_experiment(config_for(digits_c, early, method="source"), resume=True).results["tasks"]) == 2
+    with pytest.warns(UserWarning, match="nothing to resume"):
+        assert len(run_experiment(config_for(digits_c, early, method="source"), resume=True).results["tasks"]) == 2
     (tmp_path / "file").write_text("")
     with pytest.raises(DusaError, match="is a file, not a directory"):
         run_experiment(config_for(digits_c, tmp_path / "file"))

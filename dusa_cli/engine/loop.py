@@ -33,7 +33,7 @@ from dusa_cli.engine.tasks import NoProgress, Progress, TaskKind
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.methods import get_method
 from dusa_cli.results.environment import collect_environment
-from dusa_cli.results.store import ResultsStore, task_id
+from dusa_cli.results.store import RESULTS_FILE, ResultsStore, task_id
 from dusa_cli.results.tracking import check_trackers, open_trackers
 
 
@@ -118,6 +118,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
 
     # The output is checked before minutes of model loading, and opened after it.
     agree(lambda: ResultsStore.check(config.run.output, config, resume) if world.is_main else None)
+    if resume and world.is_main and not (config.run.output / RESULTS_FILE).is_file():  # a mistyped -o?
+        warnings.warn(f"--resume: nothing to resume in {config.run.output} (no {RESULTS_FILE}); the run starts from its first task", stacklevel=2)
     adapter, datasets = agree(setup)
     initial = None if continual else _to_cpu(adapter.state_dict())  # what each reset restores
     if not world.is_main:  # its own random stream from here; rank 0 goes on with the single-process one
