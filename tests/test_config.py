@@ -122,6 +122,17 @@ def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment:
         load_config(write(tmp_path, BASE), {}, [assignment])
 
 
+def test_local_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's config.yaml names the same files from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write(tmp_path, BASE), {"model.checkpoint": "w/../w.pth", "run.output": "~/runs/a"})
+    assert config.data.root == tmp_path / "d" and config.model.checkpoint == tmp_path / "w.pth"
+    assert config.run.output == Path.home() / "runs" / "a"
+    assert load_config(write(tmp_path, BASE), {}).run.output == tmp_path / "results" / "run"  # the default too
+    dusa = load_config(write(tmp_path, BASE), {"method.name": "dusa"}, ["method.prior_checkpoint=p.pt"])
+    assert dusa.method.prior_checkpoint == tmp_path / "p.pt"
+
+
 def test_repeated_severities_are_one_task_and_seeds_are_63_bit(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     assert load_config(path, {"data.severities": [5, 3, 5]}).data.severities == [5, 3]

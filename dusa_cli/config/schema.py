@@ -7,10 +7,12 @@ class, looked up in the method registry (the schema knows no method by name).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -47,6 +49,16 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     return format_problems(validation_problems(error, prefix))
 
 
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser()))
+
+
+# A local file or folder, stored absolute (`~` expanded, symlinks kept): a run's config.yaml names
+# the same files from any working directory (`-c RUN/config.yaml`, `--resume` elsewhere), and
+# `dusa report` does not split seeds run from different directories.
+LocalPath = Annotated[Path, AfterValidator(_absolute)]
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -55,7 +67,7 @@ class ModelConfig(StrictModel):
     name: str = Field(
         description="cls: timm model name, e.g. convnext_large.fb_in1k or dusa_digits_resnet; seg: segformer"
     )
-    checkpoint: Path | None = Field(
+    checkpoint: LocalPath | None = Field(
         default=None,
         description="cls: local .pth/.safetensors weights, strict loading; seg: a local transformers "
         "SegFormer directory (from_pretrained)",
@@ -74,7 +86,7 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    root: Path = Field(description="ImageNet-C layout <corruption>/<severity>/<class>/ or CIFAR-C .npy files")
+    root: LocalPath = Field(description="ImageNet-C layout <corruption>/<severity>/<class>/ or CIFAR-C .npy files")
     corruptions: list[str] = Field(default_factory=lambda: ["all"], validate_default=True)
     severities: list[int] = Field(default_factory=lambda: [5])
     num_ex: int | None = Field(default=None, ge=1, description="fixed subset per task, the same for every seed")
@@ -104,10 +116,10 @@ class SegDataConfig(DataConfig):
     """ADE20K-C: one image per online step, resized so its short side is `short_side`
     (mmseg's Resize(scale=(2048, 512), keep_ratio=True), research/dusa_official.md §3.2)."""
 
-    root: Path = Field(
+    root: LocalPath = Field(
         description="ADE20K-C: <corruption>/<severity>/validation/ (official) or images/validation/<corruption>_<severity>/"
     )
-    annotations: Path | None = Field(
+    annotations: LocalPath | None = Field(
         default=None, description="folder of label PNGs; default ROOT/annotations/validation"
     )
     batch_size: Literal[1] = Field(default=1, description="one image per step (images differ in size)")
@@ -173,7 +185,7 @@ class RunConfig(StrictModel):
         description="experiment trackers: tensorboard writes each finished task's scores and online curve to "
         "OUTPUT/tensorboard (needs the tensorboard package: pip install 'dusa[track]')",
     )
-    output: Path = Path("results/run")
+    output: LocalPath = Field(default=Path("results/run"), validate_default=True)
 
     @model_validator(mode="after")
     def _mode_needs_something_to_compile(self) -> RunConfig:

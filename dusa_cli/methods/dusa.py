@@ -9,13 +9,13 @@ loss between the weighted mixture of predictions and the path's target (ε or ve
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from dusa_cli.config.schema import LocalPath
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
@@ -27,7 +27,7 @@ from dusa_cli.priors.registry import packaged_weights
 
 class DusaConfig(GuidedConfig):
     prior: str = Field(default="dit_xl_2_256", description="prior preset (dusa_cli.priors registry)")
-    prior_checkpoint: Path | None = Field(default=None, description="local weights of the prior")
+    prior_checkpoint: LocalPath | None = Field(default=None, description="local weights of the prior")
     prior_pretrained: bool = Field(
         default=False, description="use the weights shipped in the package for this preset (sit_digits)"
     )

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from dusa_cli.config.schema import LocalPath
 from dusa_cli.data.segmentation import ADE20K_CLASSES
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import register_method
@@ -32,7 +33,7 @@ def default_prompt_cache() -> Path:
 
 
 class DusaSegConfig(GuidedConfig):
-    prior: Path | None = Field(
+    prior: LocalPath | None = Field(
         default=None,
         description="local Stable Diffusion 3 directory (diffusers layout: transformer/, vae/, "
         "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; text_encoder_3/ for T5)",
@@ -48,7 +49,7 @@ class DusaSegConfig(GuidedConfig):
     )
     use_t5: bool = Field(default=False, description="encode prompts with T5 too (else zeros, SD3's memory saving)")
     t5_length: int = Field(default=256, ge=1, le=512, description="T5 tokens (or zero tokens without T5)")
-    prompt_cache: Path | None = Field(
+    prompt_cache: LocalPath | None = Field(
         default=None, description="folder of encoded-prompt files; default $XDG_CACHE_HOME/dusa/prompts"
     )
     update_segmenter: Literal["all", "norm", "none"] = Field(
