@@ -81,9 +81,11 @@ def test_compile_mode_needs_something_to_compile(tmp_path: Path) -> None:
 
 
 def test_switching_method_drops_the_presets_method_options(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, BASE), {"method.name": "source"})
-    assert config.method.name == "source"
-    assert isinstance(config, ExperimentConfig)
+    preset = write(tmp_path, BASE.replace("method: {name: tent}", "method: {name: dusa, prior: sit_digits, topk: 3}"))
+    for overrides, assignments in (({"method.name": "tent"}, []), ({}, ["method.name=tent"])):  # --method, --set
+        config = load_config(preset, overrides, assignments)
+        assert isinstance(config, ExperimentConfig) and config.method.name == "tent"
+    assert load_config(preset, {}, ["method.name=dusa_u"]).method.topk == 3  # options both methods take stay
 
 
 def test_segmentation_section_and_defaults(tmp_path: Path) -> None:

@@ -103,12 +103,10 @@ def load_config(
 ) -> ExperimentConfig:
     """Preset < flag overrides < `--set` assignments; errors name the key and the file."""
     data = read_preset(path) if path is not None else {}
-    for dotted, value in overrides.items():
-        if dotted == "method.name":
-            data["method"] = _options_for(value, data.get("method"))
-        set_path(data, dotted, value)
     assigned = [parse_assignment(assignment) for assignment in assignments or []]
-    for dotted, value in assigned:
+    for dotted, value in [*overrides.items(), *assigned]:
+        if dotted == "method.name":  # `--method tent` and `--set method.name=tent` alike
+            data["method"] = _options_for(value, data.get("method"))
         set_path(data, dotted, value)
     try:
         return ExperimentConfig.model_validate(data)
