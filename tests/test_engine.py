@@ -89,6 +89,20 @@ def test_resume_where_there_is_no_run_says_it_starts_from_the_first_task(digits_
         assert run_experiment(config, resume=True).results["status"] == "complete"
 
 
+def test_the_environment_records_the_input_files_by_sha256(digits_c: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from dusa_cli.models.digits_resnet import digits_weights_path
+
+    weights = Path(digits_weights_path())
+    overrides = {"data.corruptions": ["fog"], "model.checkpoint": str(weights), "model.pretrained": False}
+    run_experiment(config_for(digits_c, tmp_path / "run", "source", **overrides))
+    inputs = json.loads((tmp_path / "run" / "environment.json").read_text())["inputs"]
+    assert inputs["model.checkpoint"] == {"path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    manifest = digits_c / "manifest.json"
+    assert inputs["data.root/manifest.json"]["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
 def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
     def fog(output: str, corruptions: list[str], setting: str) -> dict:
         config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})

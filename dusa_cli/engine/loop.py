@@ -184,7 +184,7 @@ def _open_store(config: ExperimentConfig, world: World, resume: bool) -> Results
     def open_on_main() -> ResultsStore | None:
         if not world.is_main:
             return None
-        environment = collect_environment(world.device) | {"world_size": world.size}
+        environment = collect_environment(world.device, config) | {"world_size": world.size}
         return ResultsStore.open(config.run.output, config, environment, resume)
 
     store = agree(open_on_main)

@@ -1,7 +1,8 @@
-"""What a result was produced with: packages, device, code version, command."""
+"""What a result was produced with: packages, device, code version, command, input files."""
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import torch
 
 from dusa_cli import __version__
 from dusa_cli._compat import TORCHVISION_STATUS
+from dusa_cli.config.loader import flatten
+from dusa_cli.config.schema import ExperimentConfig
 
 PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "diffusers", "torchmetrics",
@@ -48,7 +51,29 @@ def git_commit() -> str | None:
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def collect_environment(device: torch.device) -> dict[str, Any]:
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_files(config: ExperimentConfig) -> dict[str, dict[str, str]]:
+    """The files a run read by path, with their sha256: every config value naming a file
+    (weights) and the data's manifest.json (written by prepare-data, with a sha256 per image), so
+    a rebuilt dataset or retrained weights show in the record. Folders (SD3, SegFormer) are not
+    hashed; packaged weights are fixed by the dusa version."""
+    named = {key: Path(value) for key, value in flatten(config.model_dump(mode="json")).items() if isinstance(value, str)}
+    named["data.root/manifest.json"] = config.data.root / "manifest.json"
+    return {
+        key: {"path": str(path), "sha256": sha256(path)}
+        for key, path in named.items()
+        if path.is_absolute() and path.is_file()
+    }
+
+
+def collect_environment(device: torch.device, config: ExperimentConfig) -> dict[str, Any]:
     return {
         "dusa_version": __version__,
         "git_commit": git_commit(),
@@ -62,4 +87,5 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
+        "inputs": input_files(config),
     }
