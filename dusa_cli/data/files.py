@@ -66,6 +66,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file read in 1 MiB blocks (weights files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write through a temporary file and rename it, so a file that exists is always complete."""
     # One writer per path and process, so the pid makes the temporary name unique; the leading dot

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from dusa_cli import __version__
 from dusa_cli._compat import TORCHVISION_STATUS
 from dusa_cli.config.loader import flatten
 from dusa_cli.config.schema import ExperimentConfig
+from dusa_cli.data.files import file_sha256
 
 PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "diffusers", "torchmetrics",
@@ -51,14 +51,6 @@ def git_commit() -> str | None:
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def input_files(config: ExperimentConfig) -> dict[str, dict[str, str]]:
     """The files a run read by path, with their sha256: every config value naming a file
     (weights) and the data's manifest.json (written by prepare-data, with a sha256 per image), so
@@ -67,7 +59,7 @@ def input_files(config: ExperimentConfig) -> dict[str, dict[str, str]]:
     named = {key: Path(value) for key, value in flatten(config.model_dump(mode="json")).items() if isinstance(value, str)}
     named["data.root/manifest.json"] = config.data.root / "manifest.json"
     return {
-        key: {"path": str(path), "sha256": sha256(path)}
+        key: {"path": str(path), "sha256": file_sha256(path)}
         for key, path in named.items()
         if path.is_absolute() and path.is_file()
     }
