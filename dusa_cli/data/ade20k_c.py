@@ -34,7 +34,6 @@ from dusa_cli.data.generate import (
     run_jobs,
     write_manifest,
 )
-from dusa_cli.engine.runtime import usable_cores
 from dusa_cli.errors import DusaError
 
 SPLIT = "validation"
@@ -124,7 +123,7 @@ def prepare_ade20k_c(
         resume=True,
     )
     checksums = _copy_labels(labels, output)
-    checksums |= run_jobs(plan, jobs, usable_cores() if workers is None else workers, progress)
+    checksums |= run_jobs(plan, jobs, workers, progress)
     description = {
         "dataset": "ade20k-c",
         "source": str(source),

@@ -26,6 +26,7 @@ from PIL import Image
 
 from dusa_cli.data.corruptions import SEVERITIES, resolve_corruptions
 from dusa_cli.data.files import sha256_hex, write_bytes_atomic
+from dusa_cli.engine.runtime import usable_cores
 from dusa_cli.errors import ConfigError, DusaError
 
 Progress = Callable[[int, int], None]
@@ -186,9 +187,11 @@ def planned_files(plan: Plan, jobs: Iterable[Job]) -> set[str]:
 
 
 def run_jobs(
-    plan: Plan, jobs: Sequence[Job], workers: int, progress: Progress | None = None
+    plan: Plan, jobs: Sequence[Job], workers: int | None, progress: Progress | None = None
 ) -> dict[str, str]:
-    """Run all jobs (in `workers` processes when above 1); returns relative path → sha256."""
+    """Run all jobs (in `workers` processes when above 1; None: one per usable core); returns
+    relative path → sha256."""
+    workers = usable_cores() if workers is None else workers
     total = sum(len(_outputs(plan, job)) for job in jobs)
     checksums: dict[str, str] = {}
 

@@ -22,7 +22,6 @@ from dusa_cli.data.generate import (
     run_jobs,
     write_manifest,
 )
-from dusa_cli.engine.runtime import usable_cores
 from dusa_cli.errors import DusaError
 
 RESIZE = 256
@@ -100,7 +99,7 @@ def prepare_imagenet_c(
         image_size=(CROP, CROP),
         resume=True,
     )
-    checksums = run_jobs(plan, jobs, usable_cores() if workers is None else workers, progress)
+    checksums = run_jobs(plan, jobs, workers, progress)
     description = {
         "dataset": "imagenet-c",
         "source": str(source),
