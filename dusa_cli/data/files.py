@@ -1,4 +1,4 @@
-"""Filesystem helpers shared by the dataset builders and readers."""
+"""Helpers shared by the dataset builders and readers: files, and the cores their workers may use."""
 
 from __future__ import annotations
 
@@ -87,3 +87,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise DusaError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity: a job scheduler's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

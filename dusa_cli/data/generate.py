@@ -25,8 +25,7 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import SEVERITIES, resolve_corruptions
-from dusa_cli.data.files import sha256_hex, write_bytes_atomic
-from dusa_cli.engine.runtime import usable_cores
+from dusa_cli.data.files import sha256_hex, usable_cores, write_bytes_atomic
 from dusa_cli.errors import ConfigError, DusaError
 
 Progress = Callable[[int, int], None]

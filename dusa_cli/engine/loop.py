@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
+from dusa_cli.data.files import usable_cores
 from dusa_cli.draws import task_key
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.classification import CLASSIFICATION
@@ -27,7 +28,7 @@ from dusa_cli.engine.distributed import (
     process_group,
 )
 from dusa_cli.engine.profiling import step_profiler
-from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state, usable_cores
+from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from dusa_cli.engine.segmentation import SEGMENTATION
 from dusa_cli.engine.tasks import NoProgress, Progress, TaskKind
 from dusa_cli.errors import ConfigError, DusaError

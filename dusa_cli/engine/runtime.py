@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import resource
 import sys
@@ -87,8 +86,3 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     scale = 1 if sys.platform == "darwin" else 1024
     return rss * scale / 2**30, "process_peak_rss"
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may use (its affinity: a job scheduler's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
