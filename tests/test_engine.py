@@ -103,6 +103,31 @@ def test_the_environment_records_the_input_files_by_sha256(digits_c: Path, tmp_p
     assert inputs["data.root/manifest.json"]["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
+def test_the_commit_is_dirty_for_changed_code_not_for_a_results_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    from dusa_cli.results.environment import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True, capture_output=True)
+
+    (tmp_path / "dusa_cli").mkdir()
+    (tmp_path / "dusa_cli" / "cli.py").write_text("tracked\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = git_commit(tmp_path)
+    assert commit is not None and len(commit) == 40
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "results.json").write_text("{}")
+    assert git_commit(tmp_path) == commit  # a user's results folder: the code is as committed
+    (tmp_path / "dusa_cli" / "my_method.py").write_text("new\n")
+    assert git_commit(tmp_path) == f"{commit}-dirty"  # a new file in the package: it may register a method
+    (tmp_path / "dusa_cli" / "my_method.py").unlink()
+    (tmp_path / "dusa_cli" / "cli.py").write_text("changed\n")
+    assert git_commit(tmp_path) == f"{commit}-dirty"
+
+
 def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
     def fog(output: str, corruptions: list[str], setting: str) -> dict:
         config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})
@@ -260,7 +285,7 @@ def test_a_missing_tracker_package_is_a_one_line_error_before_anything_is_writte
 
 
 def test_more_data_workers_than_cores_is_said_once(digits_c: Path, tmp_path: Path) -> None:
-    from dusa_cli.engine.runtime import usable_cores
+    from dusa_cli.data.files import usable_cores
 
     workers = usable_cores() + 1
     with pytest.warns(UserWarning) as said:  # torch's own warnings (two per task) are not among them

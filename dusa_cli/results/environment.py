@@ -34,9 +34,11 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return versions
 
 
-def git_commit() -> str | None:
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def git_commit(root: Path = CHECKOUT) -> str | None:
     """The project's commit when dusa runs from a checkout (None for an installed copy)."""
-    root = Path(__file__).resolve().parents[2]
     try:
         result = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -44,10 +46,13 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    dirty = subprocess.run(
-        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+    changes = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain"],
         capture_output=True, text=True, timeout=5,
-    ).stdout.strip()
+    ).stdout.splitlines()
+    # Dirty: a tracked file changed, or a new file in the package (a method file registers itself
+    # on import). Other new files, such as a user's own results folder, leave the code as committed.
+    dirty = any(not line.startswith("?? ") or line[3:].startswith("dusa_cli/") for line in changes)
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
