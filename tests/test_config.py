@@ -131,8 +131,9 @@ def test_local_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.Mon
     assert config.data.root == tmp_path / "d" and config.model.checkpoint == tmp_path / "w.pth"
     assert config.run.output == Path.home() / "runs" / "a"
     assert load_config(write(tmp_path, BASE), {}).run.output == tmp_path / "results" / "run"  # the default too
-    dusa = load_config(write(tmp_path, BASE), {"method.name": "dusa"}, ["method.prior_checkpoint=p.pt"])
-    assert dusa.method.prior_checkpoint == tmp_path / "p.pt"
+    dusa = load_config(write(tmp_path, BASE), {"method.name": "dusa"}, ["method.prior_checkpoint=p.pt", "method.vae=sd-vae"])
+    assert dusa.method.prior_checkpoint == tmp_path / "p.pt" and dusa.method.vae == tmp_path / "sd-vae"
+    assert load_config(write(tmp_path, BASE), {"method.name": "dusa"}).method.vae == "none"  # pixel space, not a path
 
 
 def test_repeated_severities_are_one_task_and_seeds_are_63_bit(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ class DusaConfig(GuidedConfig):
     prior_pretrained: bool = Field(
         default=False, description="use the weights shipped in the package for this preset (sit_digits)"
     )
-    vae: str = Field(default="none", description="'none' (pixel space) or a local VAE directory/file")
+    vae: Literal["none"] | LocalPath = Field(default="none", description="'none' (pixel space) or a local VAE directory/file")
     topk: int = Field(default=4, ge=1)
     extra: int = Field(default=2, ge=0, description="m classes sampled beyond the top-k")
     temperature: float = Field(default=1.0, gt=0, description="of the extra-class sampling")
