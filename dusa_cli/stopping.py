@@ -16,7 +16,7 @@ from typing import Any
 from dusa_cli.errors import ExitCode, Interrupted, Stopped
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-SAVED = "finished tasks are saved (continue with --resume)"  # what a stopped run keeps
+SAVED = "every finished task is saved (continue with --resume)"  # what a stopped run keeps, if any
 
 Handler = Callable[[int, FrameType | None], Any]
 

@@ -25,7 +25,7 @@ KEYS = ("corruption", "top1", "top5", "mean_loss", "num_samples")
 # with the temporary file written but not yet in place. The stop then writes results.json itself:
 # the first task (finished, its record in memory) and status "stopped".
 STALL = {"DUSA_TEST_FAULT": "0:hang-write:3"}
-SAVED = "finished tasks are saved (continue with --resume)"
+SAVED = "every finished task is saved (continue with --resume)"
 
 Start = Callable[..., subprocess.Popen]
 

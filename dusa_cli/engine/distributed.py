@@ -358,7 +358,7 @@ def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) 
             raise ReportedElsewhere(code) from None
         raise DusaError(
             f"the process on GPU {gpus[failure.error_index]} was {cause}; "
-            "the others were stopped (finished tasks are saved; continue with --resume)"
+            "the others were stopped (every finished task is saved; continue with --resume)"
         ) from None
 
 
