@@ -83,7 +83,7 @@ NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="A fixe
 SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results directory → run.output.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config; only output, workers, tracking and profiling may change).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 class CompilePart(str, Enum):
@@ -107,7 +107,7 @@ TrackOpt = Annotated[
 ]
 RunProfileOpt = Annotated[
     Optional[bool],
-    typer.Option("--profile", help="Profile micro-batches 3-5 of the first task (torch.profiler): OUTPUT/profile/ → run.profile."),
+    typer.Option("--profile/--no-profile", help="Profile micro-batches 3-5 of the first task (torch.profiler): OUTPUT/profile/ → run.profile."),
 ]
 GpusOpt = Annotated[
     Optional[str],
@@ -220,7 +220,7 @@ def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
             if (profile / "summary.json").is_file():
                 info(f"profile: {profile} (steps.trace.json.gz, steps.ops.txt, summary.json)")
             else:
-                info("profile: nothing recorded, the first task ran fewer than 3 micro-batches")
+                info("profile: nothing recorded (it takes micro-batches 3-5 of the first task this command runs)")
 
 
 def _worker(config: ExperimentConfig, resume: bool, quiet: bool) -> None:

@@ -18,7 +18,7 @@ PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
 @pytest.fixture(scope="module")
 def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """source and tent, each over two seeds, through the real CLI."""
-    from dusa_cli.engine.runtime import usable_cores
+    from dusa_cli.data.files import usable_cores
 
     root = tmp_path_factory.mktemp("runs")
     workers = usable_cores() + 1  # one run with more data workers than cores: a warning, not results
@@ -63,6 +63,10 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c:
             "--corruption", "gaussian_noise,fog", "--seed", "1", "--output", str(runs / "source-1"), "-q")
     assert_one_line_error(dusa(*args), 1, "holds another run")
     assert dusa(*args, "--resume").returncode == 0
+    # Profiling may change on --resume; here no task is left to profile, and --no-profile undoes --profile.
+    assert "profile: nothing recorded" in dusa(*args, "--resume", "--profile").stderr
+    assert "profile" not in dusa(*args, "--resume", "--no-profile").stderr
+    assert "profile: false" in (runs / "source-1" / "config.yaml").read_text()
 
 
 def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
