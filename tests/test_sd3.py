@@ -4,6 +4,7 @@ prediction, model-parallel placement (outputs and gradients unchanged) and eval 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -151,14 +152,37 @@ def test_prompt_cache_hits_without_reading_the_encoders(sd3_copy: Path, tmp_path
     with_t5 = load(PROMPTS, use_t5=True)
     assert len(list(cache.glob("prompts-*.safetensors"))) == 3 and with_t5.t5 is not None
 
-    # Same names and sizes, unusable content: only a cache hit can still succeed.
+    # Same paths, sizes and times, unusable content: only a cache hit can still succeed.
     for weights in sd3_copy.glob("text_encoder*/*.safetensors"):
-        weights.write_bytes(bytes(weights.stat().st_size))
+        status = weights.stat()
+        weights.write_bytes(bytes(status.st_size))
+        os.utime(weights, ns=(status.st_atime_ns, status.st_mtime_ns))
     hit = load(PROMPTS)
     torch.testing.assert_close(hit.tensors(), first.tensors())
     assert hit.t5 is None
     with pytest.raises(DusaError, match="cannot load .*text_encoder"):
         load(["a photo of a tree"])  # a miss, which must read them
+
+
+def test_prompt_cache_misses_for_other_weights_of_the_same_architecture(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first, second = write_tiny_sd3(tmp_path / "first", seed=0), write_tiny_sd3(tmp_path / "second", seed=1)
+
+    def load(folder: Path) -> PromptEmbeddings:
+        return load_prompt_embeddings(folder, PROMPTS, use_t5=False, cache_dir=cache)
+
+    first_embeddings = load(first)
+    second_embeddings = load(second)  # same configs, file names and sizes: must not hit first's entry
+    assert len(list(cache.glob("prompts-*.safetensors"))) == 2
+    torch.testing.assert_close(second_embeddings.tensors(), encode_prompts(second, PROMPTS, use_t5=False).tensors())
+    assert not torch.equal(second_embeddings.clip, first_embeddings.clip)
+    torch.testing.assert_close(load(first).tensors(), first_embeddings.tensors())  # the same folder hits
+    assert len(list(cache.glob("prompts-*.safetensors"))) == 2
+
+    # Weights rewritten in place with others of the same size: a miss, encoded from the new files.
+    for weights in second.glob("text_encoder*/*.safetensors"):
+        shutil.copyfile(weights, first / weights.relative_to(second))
+    torch.testing.assert_close(load(first).tensors(), second_embeddings.tensors())
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -148,18 +148,27 @@ def default_t5_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _file_identity(path: Path) -> list[str | int]:
+    status = path.stat()  # of the target, like resolve(), where the file is a symlink (hub cache)
+    return [str(path.resolve()), status.st_size, status.st_mtime_ns]
+
+
 def _cache_key(
     model_dir: Path, prompts: list[str], use_t5: bool, max_sequence_length: int, device: torch.device | str
 ) -> str:
-    """Everything the embeddings depend on; the encoder weights are identified by their configs
-    and files' names and sizes, so a hit needs no weights to be read."""
+    """Everything the embeddings depend on. The text encoders and tokenizers are identified
+    without reading their weights (gigabytes: a hit must cost no more than a stat per file) by
+    their configs and, for each file, its absolute path with symlinks resolved, size and
+    modification time. So another SD3 folder, a copy or a file rewritten in place misses and is
+    encoded afresh; only a file changed while keeping its path, size and st_mtime_ns (its time
+    set back, e.g. by `touch -d` or `cp -p`) would be served stale embeddings."""
     folders = {}
     for folder in _used_folders(model_dir, use_t5):
         files = sorted(path for path in folder.rglob("*") if path.is_file())
         config = folder / "config.json"
         folders[folder.name] = {
             "config": config.read_text() if config.is_file() else None,
-            "files": [[str(path.relative_to(folder)), path.stat().st_size] for path in files],
+            "files": [_file_identity(path) for path in files],
         }
     identity = {"prompts": prompts, "use_t5": use_t5, "max_sequence_length": max_sequence_length, "folders": folders}
     if use_t5:  # embeddings from a bf16 T5 are a different cache entry from fp32 ones
