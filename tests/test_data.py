@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,10 @@ from dusa_cli.data.datasets import (
     open_split,
     open_task,
 )
-from dusa_cli.data.digits import build_digits_c, digit_images
-from dusa_cli.data.generate import corrupt_image
+from dusa_cli.data.digits import PNG, build_digits_c, digit_images
+from dusa_cli.data.generate import Job, Plan, corrupt_image, run_jobs
 from dusa_cli.data.imagenet_c import prepare_imagenet_c
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, Stopped
 
 CORRUPTIONS = ("gaussian_noise", "impulse_noise", "glass_blur", "frost")
 SEVERITIES = (1, 5)
@@ -149,6 +150,27 @@ def test_digits_c_rebuild_removes_files_of_the_earlier_build_only_when_asked(tmp
     (output / "results.json").write_text("{}")  # not a digits-C folder any more: never written into
     with pytest.raises(DusaError, match="holds files that are not part of digits-C \\(results.json\\)"):
         build_digits_c(output, **smaller)
+
+
+def _interrupted_in_compiled_code() -> np.ndarray:
+    # What numba's glass_blur raises when Ctrl-C's handler runs inside it.
+    try:
+        raise Stopped(signal.SIGINT)
+    except Stopped as interrupt:
+        raise SystemError("CPUDispatcher(<function glass_blur>) returned a result with an exception set") from interrupt
+
+
+def _failing_in_compiled_code() -> np.ndarray:
+    raise SystemError("a real bug")
+
+
+@pytest.mark.parametrize(
+    ("load", "expected"), [(_interrupted_in_compiled_code, Stopped), (_failing_in_compiled_code, SystemError)]
+)
+def test_an_in_process_job_stopped_inside_compiled_code_ends_as_a_stop(load, expected, tmp_path: Path) -> None:
+    plan = Plan(tmp_path, ("fog",), (1,), seed=0, image_format=PNG, image_size=(32, 32), resume=False)
+    with pytest.raises(expected):
+        run_jobs(plan, [Job(item_id="0/0000", load=load)], workers=1)
 
 
 @pytest.fixture(scope="module")

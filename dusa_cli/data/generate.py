@@ -185,6 +185,22 @@ def planned_files(plan: Plan, jobs: Iterable[Job]) -> set[str]:
     return {relative_path for job in jobs for relative_path, _, _ in _outputs(plan, job)}
 
 
+def _carried_interrupt(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or a Stopped signal) behind `error`, if any.
+
+    A signal whose handler raises while numba's compiled code runs (glass_blur) comes back from
+    the call as "SystemError: ... returned a result with an exception set", the interrupt as its
+    cause; the command must still end as a stop, not as a failure."""
+    seen: set[int] = set()
+    cause = error.__cause__ or error.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def run_jobs(
     plan: Plan, jobs: Sequence[Job], workers: int | None, progress: Progress | None = None
 ) -> dict[str, str]:
@@ -201,7 +217,13 @@ def run_jobs(
 
     if workers <= 1:
         for job in jobs:
-            record(run_job(plan, job))
+            try:
+                record(run_job(plan, job))
+            except SystemError as error:
+                interrupt = _carried_interrupt(error)
+                if interrupt is None:
+                    raise
+                raise interrupt from None
         return checksums
     # Sending a job to a worker costs about a millisecond, more than writing one small file, so
     # cheap jobs (one clean copy each) travel in groups.
