@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -140,6 +141,14 @@ def test_prepare_errors_name_the_path(ade: Path, tmp_path: Path) -> None:
     (source / "annotations" / "validation" / "ADE_val_00000002.png").unlink()
     with pytest.raises(DusaError, match="no label map for .*ADE_val_00000002.jpg"):
         prepare_ade20k_c(source, tmp_path / "out", **FAST)
+    # imagecorruptions would fail on it minutes later, naming no file.
+    narrow = source / "images" / "validation" / "ADE_val_00000004.jpg"
+    Image.fromarray(np.zeros((40, 31, 3), np.uint8)).save(narrow)
+    Image.fromarray(np.zeros((40, 31), np.uint8)).save(source / "annotations" / "validation" / "ADE_val_00000004.png")
+    (source / "images" / "validation" / "ADE_val_00000002.jpg").unlink()  # its label map is gone (above)
+    with pytest.raises(DusaError, match=re.escape(f"{narrow} is 31×40 px; the corruptions need images at least 32 px wide and high")):
+        prepare_ade20k_c(source, tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
 
 
 def test_miou_on_a_hand_computed_example() -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 from dusa_cli.data.corruptions import CORRUPTIONS
 from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex, write_bytes_atomic
 from dusa_cli.data.generate import (
+    MIN_SIDE,
     ImageFormat,
     Job,
     Plan,
@@ -71,6 +72,8 @@ def _source_jobs(source: Path) -> tuple[list[Job], list[Path]]:
         if not label.is_file():
             raise DusaError(f"no label map for {path}: {label} not found")
         size = _header_size(path)
+        if min(size) < MIN_SIDE:
+            raise DusaError(f"{path} is {size[1]}×{size[0]} px; the corruptions need images at least {MIN_SIDE} px wide and high")
         if _header_size(label) != size:
             raise DusaError(f"{path} is {size[1]}×{size[0]} but its label map {label} is not")
         load = functools.partial(_load_rgb, path)

@@ -30,6 +30,9 @@ from dusa_cli.errors import ConfigError, DusaError
 
 Progress = Callable[[int, int], None]
 
+# imagecorruptions refuses images narrower or lower than this.
+MIN_SIDE = 32
+
 # These two draw from generators of their own (numba's, and skimage's `random_noise`), which
 # ignore `np.random.seed`; they take the seed as an argument instead.
 _SEED_ARGUMENT_CORRUPTIONS = frozenset({"glass_blur", "impulse_noise"})
@@ -88,7 +91,7 @@ def file_seed(seed: int, corruption: str, severity: int, item_id: str) -> int:
 
 
 def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """Apply one ImageNet-C corruption reproducibly; `image` is H×W×3 uint8, at least 32 px."""
+    """Apply one ImageNet-C corruption reproducibly; `image` is H×W×3 uint8, at least MIN_SIDE px."""
     np.random.seed(seed)
     if corruption == "spatter":
         return _spatter(image, severity)
