@@ -92,3 +92,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def usable_cores() -> int:
     """The CPU cores this process may use (its affinity: a job scheduler's share, not the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def head_tail_sha256(path: Path, sample_bytes: int) -> str:
+    """sha256 of a file's size (8 bytes, little-endian), its first `sample_bytes` and its last
+    `sample_bytes` (each byte once where they overlap): a fingerprint of a file too large to hash
+    whole in passing. It changes with the size or with any byte near either end, not with a change
+    confined to the middle."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        digest.update(stream.read(sample_bytes))
+        stream.seek(max(size - sample_bytes, stream.tell()))
+        digest.update(stream.read(sample_bytes))
+    return digest.hexdigest()

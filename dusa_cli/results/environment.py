@@ -16,7 +16,7 @@ from dusa_cli import __version__
 from dusa_cli._compat import TORCHVISION_STATUS
 from dusa_cli.config.loader import flatten
 from dusa_cli.config.schema import ExperimentConfig
-from dusa_cli.data.files import file_sha256
+from dusa_cli.data.files import file_sha256, head_tail_sha256
 
 PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "diffusers", "torchmetrics",
@@ -56,18 +56,50 @@ def git_commit(root: Path = CHECKOUT) -> str | None:
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def input_files(config: ExperimentConfig) -> dict[str, dict[str, str]]:
-    """The files a run read by path, with their sha256: every config value naming a file
-    (weights) and the data's manifest.json (written by prepare-data, with a sha256 per image), so
-    a rebuilt dataset or retrained weights show in the record. Folders (SD3, SegFormer) are not
-    hashed; packaged weights are fixed by the dusa version."""
-    named = {key: Path(value) for key, value in flatten(config.model_dump(mode="json")).items() if isinstance(value, str)}
+# Folders that config values name but that are not what a run's results were computed from: the
+# data (its manifest.json, with a sha256 per image, stands for it), the run's own output, and the
+# prompt cache (derived from method.prior, which is recorded).
+NOT_INPUTS = frozenset({"data.root", "run.output", "method.prompt_cache"})
+FULL_HASH_LIMIT = 64 << 20  # configs, tokenizers, small weights: hashed whole
+SAMPLE_BYTES = 4 << 20
+# The key says what was hashed, so that nobody takes it for a sha256 of the whole file.
+SAMPLED_SHA256 = f"sha256_of_size_first_and_last_{SAMPLE_BYTES >> 20}MiB"
+
+
+def folder_files(folder: Path) -> dict[str, dict[str, int | str]]:
+    """Every file under `folder` by relative path (hidden ones such as .git skipped): its size and
+    sha256, or, over FULL_HASH_LIMIT, the sha256 of its size and first and last SAMPLE_BYTES, so
+    that a 15 GB SD3 folder costs a few tens of MiB of reading, not minutes."""
+    files: dict[str, dict[str, int | str]] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size <= FULL_HASH_LIMIT:
+            files[relative.as_posix()] = {"size": size, "sha256": file_sha256(path)}
+        else:
+            files[relative.as_posix()] = {"size": size, SAMPLED_SHA256: head_tail_sha256(path, SAMPLE_BYTES)}
+    return files
+
+
+def input_files(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """What a run read by path: every config value naming a file (weights) with its sha256, every
+    one naming a folder (a SegFormer or SD3 directory, a VAE, label maps) with `folder_files`, and
+    the data's manifest.json (written by prepare-data, with a sha256 per image), so that rebuilt
+    data or other weights show in the record. Packaged weights are fixed by the dusa version."""
+    values = flatten(config.model_dump(mode="json")).items()
+    named = {key: Path(value) for key, value in values if isinstance(value, str) and key not in NOT_INPUTS}
     named["data.root/manifest.json"] = config.data.root / "manifest.json"
-    return {
-        key: {"path": str(path), "sha256": file_sha256(path)}
-        for key, path in named.items()
-        if path.is_absolute() and path.is_file()
-    }
+    records: dict[str, dict[str, Any]] = {}
+    for key, path in named.items():
+        if not path.is_absolute():  # a name, such as a prior preset or `none`
+            continue
+        if path.is_file():
+            records[key] = {"path": str(path), "sha256": file_sha256(path)}
+        elif path.is_dir():
+            records[key] = {"path": str(path), "files": folder_files(path)}
+    return records
 
 
 def collect_environment(device: torch.device, config: ExperimentConfig) -> dict[str, Any]:
