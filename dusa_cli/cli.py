@@ -288,7 +288,7 @@ def prepare_data(
             from dusa_cli.data.imagenet_c import prepare_imagenet_c
 
             manifest = prepare_imagenet_c(source, output, corruptions=corruptions, severities=severities, seed=seed, workers=workers, progress=progress)
-    info(f"wrote {len(manifest.get('files', {}))} files to {output} (manifest.json)")
+    info(f"wrote {manifest.written} of the {len(manifest['files'])} files in {output} (manifest.json)")
 
 
 @pretrain_app.command("digits-classifier")
@@ -446,6 +446,7 @@ class BenchPrior(str, Enum):
 @bench_app.command("cls")
 @stoppable()
 def bench_cls_command(
+    ctx: typer.Context,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, help="Timed updates per recipe (64 images each).")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
@@ -471,6 +472,12 @@ def bench_cls_command(
     from dusa_cli.ui import StatusLine
 
     _check_outputs(output, profile)
+    if trajectory:
+        _refuse(_given(ctx, "updates", "warmup", "recipe", "variant", "profile"), "with --trajectory (it compares the fast recipe with fp32, untimed)")
+    else:
+        _refuse(_given(ctx, "tolerance"), "without --trajectory")
+    if recipe is not None and RecipeName.fast not in recipe and not variant:
+        _refuse(_given(ctx, "micro_batch", "compile_classifier", "compile_mode", "checkpointing", "channels_last"), "(they change the fast recipe, which --recipe leaves out)")
     flags = {"micro-batch": micro_batch, "checkpointing": checkpointing, "compile-classifier": compile_classifier,
              "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
     fast = vary(FAST, {lever: str(v).lower() for lever, v in flags.items() if v not in (None, False, "default")}, "fast")
@@ -482,8 +489,8 @@ def bench_cls_command(
         _show_figures(trajectory_to_rich(result), result, output)
         if result["max_relative_loss_deviation"] > tolerance:
             raise DusaError(
-                f"the fast recipe's loss deviates from fp32 by {result['max_relative_loss_deviation']:.2%}, "
-                f"more than --tolerance {tolerance:.2%}"
+                f"the fast recipe's loss deviates from fp32 by {result['max_relative_loss_deviation']:.3%}, "
+                f"more than --tolerance {tolerance:.3%}"
             )
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
@@ -494,6 +501,19 @@ def bench_cls_command(
             on_result=_partial_writer(output), profile=profile, say=say,
         )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
+
+
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """Those of the command's parameters `names` that the command line set, as flags (--warmup).
+    (By the source's name: Typer carries its own copy of click's ParameterSource.)"""
+    flags = {parameter.name: parameter.opts[0] for parameter in ctx.command.params}
+    return [flags[name] for name in names if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+
+
+def _refuse(flags: list[str], why: str) -> None:
+    """A usage error naming `flags`, which do nothing `why`: silently ignored options mislead."""
+    if flags:
+        raise ConfigError(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect {why}")
 
 
 def _check_outputs(figures: Optional[Path], profile: Optional[Path]) -> None:
@@ -539,6 +559,7 @@ class SegRecipeName(str, Enum):
 @bench_app.command("seg")
 @stoppable()
 def bench_seg_command(
+    ctx: typer.Context,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, help="Timed window updates per recipe.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
@@ -558,6 +579,8 @@ def bench_seg_command(
     _check_outputs(output, profile)
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
     wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
+    if SegRecipeName.fast not in wanted:
+        _refuse(_given(ctx, "checkpointing"), "(it changes the fast recipe, which --recipe leaves out)")
     from dusa_cli.priors.checkpointing import parse_checkpointing
 
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))

@@ -9,14 +9,14 @@ import pytest
 from dusa_cli.engine.bench import FAST, file_stem, parse_variant, vary
 from dusa_cli.engine.profiling import covered, time_by_kind
 from dusa_cli.errors import ConfigError
-from helpers import dusa
+from helpers import assert_one_line_error, dusa
 
 
 def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = dusa("bench", "cls", "--tiny", "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
     assert result.returncode == 0, result.stderr
-    assert "fast / official" in result.stdout
+    assert "fast / official" in result.stdout and "no warm-up: the timed updates include one-off costs" in result.stdout
     assert "] recipe 2/2 fast: timed update 1/1" in result.stderr  # the progress line, one per step in a log
     figures = json.loads(output.read_text())
     official, fast = figures["recipes"]
@@ -31,7 +31,35 @@ def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
     # Same objective and shapes: the same FLOPs per image whatever the recipe.
     assert official["tflop_per_image"] == fast["tflop_per_image"] > 0
     assert figures["ratio_fast_over_official"] == pytest.approx(fast["images_per_s"] / official["images_per_s"])
-    assert figures["complete"]
+    assert figures["complete"] and figures["warmup"] == 0
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["cls", "--trajectory", "1", "--updates", "3", "--profile", "p"], "--updates, --profile have no effect with --trajectory"),
+    (["cls", "--tolerance", "0.1"], "--tolerance has no effect without --trajectory"),
+    (["cls", "--recipe", "official", "--micro-batch", "32"], "--micro-batch has no effect (they change the fast recipe"),
+    (["cls", "--variant", "micro-batch=32,micro-batch=8"], "--variant 'micro-batch=32,micro-batch=8' sets micro-batch twice"),
+    (["seg", "--recipe", "baseline", "--checkpointing", "1"], "--checkpointing has no effect (it changes the fast recipe"),
+])  # fmt: skip
+def test_bench_options_that_would_do_nothing_are_usage_errors(tmp_path: Path, args: list[str], problem: str) -> None:
+    assert_one_line_error(dusa("bench", *args, "--tiny", cwd=tmp_path), 2, problem)
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_bench_prior_is_not_zero_so_the_classifier_learns_through_it() -> None:
+    """DiT's adaLN-Zero init makes a random prior predict exactly 0: no gradient would reach the
+    classifier and the trajectory check could not tell bf16 from fp32."""
+    import tempfile
+
+    import torch
+
+    from dusa_cli.engine.bench import FP32, TINY, _build, _images, _random_vae
+
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter = _build(TINY, FP32, _random_vae(Path(scratch), tiny=True), torch.device("cpu"))
+    adapter.method.forward(_images(4, TINY, torch.device("cpu"))).loss.backward()
+    gradients = [p.grad for p in adapter.method.model.parameters() if p.grad is not None]
+    assert gradients and any(g.abs().sum() > 0 for g in gradients)
 
 
 def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> None:
@@ -72,8 +100,11 @@ def test_tiny_trajectory_check_compares_fast_with_fp32(tmp_path: Path) -> None:
     deviation = max(abs(b - a) / a for a, b in zip(reference["losses"], candidate["losses"]))
     assert figures["max_relative_loss_deviation"] == pytest.approx(deviation) and deviation < 0.01
     assert 0.5 < figures["prediction_agreement"] <= 1
-    strict = dusa("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "--tolerance", "0")
+    assert deviation > 1e-6  # bf16 is not fp32: the check can see a difference (the prior's output is not zero)
+    again = tmp_path / "again.json"
+    strict = dusa("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "--tolerance", "0", "-o", str(again))
     assert strict.returncode == 1 and "more than --tolerance" in strict.stderr
+    assert json.loads(again.read_text())["reference"]["losses"][0] == reference["losses"][0]  # seeded models: a rerun repeats
 
 
 def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
@@ -95,7 +126,7 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
     official = unless_out_of_memory(OFFICIAL, lambda: {**OFFICIAL.__dict__, "images_per_s": 30.0, "tflops": 1.0,
                                                         "fraction_of_bf16_peak": 0.1, "peak_memory_gib": 2.0})
     result = {"shapes": {"classifier": "c", "prior": "p"}, "device_name": "cpu", "recipes": [official, row],
-              "ratio_fast_over_official": None}
+              "ratio_fast_over_official": None, "warmup": 2}
     console = Console(file=io.StringIO(), width=200)
     console.print(to_rich(result))
     assert "out of memory" in console.file.getvalue()

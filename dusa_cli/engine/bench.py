@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+from torch import nn
 
 from dusa_cli.config.schema import CompileMode, ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
@@ -83,6 +84,8 @@ def parse_variant(text: str) -> dict[str, str]:
         lever, _, value = (part.strip() for part in item.partition("="))
         if lever not in LEVERS or not value:
             raise ConfigError(f"--variant takes LEVER=VALUE pairs with levers {', '.join(LEVERS)}; got '{item}'")
+        if lever in levers:
+            raise ConfigError(f"--variant '{text}' sets {lever} twice")
         levers[lever] = value
     return levers
 
@@ -141,6 +144,7 @@ def _random_vae(directory: Path, tiny: bool) -> Path:
 
     from dusa_cli.priors.vae import SD_VAE_CONFIG, TINY_VAE_CONFIG
 
+    seed_everything(0)  # the same random VAE in every run: figures and trajectories repeat
     AutoencoderKL(**(TINY_VAE_CONFIG if tiny else SD_VAE_CONFIG)).save_pretrained(directory)
     return directory
 
@@ -153,12 +157,27 @@ def _build(shapes: Shapes, recipe: Recipe, vae: Path, device: torch.device) -> O
         name="dusa", prior=shapes.prior, vae=str(vae), topk=4, extra=2, classifier_fp32=recipe.classifier_fp32,
         gradient_checkpointing=recipe.gradient_checkpointing,
     )  # fmt: skip
-    method = dusa(classifier, config).to(device)
+    method = dusa(classifier, config)
+    _like_trained(method.prior.transformer)
+    method = method.to(device)
     if recipe.channels_last:  # as the engine does (engine/loop.py)
         method.use_channels_last()
     method.compile(recipe.compiled(), recipe.compile_mode)
     optim = OptimConfig(name="adam", lr=1e-5, accumulation=recipe.accumulation, fused=recipe.fused_adam)
     return OnlineAdapter(method, optim, recipe.precision, device, recipe.channels_last)
+
+
+def _like_trained(transformer: nn.Module) -> None:
+    """Random weights with no zero layer. DiT's init zeroes the adaLN modulations and the output
+    layer (adaLN-Zero), so the prior would predict exactly 0 whatever its input: the loss would
+    not depend on the precision (the trajectory check could not fail) and the classifier would
+    get no gradient through the prior. Trained weights are not zero: each all-zero parameter
+    gets N(0, 0.02²) instead, the same draws for every recipe."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            if not parameter.any():
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
 
 
 def _images(count: int, shapes: Shapes, device: torch.device) -> torch.Tensor:
@@ -322,6 +341,7 @@ def bench_cls(
             "device": str(device),
             "device_name": device_name(device),
             "torch": torch.__version__,
+            "warmup": warmup,
             "recipes": rows,
             "ratio_fast_over_official": ratio(rows, "images_per_s", "fast", "official"),
         }
@@ -401,12 +421,24 @@ def trajectory_to_rich(result: dict[str, Any]):
     for column in ("update", reference["recipe"]["name"], candidate["recipe"]["name"], "relative deviation"):
         table.add_column(column, justify="right")
     for index, (a, b) in enumerate(zip(reference["losses"], candidate["losses"]), start=1):
-        table.add_row(str(index), f"{a:.5f}", f"{b:.5f}", f"{abs(b - a) / abs(a):.2%}")
+        table.add_row(str(index), f"{a:.5f}", f"{b:.5f}", _percent(abs(b - a) / abs(a)))
     table.caption = (
-        f"largest deviation {result['max_relative_loss_deviation']:.2%}; "
+        f"largest deviation {_percent(result['max_relative_loss_deviation'])}; "
         f"online predictions agree on {result['prediction_agreement']:.1%} of the images"
     )
     return table
+
+
+def caption(figures: list[str], result: dict[str, Any]) -> str | None:
+    """A bench table's caption: its ratios, and a warning that ratios without warm-up compare
+    cold starts (first allocations, compilation) rather than steady updates."""
+    cold = ["no warm-up: the timed updates include one-off costs"] if result["warmup"] == 0 else []
+    return "; ".join(figures + cold) or None
+
+
+def _percent(fraction: float) -> str:
+    """Three significant digits: a bf16 deviation is often far below 0.01 %."""
+    return f"{100 * fraction:.3g}%"
 
 
 def compiled_label(row: dict[str, Any]) -> str:
@@ -451,6 +483,5 @@ def to_rich(result: dict[str, Any]):
         for row in result["recipes"]
         if row["name"] != "official" and (value := ratio(result["recipes"], "images_per_s", row["name"], "official"))
     ]
-    if speedups:
-        table.caption = "; ".join(speedups)
+    table.caption = caption(speedups, result)
     return table

@@ -22,7 +22,7 @@ import torch
 
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.bench import Say, file_stem, ratio, run_recipes, time_updates
+from dusa_cli.engine.bench import Say, caption, file_stem, ratio, run_recipes, time_updates
 from dusa_cli.engine.profiling import profile_update
 from dusa_cli.engine.runtime import device_name, peak_memory, seed_everything
 from dusa_cli.methods import get_method
@@ -164,6 +164,7 @@ def bench_seg(
             "devices": [str(device) for device in devices],
             "device_name": device_name(devices[0]),
             "torch": torch.__version__,
+            "warmup": warmup,
             "recipes": rows,
             "speedup_fast_over_baseline": ratio(rows, "seconds_per_window", "baseline", "fast"),
         }
@@ -191,6 +192,6 @@ def to_rich(result: dict[str, Any]):
             f"{row['seconds_per_window']:.3f}",
             " / ".join(f"{memory:.1f}" for memory in row["peak_memory_gib"]),
         )
-    if result["speedup_fast_over_baseline"] is not None:
-        table.caption = f"baseline / fast = {result['speedup_fast_over_baseline']:.2f}×"
+    speedup = result["speedup_fast_over_baseline"]
+    table.caption = caption([] if speedup is None else [f"baseline / fast = {speedup:.2f}×"], result)
     return table
