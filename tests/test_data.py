@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -145,6 +146,7 @@ def test_digits_c_rebuild_removes_files_of_the_earlier_build_only_when_asked(tmp
         build_digits_c(output, **smaller)
     assert relative_pngs(output) == set(first["files"])  # refused before anything changed
     manifest = build_digits_c(output, replace=True, **smaller)
+    assert manifest.written == len(manifest["files"])  # a rebuild makes every file again
     assert not (output / "gaussian_noise").exists()
     assert relative_pngs(output) == set(manifest["files"])
     (output / "results.json").write_text("{}")  # not a digits-C folder any more: never written into
@@ -320,6 +322,52 @@ def test_prepare_imagenet_c_writes_224px_jpegs_and_resumes(
 
     with pytest.raises(DusaError, match=re.escape(str(output))):
         prepare_imagenet_c(imagenet_source, output, **settings, seed=1)
+
+
+def test_prepare_imagenet_c_in_chunks_keeps_describing_every_file(
+    imagenet_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(imagenet_source.parent)
+    relative_source = Path(imagenet_source.name)
+    output = tmp_path / "imagenet-c"
+    one_image_each = {"severities": [1], "workers": 1}
+    first = prepare_imagenet_c(relative_source, output, corruptions=["contrast", "gaussian_noise"], **one_image_each)
+    assert first.written == len(first["files"]) == 4 * 2
+    assert first["source"] == str(imagenet_source)  # absolute, as run configs store paths
+    first_bytes = (output / "manifest.json").read_bytes()
+
+    # A call for fewer corruptions writes nothing and leaves the manifest as it was.
+    smaller = prepare_imagenet_c(imagenet_source, output, corruptions=["contrast"], **one_image_each)
+    assert smaller.written == 0 and smaller == first
+    assert (output / "manifest.json").read_bytes() == first_bytes
+
+    # Another chunk adds its files to those of the earlier calls.
+    chunk = prepare_imagenet_c(imagenet_source, output, corruptions=["fog"], severities=[2], workers=1)
+    assert chunk.written == 4 and len(chunk["files"]) == 4 * 3
+    assert chunk["files"].items() >= first["files"].items()
+    assert chunk["corruptions"] == ["gaussian_noise", "fog", "contrast"] and chunk["severities"] == [1, 2]
+    assert chunk["counts"]["fog"] == {"1": 0, "2": 4} and chunk["counts"]["contrast"] == {"1": 4, "2": 0}
+    on_disk = {path.relative_to(output).as_posix() for path in output.rglob("*.JPEG")}
+    assert on_disk == set(chunk["files"])
+
+    # Manifests used to store the source as given: a resume from the same folder still matches it.
+    manifest = json.loads((output / "manifest.json").read_text())
+    (output / "manifest.json").write_text(json.dumps(manifest | {"source": relative_source.name}))
+    assert prepare_imagenet_c(relative_source, output, corruptions=["fog"], severities=[2], workers=1) == chunk
+    other_source = tmp_path / "copy"
+    shutil.copytree(imagenet_source, other_source)
+    with pytest.raises(DusaError, match=re.escape(f"{output} holds a build from {imagenet_source}, not {other_source}")):
+        prepare_imagenet_c(other_source, output, corruptions=["fog"], severities=[2], workers=1)
+
+
+def test_prepare_imagenet_c_refuses_an_output_inside_the_source(imagenet_source: Path, tmp_path: Path) -> None:
+    fast = {"corruptions": ["fog"], "severities": [1], "workers": 1}
+    inside = imagenet_source / "out"
+    with pytest.raises(DusaError, match=re.escape(f"--output {inside} is inside --source {imagenet_source}")):
+        prepare_imagenet_c(imagenet_source, inside, **fast)
+    assert not inside.exists()
+    with pytest.raises(DusaError, match=re.escape(f"--source {imagenet_source} is inside --output {tmp_path}")):
+        prepare_imagenet_c(imagenet_source, tmp_path, **fast)
 
 
 def test_prepare_imagenet_c_reports_an_unreadable_source_image_from_a_worker(

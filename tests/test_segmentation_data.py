@@ -181,10 +181,16 @@ def test_miou_on_a_hand_computed_example() -> None:
 
 def test_cli_prepare_ade20k_c(ade: Path, tmp_path: Path) -> None:
     output = tmp_path / "cli"
-    result = dusa("prepare-data", "ade20k-c", "--source", str(ade), "-o", str(output), "--corruption", "fog", "--workers", "1", "-q")
+    result = dusa("prepare-data", "ade20k-c", "--source", str(ade), "-o", str(output), "--corruption", "fog,contrast", "--workers", "1", "-q")
     assert result.returncode == 0, result.stderr
+    assert f"wrote 9 of the 9 files in {output}" in result.stderr  # 2 × 3 images and 3 label maps
     assert (output / "fog" / "5" / "validation" / "ADE_val_00000001.jpg").is_file()
     assert json.loads((output / "manifest.json").read_text())["severities"] == [5]
+    # A call for fewer corruptions writes nothing, and the manifest still lists the others.
+    fewer = dusa("prepare-data", "ade20k-c", "--source", str(ade), "-o", str(output), "--corruption", "fog", "--workers", "1", "-q")
+    assert fewer.returncode == 0 and f"wrote 0 of the 9 files in {output}" in fewer.stderr, fewer.stderr
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["corruptions"] == ["fog", "contrast"] and len(manifest["files"]) == 9
     missing = dusa("prepare-data", "ade20k-c", "-o", str(output))
     assert_one_line_error(missing, 2, "ade20k-c needs --source")
     results = tmp_path / "results"  # a folder that holds something else is never written into

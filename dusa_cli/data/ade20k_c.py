@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -28,10 +27,15 @@ from dusa_cli.data.generate import (
     MIN_SIDE,
     ImageFormat,
     Job,
+    Manifest,
+    BuildFiles,
     Plan,
     Progress,
+    absolute_path,
+    check_apart,
     check_corruptions,
     claim_output,
+    earlier_files,
     run_jobs,
     write_manifest,
 )
@@ -84,17 +88,18 @@ def _source_jobs(source: Path) -> tuple[list[Job], list[Path]]:
     return jobs, labels
 
 
-def _copy_labels(labels: Sequence[Path], output: Path) -> dict[str, str]:
-    """Copy the label maps to OUTPUT/annotations/validation; returns relative path → sha256."""
-    checksums = {}
+def _copy_labels(labels: Sequence[Path], output: Path) -> BuildFiles:
+    """Copy the label maps to OUTPUT/annotations/validation (those not there already)."""
+    files = BuildFiles()
     for label in labels:
         relative_path = f"annotations/{SPLIT}/{label.name}"
         target = output / relative_path
         data = label.read_bytes()
         if not (target.is_file() and target.read_bytes() == data):
             write_bytes_atomic(target, data)
-        checksums[relative_path] = sha256_hex(data)
-    return checksums
+            files.written += 1
+        files.checksums[relative_path] = sha256_hex(data)
+    return files
 
 
 def prepare_ade20k_c(
@@ -106,15 +111,18 @@ def prepare_ade20k_c(
     seed: int = 0,
     workers: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Corrupt SOURCE/images/validation/*.jpg (an ADEChallengeData2016 folder) into OUTPUT.
 
     Resumable like ImageNet-C: files that exist, decode and have the source's size are kept.
-    Returns the manifest, written last as OUTPUT/manifest.json.
+    Returns the manifest, written last as OUTPUT/manifest.json; it also lists the files of other
+    corruptions or severities that earlier calls made in OUTPUT.
     """
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     jobs, labels = _source_jobs(source)
+    check_apart(source, output)
     claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options})
+    earlier = earlier_files(output, source)
 
     plan = Plan(
         output=output,
@@ -125,14 +133,15 @@ def prepare_ade20k_c(
         image_size=None,  # native: every image keeps its own size
         resume=True,
     )
-    checksums = _copy_labels(labels, output)
-    checksums |= run_jobs(plan, jobs, workers, progress)
+    files = _copy_labels(labels, output)
+    files.add(run_jobs(plan, jobs, workers, progress))
+    files.checksums = earlier | files.checksums
     description = {
         "dataset": "ade20k-c",
-        "source": str(source),
+        "source": str(absolute_path(source)),
         "preprocessing": "none: full validation images at native size (dusa_official.md §3.8)",
         "jpeg_quality": JPEG.save_options["quality"],
         "annotations": f"annotations/{SPLIT}",
         "images": len(jobs),
     }
-    return write_manifest(plan, checksums, description)
+    return write_manifest(plan, files, description)

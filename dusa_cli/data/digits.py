@@ -10,10 +10,8 @@ Grey images have no saturation, so `saturate` at severities 1-3 leaves them unch
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,9 +20,11 @@ from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
 from dusa_cli.data.generate import (
     ImageFormat,
     Job,
+    Manifest,
     Plan,
     Progress,
     check_corruptions,
+    listed_files,
     planned_files,
     run_jobs,
     write_manifest,
@@ -78,17 +78,6 @@ def _limit_per_class(indices: np.ndarray, labels: np.ndarray, limit: int) -> np.
     return np.sort(np.concatenate(kept))
 
 
-def _previous_files(output: Path) -> set[str]:
-    """Files listed by an earlier build's manifest, which this build may no longer make."""
-    try:
-        listed = json.loads((output / "manifest.json").read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    # Only plain relative paths: a hand-edited manifest must not delete files outside `output`.
-    paths = (Path(name) for name in listed)
-    return {path.as_posix() for path in paths if not path.is_absolute() and ".." not in path.parts}
-
-
 # What a digits-C folder holds at its top level (a build stopped part-way has no manifest yet).
 _LAYOUT = frozenset({"train", "clean", "manifest.json", *ALL_CORRUPTIONS})
 
@@ -138,7 +127,7 @@ def build_digits_c(
     limit_per_class: int | None = None,
     replace: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write digits-C under `output` and return its manifest (also written as manifest.json).
 
     Layout: train/<class>/<id>.png (clean source split), clean/<class>/<id>.png (clean test
@@ -174,7 +163,8 @@ def build_digits_c(
         resume=False,  # rebuilding is quick, and old files may come from another seed
     )
     jobs = [job(index, False) for index in train] + [job(index, True) for index in test]
-    stale = _previous_files(output) - planned_files(plan, jobs)
+    # Unlike the resumable builders, a rebuild makes every file again, and deletes the others.
+    stale = set(listed_files(output)) - planned_files(plan, jobs)
     if stale and not replace:
         raise DusaError(
             f"{output} holds an earlier build with files this one would not make: {_describe(stale)}; "
@@ -182,7 +172,7 @@ def build_digits_c(
         )
     # The old manifest would describe files this build is about to replace.
     (output / "manifest.json").unlink(missing_ok=True)
-    checksums = run_jobs(plan, jobs, workers, progress)
+    files = run_jobs(plan, jobs, workers, progress)
     _remove_stale(output, stale)
 
     description = {
@@ -193,4 +183,4 @@ def build_digits_c(
         "splits": {"train": len(train), "clean": len(test)},
         "limit_per_class": limit_per_class,
     }
-    return write_manifest(plan, checksums, description)
+    return write_manifest(plan, files, description)

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import imagecorruptions
 import numpy as np
 from PIL import Image
 
-from dusa_cli.data.corruptions import SEVERITIES, resolve_corruptions
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES, resolve_corruptions
 from dusa_cli.data.files import sha256_hex, usable_cores, write_bytes_atomic
 from dusa_cli.errors import ConfigError, DusaError
 
@@ -143,10 +144,22 @@ def _complete_file(path: Path, size: tuple[int, int]) -> bytes | None:
         return None
 
 
-def run_job(plan: Plan, job: Job) -> list[tuple[str, str]]:
-    """Write the files of one job; returns (relative path, sha256) for each."""
+@dataclass
+class BuildFiles:
+    """Files of a build, and how many of them this call wrote (a resumed build keeps the rest)."""
+
+    checksums: dict[str, str] = field(default_factory=dict)  # relative path → sha256
+    written: int = 0
+
+    def add(self, other: BuildFiles) -> None:
+        self.checksums.update(other.checksums)
+        self.written += other.written
+
+
+def run_job(plan: Plan, job: Job) -> BuildFiles:
+    """Write the files of one job (those a resumed build lacks)."""
     image: np.ndarray | None = None  # loaded only when some output has to be made
-    checksums = []
+    files = BuildFiles()
     size = job.image_size or plan.image_size
     assert size is not None, "a plan without image_size needs jobs that have one"
     for relative_path, corruption, severity in _outputs(plan, job):
@@ -161,12 +174,16 @@ def run_job(plan: Plan, job: Job) -> list[tuple[str, str]]:
                 result = corrupt_image(image, corruption, severity, seed)
             data = encode_image(result, plan.image_format)
             write_bytes_atomic(path, data)
-        checksums.append((relative_path, sha256_hex(data)))
-    return checksums
+            files.written += 1
+        files.checksums[relative_path] = sha256_hex(data)
+    return files
 
 
-def run_batch(plan: Plan, jobs: Sequence[Job]) -> list[tuple[str, str]]:
-    return [checksum for job in jobs for checksum in run_job(plan, job)]
+def run_batch(plan: Plan, jobs: Sequence[Job]) -> BuildFiles:
+    files = BuildFiles()
+    for job in jobs:
+        files.add(run_job(plan, job))
+    return files
 
 
 def _batches(plan: Plan, jobs: Iterable[Job], min_outputs: int) -> Iterator[list[Job]]:
@@ -206,17 +223,16 @@ def _carried_interrupt(error: BaseException) -> KeyboardInterrupt | None:
 
 def run_jobs(
     plan: Plan, jobs: Sequence[Job], workers: int | None, progress: Progress | None = None
-) -> dict[str, str]:
-    """Run all jobs (in `workers` processes when above 1; None: one per usable core); returns
-    relative path → sha256."""
+) -> BuildFiles:
+    """Run all jobs (in `workers` processes when above 1; None: one per usable core)."""
     workers = usable_cores() if workers is None else workers
     total = sum(len(_outputs(plan, job)) for job in jobs)
-    checksums: dict[str, str] = {}
+    files = BuildFiles()
 
-    def record(results: list[tuple[str, str]]) -> None:
-        checksums.update(results)
+    def record(results: BuildFiles) -> None:
+        files.add(results)
         if progress is not None:
-            progress(len(checksums), total)
+            progress(len(files.checksums), total)
 
     if workers <= 1:
         for job in jobs:
@@ -227,7 +243,7 @@ def run_jobs(
                 if interrupt is None:
                     raise
                 raise interrupt from None
-        return checksums
+        return files
     # Sending a job to a worker costs about a millisecond, more than writing one small file, so
     # cheap jobs (one clean copy each) travel in groups.
     batches = _batches(plan, jobs, min_outputs=64)
@@ -237,7 +253,7 @@ def run_jobs(
     try:
         # A bounded window of submitted batches keeps memory flat for 50 000-image sources and lets
         # an error stop the run soon rather than after everything was queued.
-        pending: set[Future[list[tuple[str, str]]]] = {
+        pending: set[Future[BuildFiles]] = {
             pool.submit(run_batch, plan, batch) for batch in itertools.islice(batches, 4 * workers)
         }
         while pending:
@@ -249,13 +265,13 @@ def run_jobs(
                     pending.add(pool.submit(run_batch, plan, next_batch))
     finally:
         pool.shutdown(cancel_futures=True)
-    return checksums
+    return files
 
 
 def corruption_counts(
     checksums: dict[str, str], corruptions: Sequence[str], severities: Sequence[int]
 ) -> dict[str, dict[str, int]]:
-    """Files written per corruption and severity (severities as strings, since JSON keys are)."""
+    """Files per corruption and severity (severities as strings, since JSON keys are)."""
     counts = {c: {str(severity): 0 for severity in severities} for c in corruptions}
     for relative_path in checksums:
         corruption, severity, *_ = relative_path.split("/")
@@ -288,21 +304,87 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def write_manifest(plan: Plan, checksums: dict[str, str], description: dict[str, Any]) -> dict[str, Any]:
+class Manifest(dict):  # type: ignore[type-arg]
+    """What manifest.json holds, and how many of its files this call wrote (not in the file, which
+    describes the data alone: a resumed build writes the same manifest as an uninterrupted one)."""
+
+    def __init__(self, content: dict[str, Any], written: int):
+        super().__init__(content)
+        self.written = written
+
+
+def _corruptions_present(plan: Plan, checksums: dict[str, str]) -> tuple[list[str], list[int]]:
+    """The corruptions and severities among the files (an earlier call may have made others than
+    this one's), in the papers' order."""
+    corruptions, severities = set(plan.corruptions), set(plan.severities)
+    for relative_path in checksums:
+        corruption, severity, *_ = relative_path.split("/")
+        if corruption in ALL_CORRUPTIONS and severity.isdigit():
+            corruptions.add(corruption)
+            severities.add(int(severity))
+    return [name for name in ALL_CORRUPTIONS if name in corruptions], sorted(severities)
+
+
+def write_manifest(plan: Plan, files: BuildFiles, description: dict[str, Any]) -> Manifest:
     """The dataset's own description plus what every build records: seed, corruptions,
     severities, counts, library versions and a sha256 per file. Written last, atomically."""
+    corruptions, severities = _corruptions_present(plan, files.checksums)
     manifest = {
         **description,
         "seed": plan.seed,
         "image_size": list(plan.image_size) if plan.image_size else "native",
-        "corruptions": list(plan.corruptions),
-        "severities": list(plan.severities),
-        "counts": corruption_counts(checksums, plan.corruptions, plan.severities),
+        "corruptions": corruptions,
+        "severities": severities,
+        "counts": corruption_counts(files.checksums, corruptions, severities),
         "versions": library_versions(),
-        "files": dict(sorted(checksums.items())),
+        "files": dict(sorted(files.checksums.items())),
     }
     write_bytes_atomic(plan.output / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
+    return Manifest(manifest, files.written)
+
+
+def listed_files(output: Path) -> dict[str, str]:
+    """relative path → sha256 of the files that manifest.json in `output` lists; none without one."""
+    try:
+        listed = json.loads((output / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(listed, dict):
+        return {}
+    # Only plain relative paths: a hand-edited manifest must not reach files outside `output`.
+    paths = ((Path(name), digest) for name, digest in listed.items())
+    return {path.as_posix(): digest for path, digest in paths if not path.is_absolute() and ".." not in path.parts}
+
+
+def absolute_path(path: Path) -> Path:
+    """`~` expanded and made absolute, symlinks kept: how run configs store paths too."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_apart(source: Path, output: Path) -> None:
+    """Refuse an output inside the source (the next build from the source would read it, as a
+    class folder) and a source inside the output."""
+    real_source, real_output = source.resolve(), output.resolve()
+    if real_output.is_relative_to(real_source):
+        raise DusaError(f"--output {output} is inside --source {source}; choose an output outside it")
+    if real_source.is_relative_to(real_output):
+        raise DusaError(f"--source {source} is inside --output {output}; choose an output that does not hold it")
+
+
+def earlier_files(output: Path, source: Path) -> dict[str, str]:
+    """The files an earlier build of the same dataset in `output` made that are still there
+    (relative path → sha256): a call for fewer corruptions keeps them, so its manifest lists them.
+    An earlier build from another source is refused: its files would pass for this source's."""
+    try:
+        earlier_source = json.loads((output / "manifest.json").read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(earlier_source, str):
+        return {}
+    # Older manifests stored the source as given, often relative: it is resolved from here.
+    if absolute_path(Path(earlier_source)).resolve() != source.resolve():
+        raise DusaError(f"{output} holds a build from {earlier_source}, not {source}; use that --source or a new --output")
+    return {path: digest for path, digest in listed_files(output).items() if (output / path).is_file()}
 
 
 # Records a resumable build's settings in its output directory.

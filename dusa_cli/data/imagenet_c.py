@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -15,10 +14,14 @@ from dusa_cli.data.files import class_folders, image_files, read_rgb, require_di
 from dusa_cli.data.generate import (
     ImageFormat,
     Job,
+    Manifest,
     Plan,
     Progress,
+    absolute_path,
+    check_apart,
     check_corruptions,
     claim_output,
+    earlier_files,
     run_jobs,
     write_manifest,
 )
@@ -80,15 +83,18 @@ def prepare_imagenet_c(
     seed: int = 0,
     workers: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write OUTPUT/<corruption>/<severity>/<wnid>/<stem>.JPEG for every SOURCE/<wnid>/<image>.
 
     Resumable: files that exist and decode are kept, anything else is (re)made. `workers` defaults
-    to the usable CPU cores. Returns the manifest, written last as OUTPUT/manifest.json.
+    to the usable CPU cores. Returns the manifest, written last as OUTPUT/manifest.json; it also
+    lists the files of other corruptions or severities that earlier calls made in OUTPUT.
     """
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     classes, jobs = _source_jobs(source)
+    check_apart(source, output)
     claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options})
+    earlier = earlier_files(output, source)
 
     plan = Plan(
         output=output,
@@ -99,13 +105,14 @@ def prepare_imagenet_c(
         image_size=(CROP, CROP),
         resume=True,
     )
-    checksums = run_jobs(plan, jobs, workers, progress)
+    files = run_jobs(plan, jobs, workers, progress)
+    files.checksums = earlier | files.checksums
     description = {
         "dataset": "imagenet-c",
-        "source": str(source),
+        "source": str(absolute_path(source)),
         "preprocessing": f"short side to {RESIZE} (bilinear, antialiased), centre crop {CROP}",
         "jpeg_quality": JPEG.save_options["quality"],
         "classes": classes,
         "images": len(jobs),
     }
-    return write_manifest(plan, checksums, description)
+    return write_manifest(plan, files, description)
