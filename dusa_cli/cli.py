@@ -69,10 +69,10 @@ class Dataset(str, Enum):
 # Flags shared by every run command; each overrides one key of the YAML config.
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML preset, e.g. configs/cls/digits.yaml (see configs/). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
+    typer.Option("--config", "-c", help="YAML preset from configs/cls (classification) or configs/seg (segmentation). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
 ]
-ModelOpt = Annotated[Optional[str], typer.Option(help="timm model name → model.name.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local .pth/.safetensors weights → model.checkpoint.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="A timm classifier name (convnext_large.fb_in1k), or segformer for task seg → model.name.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint.")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
@@ -159,12 +159,17 @@ def _check_command(command: str, config: ExperimentConfig) -> None:
 
     with_prior, task = COMMANDS[command]
     method = get_method(config.method.name)
-    if task is not None and config.task != task:
-        raise ConfigError(f"`dusa {command}` runs task {task}, but the config's task is {config.task}")
+    _check_task(command, config.task)
     if method.uses_prior != with_prior:
         there = f"adapt-{config.task}" if method.uses_prior else "baseline"
         fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior and config.task in get_method(m).tasks]
         raise ConfigError(f"method '{config.method.name}' runs with `dusa {there}`; `dusa {command}` runs {', '.join(fitting)}")
+
+
+def _check_task(command: str, config_task: str) -> None:
+    task = COMMANDS[command][1]
+    if task is not None and config_task != task:
+        raise ConfigError(f"`dusa {command}` runs task {task}, but the config's task is {config_task}")
 
 
 def split_devices(text: str) -> list[str]:
@@ -177,7 +182,7 @@ def split_devices(text: str) -> list[str]:
 
 @stoppable(SAVED)
 def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str]) -> None:
-    from dusa_cli.config.loader import load_config
+    from dusa_cli.config.loader import load_config, read_preset
 
     if command == "adapt-seg" and gpus is not None:  # model parallelism within one process
         assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
@@ -187,7 +192,17 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
         from dusa_cli.engine.distributed import parse_gpus
 
         devices = parse_gpus(gpus)
-    config = load_config(config_path, overrides, assignments)
+    try:
+        config = load_config(config_path, overrides, assignments)
+    except ConfigError:
+        if config_path is not None:  # a preset of the other task: its options fail first, the task says why
+            _check_task(command, read_preset(config_path).get("task", "cls"))
+        raise
+    if config_path is None and not any(key.startswith(("optim.", "run.precision")) for key in [*overrides, *(assignments or [])]):
+        warnings.warn(
+            f"no --config: built-in defaults (optim {config.optim.name} lr {config.optim.lr:g}, run.precision "
+            f"{config.run.precision}), not a paper's recipe (presets in configs/cls and configs/seg)", stacklevel=1,
+        )
     _check_command(command, config)
     if devices is None:
         _execute(config, resume, quiet)
@@ -247,12 +262,13 @@ def root(
 @app.command("prepare-data")
 @stoppable()
 def prepare_data(
+    ctx: typer.Context,
     dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (ImageNet-C layout).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/IMAGE beside annotations/ (ade20k-c).")],
     source: Annotated[Optional[Path], typer.Option(help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
     corruption: Annotated[Optional[list[str]], typer.Option("--corruption", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
     severity: Annotated[Optional[list[int]], typer.Option("--severity", help="Severities to write, 1-5, repeatable (default: all 5; ade20k-c: 5).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the split and the corruption noise.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the corruption noise (and of digits-c's train/test split).")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
     limit_per_class: Annotated[Optional[int], typer.Option(min=1, help="digits-c only: keep N test images per class (quick trials).")] = None,
     force: Annotated[bool, typer.Option("--force", help="digits-c only: when rebuilding over an earlier build, delete its files that this build does not make (other corruptions, severities or images).")] = False,
@@ -275,6 +291,10 @@ def prepare_data(
         raise ConfigError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
     if is_ade and source is None:
         raise ConfigError("ade20k-c needs --source DIR (the ADEChallengeData2016 folder)")
+    if dataset is not Dataset.digits_c:
+        _refuse(_given(ctx, "limit_per_class", "force"), f"on {dataset.value} (digits-c only)")
+    elif source is not None:
+        raise ConfigError("digits-c is built from scikit-learn's digits: --source is for imagenet-c and ade20k-c")
     with FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
         if dataset is Dataset.digits_c:
             from dusa_cli.data.digits import build_digits_c

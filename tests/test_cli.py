@@ -39,6 +39,7 @@ def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_formats_pool_seeds(runs: Path) -> None:
     table = dusa("report", str(runs))
     assert table.returncode == 0 and "source" in table.stdout and "tent" in table.stdout
+    assert_one_line_error(dusa("report", str(runs), "--metric", "miou"), 2, "--metric miou scores task seg, but")
     errors = dusa("report", str(runs), "--format", "csv", "--metric", "err").stdout
     assert "\r" not in errors  # plain text lines
     rows = list(csv.DictReader(io.StringIO(errors)))
@@ -74,6 +75,12 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     assert_one_line_error(dusa("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", out), 1, "none")
     assert_one_line_error(dusa("baseline", "-c", PRESET, "--corruption", "fgo", "-o", out), 2, "unknown corruption 'fgo'")
     assert_one_line_error(dusa("baseline", "-c", PRESET, "--model", "resnet_nope", "-o", out), 2, "unknown timm model")
+    assert_one_line_error(dusa("baseline", "-c", PRESET, "--model", "segformer", "-o", out), 2, "'segformer' is a segmentation model: run it with task seg")
+    # A preset of the other task: its method has no --prior, but the task is what is wrong.
+    assert_one_line_error(dusa("adapt-seg", "-c", PRESET, "--prior", "sd3", "-o", out), 2, "`dusa adapt-seg` runs task seg, but the config's task is cls")
+    assert_one_line_error(dusa("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(tmp_path / "w.pth")), 2, "must end in .safetensors")
+    assert_one_line_error(dusa("prepare-data", "imagenet-c", "--source", str(digits_c), "-o", out, "--force"), 2, "--force has no effect on imagenet-c")
+    assert_one_line_error(dusa("prepare-data", "digits-c", "--source", str(digits_c), "-o", out), 2, "--source is for imagenet-c and ade20k-c")
     assert_one_line_error(dusa("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", out), 2, "optim.lrr: unknown key")
     untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c))
     assert_one_line_error(dusa("baseline", "-c", PRESET, *untrained, "-o", out), 2, "'convnext_atto' has no weights: pass --checkpoint")
@@ -92,6 +99,17 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     not_weights = ("--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(bad), "-o", out)
     assert_one_line_error(dusa("baseline", "-c", PRESET, *not_weights), 1, "not a torch or safetensors file")
     assert not Path(out).exists()
+
+
+def test_a_run_without_a_preset_says_its_recipe_is_the_built_in_defaults(tmp_path: Path, digits_c: Path) -> None:
+    args = ["baseline", "--method", "source", "--model", "dusa_digits_resnet.sklearn_digits", "--set", "model.pretrained=true",
+            "--data", str(digits_c), "--corruption", "fog", "--num-ex", "8", "-q"]  # fmt: skip
+    result = dusa(*args, "-o", str(tmp_path / "defaults"))
+    assert result.returncode == 0, result.stderr
+    warned = "warning: no --config: built-in defaults (optim adam lr 0.001, run.precision fp32), not a paper's recipe"
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [f"{warned} (presets in configs/cls and configs/seg)"]
+    chosen = dusa(*args, "--set", "optim.lr=1e-4", "-o", str(tmp_path / "chosen"))  # a recipe of one's own: nothing to say
+    assert chosen.returncode == 0 and "warning" not in chosen.stderr
 
 
 def test_a_data_worker_error_is_one_line_too(tmp_path: Path, digits_c: Path) -> None:

@@ -114,7 +114,7 @@ def load_config(
         problems = validation_problems(error)
         given = set(overrides) | {dotted for dotted, _ in assigned}
         message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}"
-        if path is None and any("." not in location and "required" in text for location, text in problems):
+        if path is None and any("required" in text for _, text in problems):
             example = "seg/ade20k_c_segformer_b5.yaml" if data.get("task") == "seg" else "cls/digits.yaml"
             message += f" (start from a preset: -c configs/{example}, or see configs/)"
         raise ConfigError(message) from None

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from dusa_cli.config.schema import ModelConfig
 from dusa_cli.data.datasets import open_split
 from dusa_cli.engine.runtime import seed_everything
-from dusa_cli.errors import DusaError
+from dusa_cli.errors import ConfigError
 from dusa_cli.models.classifier import create_classifier
 from dusa_cli.results.io import write_atomic
 
@@ -86,7 +86,7 @@ Split = tuple[torch.Tensor, torch.Tensor]
 def _start(data: Path, output: Path, seed: int) -> tuple[torch.Generator, Split, Split]:
     """Check the output name, seed everything, load the train and clean splits as tensors."""
     if output.suffix != ".safetensors":
-        raise DusaError(f"weights file must end in .safetensors: {output}")
+        raise ConfigError(f"--output: a weights file must end in .safetensors: {output}")
     seed_everything(seed)
     return torch.Generator().manual_seed(seed), _stack(open_split(data, "train")), _stack(open_split(data, "clean"))
 

@@ -12,6 +12,7 @@ from dusa_cli.config.schema import ModelConfig
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.models import digits_resnet  # noqa: F401  (registers the digits model with timm)
 from dusa_cli.models.checkpoint import load_strict, read_state_dict
+from dusa_cli.models.segmenter import SEGMENTERS
 
 
 class NormalizedClassifier(nn.Module):
@@ -35,6 +36,8 @@ class NormalizedClassifier(nn.Module):
 def create_classifier(config: ModelConfig) -> NormalizedClassifier:
     import timm
 
+    if config.name in SEGMENTERS:
+        raise ConfigError(f"'{config.name}' is a segmentation model: run it with task seg (--task seg, or dusa adapt-seg)")
     if not timm.is_model(config.name):
         close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""

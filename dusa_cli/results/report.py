@@ -16,7 +16,7 @@ import yaml
 
 from dusa_cli.config.loader import flatten
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
-from dusa_cli.errors import DusaError
+from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.results.store import RESULTS_FILE, RESULTS_FORMAT, RESUMABLE_CHANGES
 
 # metric → (task record key, title, the task it belongs to)
@@ -183,7 +183,7 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
     key, title, task = METRICS[metric]
     other = sorted({run.get("path", "a run") for run in runs if run.get("task", "cls") != task})
     if other:
-        raise DusaError(f"--metric {metric} scores task {task}, but {other[0]} is not a {task} run")
+        raise ConfigError(f"--metric {metric} scores task {task}, but {other[0]} is not a {task} run")
     notes = [f"{run.get('path', 'a run')} has no finished task: left out" for run in runs if not run["tasks"]]
     runs = [run for run in runs if run["tasks"]]
     if not runs:
