@@ -46,15 +46,17 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
     as at Ctrl-C, and ends in Interrupted, its message followed by `outcome`. Only rank 0 says it;
     no process does with `report` false (the --gpus launcher reports for its workers).
 
-    Typer would turn the KeyboardInterrupt of a command into a silent exit 130."""
-    stopped = False
+    Typer would turn the KeyboardInterrupt of a command into a silent exit 130. A stop whose
+    exception something swallowed (Python drops one raised in a ctypes callback, as numba's
+    compiler runs) still ends the block in Interrupted, when it finishes."""
+    stopped: int | None = None  # the first stop signal's number
 
     def stop(number: int, _frame: FrameType | None) -> None:
         nonlocal stopped
         # Only the first: more may follow (a scheduler signals every process, and the --gpus
         # launcher forwards its own), and raising again would break off the unwinding.
-        if not stopped:
-            stopped = True
+        if stopped is None:
+            stopped = number
             raise Stopped(number)
         if number == signal.SIGINT:  # Ctrl-C again: a person who will not wait for the unwinding
             quit_at_once(outcome, report)
@@ -64,6 +66,8 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
             yield
     except KeyboardInterrupt as interrupt:
         raise interrupted(interrupt, outcome, report) from interrupt
+    if stopped is not None:
+        raise interrupted(Stopped(stopped), outcome, report)
 
 
 def interrupted(interrupt: KeyboardInterrupt, outcome: str = "", report: bool = True) -> Interrupted:

@@ -236,6 +236,7 @@ def test_profiled_run_records_micro_batches_three_to_five_of_its_first_task(digi
     # The profiler names each recorded step: micro-batches 3 to 5 (counted from 1) of the first task.
     steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"}
+    assert summary["steps_recorded"] == 3, summary
     assert "aten::" in (profile / "steps.ops.txt").read_text()
 
 

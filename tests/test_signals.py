@@ -192,3 +192,21 @@ def test_the_workers_of_a_killed_launcher_stop(digits_c: Path, tmp_path: Path, h
         time.sleep(0.05)
     assert not any(map(running, workers))
     assert not list(output.glob(".*"))  # rank 0 stopped as at Ctrl-C, not killed
+
+
+def test_a_stop_that_something_swallowed_still_ends_as_a_stop() -> None:
+    """Python drops an exception raised in a ctypes callback (numba's compiler runs in one): the
+    work then goes on, but the command must still end as stopped, not as a success."""
+    from dusa_cli.errors import Interrupted
+    from dusa_cli.stopping import stoppable
+
+    finished = False
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM; kept") as caught:
+        with stoppable("kept"):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here
+            except KeyboardInterrupt:
+                pass  # as the ctypes callback does
+            finished = True
+    assert finished and caught.value.exit_code == 143

@@ -117,7 +117,9 @@ def step_profiler(devices: list[torch.device], directory: Path) -> Any:
 
     def ready(profiler: Any) -> None:
         summary = write_profile(profiler, directory / "steps", devices[0].type == "cuda")
-        write_json_atomic(directory / "summary.json", summary | {"schedule": RUN_SCHEDULE})
+        # Fewer than `active` when the first task ends first: wall_ms spans the steps recorded.
+        steps = sum(average.count for average in profiler.key_averages() if average.key.startswith("ProfilerStep"))
+        write_json_atomic(directory / "summary.json", summary | {"schedule": RUN_SCHEDULE, "steps_recorded": steps})
 
     # One cycle (repeat 1): that a new cycle would clear the events, as torch 2.11 warns, never applies.
     warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
