@@ -360,7 +360,8 @@ def test_segmentation_errors_are_one_line(models: dict[str, Path], ade_c: Path, 
     assert_one_line_error(wrong_method, 2, "runs with `dusa baseline`")
     cls_method = dusa("baseline", "--task", "seg", "--method", "dusa", *seg_args(models, ade_c, tmp_path / "d"))
     assert_one_line_error(cls_method, 2, "serves task cls")
-    no_segmenter = dusa("baseline", "--task", "seg", "--method", "source", "--data", str(ade_c), "--model", "segformer", "-o", str(tmp_path / "e"))
+    seg_preset = str(Path(__file__).parents[1] / "configs" / "seg" / "ade20k_c_segformer_b5.yaml")
+    no_segmenter = dusa("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--set", "model.checkpoint=null", "-o", str(tmp_path / "e"))
     assert_one_line_error(no_segmenter, 2, "needs model.checkpoint")
     data_parallel = dusa("baseline", "--task", "seg", "--method", "source", *seg_args(models, ade_c, tmp_path / "f"), "--gpus", "0,1")
     assert data_parallel.returncode == 2 and "Traceback" not in data_parallel.stderr
