@@ -487,17 +487,17 @@ def bench_cls_command(
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
-    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
-    from dusa_cli.engine.runtime import resolve_device
-    from dusa_cli.ui import StatusLine
-
-    _check_outputs(output, profile)
     if trajectory:
         _refuse(_given(ctx, "updates", "warmup", "recipe", "variant", "profile"), "with --trajectory (it compares the fast recipe with fp32, untimed)")
     else:
         _refuse(_given(ctx, "tolerance"), "without --trajectory")
     if recipe is not None and RecipeName.fast not in recipe and not variant:
         _refuse(_given(ctx, "micro_batch", "compile_classifier", "compile_mode", "checkpointing", "channels_last"), "(they change the fast recipe, which --recipe leaves out)")
+    _check_outputs(output, profile)
+    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
+    from dusa_cli.engine.runtime import resolve_device
+    from dusa_cli.ui import StatusLine
+
     flags = {"micro-batch": micro_batch, "checkpointing": checkpointing, "compile-classifier": compile_classifier,
              "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
     fast = vary(FAST, {lever: str(v).lower() for lever, v in flags.items() if v not in (None, False, "default")}, "fast")
@@ -592,15 +592,15 @@ def bench_seg_command(
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
     window with 20 classes and each device's peak memory, for two recipes in the same run."""
+    wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
+    if SegRecipeName.fast not in wanted:
+        _refuse(_given(ctx, "checkpointing"), "(it changes the fast recipe, which --recipe leaves out)")
+    _check_outputs(output, profile)
     from dusa_cli.engine.bench_seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
     from dusa_cli.engine.runtime import resolve_device
     from dusa_cli.ui import StatusLine
 
-    _check_outputs(output, profile)
     devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
-    wanted = recipe or [SegRecipeName.baseline, SegRecipeName.fast]
-    if SegRecipeName.fast not in wanted:
-        _refuse(_given(ctx, "checkpointing"), "(it changes the fast recipe, which --recipe leaves out)")
     from dusa_cli.priors.checkpointing import parse_checkpointing
 
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))
