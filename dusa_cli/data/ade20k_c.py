@@ -25,10 +25,10 @@ from dusa_cli.data.corruptions import CORRUPTIONS
 from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex, write_bytes_atomic
 from dusa_cli.data.generate import (
     MIN_SIDE,
+    BuildFiles,
     ImageFormat,
     Job,
     Manifest,
-    BuildFiles,
     Plan,
     Progress,
     absolute_path,
