@@ -93,7 +93,9 @@ class TaskProgress(_Bars):
         if speed:
             self.progress.update(self.task_id, rate=speed)
 
-    def end_task(self) -> None:
+    def end_task(self, score: float) -> None:
+        """The bar keeps the task's score over every process (what results.json records)."""
+        self.progress.update(self.task_id, score=score)
         self.task_id = None
 
 

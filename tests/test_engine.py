@@ -89,6 +89,18 @@ def test_resume_where_there_is_no_run_says_it_starts_from_the_first_task(digits_
         assert run_experiment(config, resume=True).results["status"] == "complete"
 
 
+def test_resume_of_a_damaged_results_file_says_what_to_do(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", "source", **{"data.corruptions": ["fog"], "data.num_ex": 16})
+    run_experiment(config)
+    results = tmp_path / "run" / "results.json"
+    results.write_text(results.read_text()[:100])  # cut short (by hand: runs write it atomically)
+    with pytest.raises(DusaError, match=f"^cannot resume: unreadable results file {results}: .*; move it away to run every task afresh$"):
+        run_experiment(config, resume=True)
+    results.write_text("[1, 2]")
+    with pytest.raises(DusaError, match="^cannot resume: .*: not a dusa results file"):
+        run_experiment(config, resume=True)
+
+
 def test_the_environment_records_the_input_files_by_sha256(digits_c: Path, tmp_path: Path) -> None:
     import hashlib
 
@@ -147,12 +159,32 @@ class StopAfter:
         self.batches = batches
 
     def start_task(self, name: str, total: int) -> None: ...
-    def end_task(self) -> None: ...
+    def end_task(self, score: float) -> None: ...
 
     def advance(self, images: int, score) -> None:
         self.batches -= 1
         if self.batches < 0:
             raise KeyboardInterrupt
+
+
+class EndScores:
+    """A progress sink that keeps the score each task ends with."""
+
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+
+    def start_task(self, name: str, total: int) -> None: ...
+    def advance(self, images: int, score) -> None: ...
+
+    def end_task(self, score: float) -> None:
+        self.scores.append(score)
+
+
+def test_progress_ends_each_task_with_the_score_results_record(digits_c: Path, tmp_path: Path) -> None:
+    """Under torchrun the running score is rank 0's share; each task's bar ends on the recorded one."""
+    sink = EndScores()
+    results = run_experiment(config_for(digits_c, tmp_path / "run", **{"data.num_ex": 16}), progress=sink).results
+    assert sink.scores == [task["top1"] for task in results["tasks"]] and len(sink.scores) == 2
 
 
 @pytest.mark.parametrize("setting", ["reset_each_shift", "continual"])

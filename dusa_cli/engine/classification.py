@@ -138,5 +138,6 @@ CLASSIFICATION = TaskKind(
     open_dataset=open_classification_task,
     run=run_task,
     summarize=partial(summarize, mean_top1="top1", mean_error="error"),
+    score="top1",
     multi_process=True,
 )

@@ -152,7 +152,7 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             with profiled(adapter, devices, config.run.output / "profile") if profiling else nullcontext():
                 record = kind.run(adapter, loader, config.data, devices, progress, task_key(seed, name))
             profiling = False
-            progress.end_task()
+            progress.end_task(record[kind.score])
             record = {"corruption": corruption, "severity": severity} | record
             if record.get("mean_loss") is not None and not math.isfinite(record["mean_loss"]):
                 warnings.warn(f"{name}: the loss became {record['mean_loss']} (the model diverged; a lower optim.lr?)", stacklevel=2)

@@ -84,5 +84,6 @@ SEGMENTATION = TaskKind(
     ),
     run=run_task,
     summarize=partial(summarize, mean_miou="miou", mean_pixel_accuracy="pixel_accuracy"),
+    score="miou",
     multi_process=False,
 )

@@ -19,17 +19,19 @@ from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, synchronize
 
 
 class Progress(Protocol):
-    """`score` is read only when shown: reading a count kept on the GPU waits for the GPU."""
+    """`score` is read only when shown: reading a count kept on the GPU waits for the GPU. With
+    several processes it is rank 0's share of the images; `end_task` gets the task's score over
+    all of them."""
 
     def start_task(self, name: str, total: int) -> None: ...
     def advance(self, images: int, score: Callable[[], float]) -> None: ...
-    def end_task(self) -> None: ...
+    def end_task(self, score: float) -> None: ...
 
 
 class NoProgress:
     def start_task(self, name: str, total: int) -> None: ...
     def advance(self, images: int, score: Callable[[], float]) -> None: ...
-    def end_task(self) -> None: ...
+    def end_task(self, score: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class TaskKind:
     # (adapter, loader, data, devices, progress, task key: the images' random streams derive from it)
     run: Callable[[OnlineAdapter, DataLoader, DataConfig, list[torch.device], Progress, int], dict[str, Any]]
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    score: str  # the task record's key that progress shows (top1, miou)
     multi_process: bool  # data parallelism over processes (else model parallelism at most)
 
 

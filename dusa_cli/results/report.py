@@ -17,7 +17,7 @@ import yaml
 from dusa_cli.config.loader import flatten
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.errors import ConfigError, DusaError
-from dusa_cli.results.store import RESULTS_FILE, RESULTS_FORMAT, RESUMABLE_CHANGES
+from dusa_cli.results.store import RESULTS_FILE, RESUMABLE_CHANGES, read_results
 
 # metric → (task record key, title, the task it belongs to)
 METRICS = {
@@ -52,12 +52,7 @@ def find_runs(paths: Iterable[Path], skip: Callable[[str], None] | None = None) 
 
 
 def _read_run(file: Path) -> dict[str, Any]:
-    try:
-        run = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DusaError(f"unreadable results file {file}: {error}") from None
-    if not isinstance(run, dict) or run.get("format") != RESULTS_FORMAT:
-        raise DusaError(f"{file}: not a dusa results file ({RESULTS_FORMAT})")
+    run = read_results(file)
     run["path"] = str(file.parent)
     return run
 

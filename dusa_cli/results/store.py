@@ -51,6 +51,11 @@ class ResultsStore:
                     f"{root} holds another run; pass --resume to continue it or choose another --output"
                 )
             _check_same_config(root, dump_config(config))
+            if (root / RESULTS_FILE).is_file():
+                try:
+                    read_results(root / RESULTS_FILE)
+                except DusaError as error:
+                    raise DusaError(f"cannot resume: {error}; move it away to run every task afresh") from None
         elif root.exists():
             leftovers = _unfinished_writes(root) if resume else []
             if any(entry not in leftovers for entry in root.iterdir()):
@@ -67,7 +72,7 @@ class ResultsStore:
                 leftover.unlink(missing_ok=True)
         results_path = root / RESULTS_FILE
         if resume and results_path.is_file():
-            store = cls(root, json.loads(results_path.read_text()))
+            store = cls(root, read_results(results_path))
             store.results["status"] = "running"
             _record_resume(root, environment)
             return store
@@ -161,6 +166,17 @@ def _unfinished_writes(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return [leftover for name in ATOMIC_FILES for leftover in root.glob(f".{name}.*")]
+
+
+def read_results(file: Path) -> dict[str, Any]:
+    """A results.json as a run writes it; a one-line DusaError for anything else."""
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DusaError(f"unreadable results file {file}: {error}") from None
+    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT or not isinstance(results.get("tasks"), list):
+        raise DusaError(f"{file}: not a dusa results file ({RESULTS_FORMAT})")
+    return results
 
 
 def _check_same_config(root: Path, config_text: str) -> None:
