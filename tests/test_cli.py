@@ -44,6 +44,7 @@ def test_report_formats_pool_seeds(runs: Path) -> None:
     assert "\r" not in errors  # plain text lines
     rows = list(csv.DictReader(io.StringIO(errors)))
     assert [r["method"] for r in rows] == ["source", "tent"] and {r["seeds"] for r in rows} == {"2"}
+    assert {r["fog_n"] for r in rows} == {r["mean_n"] for r in rows} == {"2"}  # seeds behind each cell
     runs_by_method: dict[str, list[float]] = {}
     for path in runs.glob("*/results.json"):
         results = json.loads(path.read_text())

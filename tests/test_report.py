@@ -57,6 +57,7 @@ def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: P
     rows = {row["method"]: row for row in csv.DictReader(io.StringIO(to_csv(table)))}
     assert rows["tent · optim.lr=0.001"]["complete"] == "false" and rows["tent · optim.lr=0.01"]["complete"] == "true"
     assert rows["tent · optim.lr=0.001"]["mean_std"] == ""  # the mean is over the one complete run: no std
+    assert rows["tent · optim.lr=0.001"]["mean_n"] == "1" and rows["tent · optim.lr=0.01"]["mean_n"] == "2"
     markdown = to_markdown(table)
     assert "| tent · optim.lr=0.001 (partial) | 2 |" in markdown and "counted once" in markdown
     partial_row = next(line for line in markdown.splitlines() if "optim.lr=0.001 (partial)" in line)

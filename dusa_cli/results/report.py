@@ -243,17 +243,21 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """Machine-readable: one mean and one std column per corruption (the std empty for one
-    seed); `complete` is false where a run stopped early (its mean is then over the complete
-    runs only, or empty)."""
+    """Machine-readable: per corruption a mean, a std (empty for one seed) and the number of
+    seeds it is over (`_n`: fewer than `seeds` where a run stopped early); `complete` is false
+    where a run stopped early (its mean is then over the complete runs only, or empty)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")  # text lines, as the other formats
-    writer.writerow(["method", "seeds", "complete", *[f"{c}{s}" for c in table.columns for s in ("", "_std")]])
+    writer.writerow(["method", "seeds", "complete", *[f"{c}{s}" for c in table.columns for s in ("", "_std", "_n")]])
     for row in table.rows:
         values: list[str] = [row.label, str(len(row.seeds)), str(not row.partial).lower()]
         for column in table.columns:
             cell = row.cell(column)
-            values += ["", ""] if cell is None else [f"{cell[0]:.4f}", "" if cell[1] is None else f"{cell[1]:.4f}"]
+            if cell is None:
+                values += ["", "", "0"]
+            else:
+                mean, std, count = cell
+                values += [f"{mean:.4f}", "" if std is None else f"{std:.4f}", str(count)]
         writer.writerow(values)
     return out.getvalue()
 
