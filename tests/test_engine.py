@@ -308,6 +308,26 @@ def test_tensorboard_tracks_each_tasks_scores_and_curves(digits_c: Path, tmp_pat
     assert steps == first["curve"]["images"] + [40 + images for images in second["curve"]["images"]]
 
 
+def test_tracking_holds_every_finished_task_once_across_sessions(digits_c: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged_tasks() -> list[int]:
+        events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+        events.Reload()
+        return [event.step for event in events.Scalars("tasks/top1")]
+
+    config = config_for(digits_c, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, progress=StopAfter(batches=4))  # stops in task 2, untracked
+    tracked = config_for(digits_c, tmp_path / "run", **{"run.track": ["tensorboard"]})
+    run_experiment(tracked, resume=True)  # tracking turned on at --resume: task 1 is logged too
+    assert logged_tasks() == [0, 1]
+    (tmp_path / "run" / "results.json").unlink()  # the run starts from its first task again
+    with pytest.warns(UserWarning, match="nothing to resume"):
+        run_experiment(tracked, resume=True)
+    assert logged_tasks() == [0, 1]  # once each, not the earlier session's as well
+
+
 def test_a_missing_tracker_package_is_a_one_line_error_before_anything_is_written(digits_c: Path, tmp_path: Path, monkeypatch) -> None:
     from dusa_cli.errors import ConfigError
 

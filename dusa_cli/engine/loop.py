@@ -136,7 +136,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             done = store.finished()
         # run.profile: the first task this process runs (rank 0 alone with several processes).
         profiling = config.run.profile and world.is_main
-        trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output)]
+        plan = [task_id(corruption, severity) for corruption, severity in tasks]
+        trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output, store.results["tasks"], plan)]
         for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
             name = task_id(corruption, severity)
             if name in done:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dusa_cli.errors import ConfigError
+from dusa_cli.results.store import task_id
 
 INSTALL_HINT = "pip install 'dusa[track]' (or: pip install tensorboard)"
 
@@ -60,5 +61,23 @@ def check_trackers(names: list[str]) -> None:
         TRACKERS[name].check()
 
 
-def open_trackers(names: list[str], output: Path) -> list[TensorBoardTracker]:
-    return [TRACKERS[name](output / name) for name in names]
+def open_trackers(names: list[str], output: Path, finished: list[dict[str, Any]], plan: list[str]) -> list[TensorBoardTracker]:
+    """The run's trackers, each under OUTPUT/<name>, holding every task of `finished` (the
+    records results.json keeps; `plan`: the task ids in the run's order) once: a run that starts
+    from its first task drops what an earlier session of it logged (its results.json was removed),
+    and tracking turned on at --resume logs the tasks finished before."""
+    trackers = []
+    for name in names:
+        directory = output / name
+        earlier = sorted(directory.glob("events.out.tfevents.*")) if directory.is_dir() else []
+        if not finished:
+            for stale in earlier:
+                stale.unlink()
+        tracker = TRACKERS[name](directory)
+        if finished and not earlier:
+            images_before = 0
+            for record in finished:
+                tracker.log_task(record, plan.index(task_id(record["corruption"], record["severity"])), images_before)
+                images_before += record["num_samples"]
+        trackers.append(tracker)
+    return trackers
