@@ -343,12 +343,18 @@ def write_manifest(plan: Plan, files: BuildFiles, description: dict[str, Any]) -
     return Manifest(manifest, files.written)
 
 
+def _earlier_manifest(output: Path) -> dict[str, Any]:
+    """manifest.json in `output` as an earlier build wrote it; empty where there is none to read."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def listed_files(output: Path) -> dict[str, str]:
     """relative path → sha256 of the files that manifest.json in `output` lists; none without one."""
-    try:
-        listed = json.loads((output / "manifest.json").read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    listed = _earlier_manifest(output).get("files")
     if not isinstance(listed, dict):
         return {}
     # Only plain relative paths: a hand-edited manifest must not reach files outside `output`.
@@ -375,10 +381,7 @@ def earlier_files(output: Path, source: Path) -> dict[str, str]:
     """The files an earlier build of the same dataset in `output` made that are still there
     (relative path → sha256): a call for fewer corruptions keeps them, so its manifest lists them.
     An earlier build from another source is refused: its files would pass for this source's."""
-    try:
-        earlier_source = json.loads((output / "manifest.json").read_text())["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    earlier_source = _earlier_manifest(output).get("source")
     if not isinstance(earlier_source, str):
         return {}
     # Older manifests stored the source as given, often relative: it is resolved from here.
