@@ -162,9 +162,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
                 rng = gather_to_main(rng_state())  # one stream per process
                 store.save_state({"adapter": adapter.state_dict(), "rng": rng, "records": records})
             store.record_task(record)
-            images_before = sum(task["num_samples"] for task in store.results["tasks"][:-1])
             for tracker in trackers:
-                tracker.log_task(record, index, images_before)
+                tracker.log_task(store.results["tasks"], plan)
         store.complete(kind.summarize(store.results["tasks"]))
     return store
 

@@ -32,10 +32,12 @@ class TensorBoardTracker:
 
         self.writer = SummaryWriter(str(directory))
 
-    def log_task(self, record: dict[str, Any], position: int, images_before: int) -> None:
-        """`position`: the task's index in the run's plan; `images_before`: images of the tasks
-        finished before it."""
-        task = f"{record['corruption']}/{record['severity']}"
+    def log_task(self, records: list[dict[str, Any]], plan: list[str]) -> None:
+        """The last of the run's finished `records`, placed by its index in `plan` (the task ids
+        in the run's order) and, on the stream, after the images of the records before it."""
+        record, images_before = records[-1], sum(earlier["num_samples"] for earlier in records[:-1])
+        task = task_id(record["corruption"], record["severity"])
+        position = plan.index(task)
         curve = record["curve"]
         for key, values in curve.items():
             if key == "images":
@@ -75,9 +77,7 @@ def open_trackers(names: list[str], output: Path, finished: list[dict[str, Any]]
                 stale.unlink()
         tracker = TRACKERS[name](directory)
         if finished and not earlier:
-            images_before = 0
-            for record in finished:
-                tracker.log_task(record, plan.index(task_id(record["corruption"], record["severity"])), images_before)
-                images_before += record["num_samples"]
+            for end in range(1, len(finished) + 1):
+                tracker.log_task(finished[:end], plan)
         trackers.append(tracker)
     return trackers
