@@ -115,6 +115,50 @@ def test_the_environment_records_the_input_files_by_sha256(digits_c: Path, tmp_p
     assert inputs["data.root/manifest.json"]["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
+def test_resume_refuses_other_weights_under_the_same_path_and_says_rebuilt_data(digits_c: Path, tmp_path: Path) -> None:
+    from dusa_cli.models.digits_resnet import digits_weights_path
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(digits_weights_path(), weights)
+    data = tmp_path / "digits-c"
+    shutil.copytree(digits_c, data)
+    overrides = {"model.checkpoint": str(weights), "model.pretrained": False}
+    config = config_for(data, tmp_path / "run", "source", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, progress=StopAfter(batches=4))  # stops in task 2
+    state = load_file(weights)
+    state["fc.bias"] = state["fc.bias"] + 1  # other weights, same file name
+    save_file(state, weights)
+    with pytest.raises(DusaError, match=f"^cannot resume {tmp_path / 'run'}: model.checkpoint \\({weights}\\) is not what its first session read \\(its sha256 differs\\); restore it, or run afresh"):
+        run_experiment(config, resume=True)
+    shutil.copy(digits_weights_path(), weights)
+    manifest = data / "manifest.json"
+    manifest.write_text(manifest.read_text() + " ")  # as prepare-data rewrites it when it adds corruptions
+    with pytest.warns(UserWarning, match="data.root/manifest.json .* changed since the run began"):
+        assert run_experiment(config, resume=True).results["status"] == "complete"
+
+
+def test_resume_names_the_changed_file_of_a_folder_and_another_process_count(tmp_path: Path) -> None:
+    from dusa_cli.results.environment import folder_files
+    from dusa_cli.results.store import _check_same_inputs, _say_other_process_count
+
+    folder = tmp_path / "segformer"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    before = {"model.checkpoint": {"path": str(folder), "files": folder_files(folder)}}
+    (folder / "config.json").write_text('{"num_labels": 3}')
+    now = {"model.checkpoint": {"path": str(folder), "files": folder_files(folder)}}
+    with pytest.raises(DusaError, match=f"model.checkpoint \\({folder}\\) is not what its first session read \\(its file config.json differs\\)"):
+        _check_same_inputs(tmp_path, {"inputs": before}, {"inputs": now})
+    _check_same_inputs(tmp_path, {}, {"inputs": now})  # runs recorded before inputs were: no check
+    recorded = {"world_size": 1}
+    with pytest.warns(UserWarning, match=r"^--resume with 2 process\(es\) after 1: BatchNorm layers"):
+        _say_other_process_count(recorded, {"world_size": 2})
+    _say_other_process_count(recorded | {"resumed": [{"world_size": 2}]}, {"world_size": 2})  # the last session's count
+
+
 def test_the_commit_is_dirty_for_changed_code_not_for_a_results_folder(tmp_path: Path) -> None:
     import subprocess
 

@@ -17,6 +17,7 @@ from dusa_cli._compat import TORCHVISION_STATUS
 from dusa_cli.config.loader import flatten
 from dusa_cli.config.schema import ExperimentConfig
 from dusa_cli.data.files import file_sha256, head_tail_sha256
+from dusa_cli.results.store import DATA_MANIFEST
 
 PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "diffusers", "torchmetrics",
@@ -90,7 +91,7 @@ def input_files(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     data or other weights show in the record. Packaged weights are fixed by the dusa version."""
     values = flatten(config.model_dump(mode="json")).items()
     named = {key: Path(value) for key, value in values if isinstance(value, str) and key not in NOT_INPUTS}
-    named["data.root/manifest.json"] = config.data.root / "manifest.json"
+    named[DATA_MANIFEST] = config.data.root / "manifest.json"
     records: dict[str, dict[str, Any]] = {}
     for key, path in named.items():
         if not path.is_absolute():  # a name, such as a prior preset or `none`

@@ -14,6 +14,7 @@ With several processes only rank 0 writes; the others keep an unwritten copy of 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -74,7 +75,11 @@ class ResultsStore:
         if resume and results_path.is_file():
             store = cls(root, read_results(results_path))
             store.results["status"] = "running"
-            _record_resume(root, environment)
+            recorded = _recorded_environment(root)
+            _check_same_inputs(root, recorded, environment)
+            if config.run.setting != "continual":  # a continual run refuses another count (loop._restore)
+                _say_other_process_count(recorded, environment)
+            _record_resume(root, recorded, environment)
             return store
         # A new run, or one stopped before its first results were written: it starts afresh.
         plan = [
@@ -193,10 +198,62 @@ def _check_same_config(root: Path, config_text: str) -> None:
         raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {shown}{more}")
 
 
-def _record_resume(root: Path, environment: dict[str, Any]) -> None:
+def _recorded_environment(root: Path) -> dict[str, Any]:
+    """environment.json as the earlier sessions left it (empty if it is missing or unreadable)."""
+    try:
+        recorded = json.loads((root / "environment.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+DATA_MANIFEST = "data.root/manifest.json"  # results/environment.input_files' key for the data
+
+
+def _check_same_inputs(root: Path, recorded: dict[str, Any], environment: dict[str, Any]) -> None:
+    """The files a resumed run reads must be those its first session read (the config names the
+    same paths, _check_same_config, but their content may have changed): other weights would put
+    two models' scores in one results.json. Rebuilt data is said, not refused: prepare-data adds
+    corruptions to a folder and rewrites its manifest, leaving the finished tasks' images."""
+    before, now = recorded.get("inputs"), environment.get("inputs", {})
+    if not isinstance(before, dict):  # written before inputs were recorded
+        return
+    changed = sorted(key for key in before.keys() & now.keys() if before[key] != now[key])
+    for key in changed:
+        what = f"{key} ({now[key]['path']})"
+        if key == DATA_MANIFEST:
+            warnings.warn(f"--resume: {what} changed since the run began (data rebuilt or extended); its finished tasks read the earlier files", stacklevel=3)
+        else:
+            raise DusaError(
+                f"cannot resume {root}: {what} is not what its first session read ({_difference(before[key], now[key])}); "
+                "restore it, or run afresh in another --output"
+            )
+
+
+def _difference(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """The first difference between two input records: a file's hash, or a file in a folder."""
+    if "files" not in before or "files" not in now:
+        return "its sha256 differs"
+    old, new = before["files"], now["files"]
+    name = next(name for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name))
+    state = "is new" if name not in old else "is gone" if name not in new else "differs"
+    return f"its file {name} {state}"
+
+
+def _say_other_process_count(recorded: dict[str, Any], environment: dict[str, Any]) -> None:
+    sessions = [recorded, *recorded.get("resumed", [])]
+    earlier, now = sessions[-1].get("world_size"), environment.get("world_size")
+    if earlier is not None and now is not None and earlier != now:
+        warnings.warn(
+            f"--resume with {now} process(es) after {earlier}: BatchNorm layers on test-batch statistics "
+            "normalise each process's share of a batch, so such a model's next tasks are not computed "
+            "as its earlier ones (README, multi-GPU)",
+            stacklevel=3,
+        )
+
+
+def _record_resume(root: Path, recorded: dict[str, Any], environment: dict[str, Any]) -> None:
     """environment.json keeps the first session's record and appends each resume's (code,
     machine and process count may change between sessions)."""
-    path = root / "environment.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
     recorded.setdefault("resumed", []).append(environment)
-    write_json_atomic(path, recorded)
+    write_json_atomic(root / "environment.json", recorded)
