@@ -311,6 +311,18 @@ def prepare_data(
     info(f"wrote {manifest.written} of the {len(manifest['files'])} files in {output} (manifest.json)")
 
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (without it an existing file is refused, so that weights such as the packaged ones are not lost by mistake).")]
+
+
+def _check_weights_output(output: Path, overwrite: bool) -> None:
+    """Before any training: the weights file can be written, and is not replaced unasked."""
+    from dusa_cli.results.io import check_writable
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; pass --overwrite to replace it")
+    check_writable(output)
+
+
 @pretrain_app.command("digits-classifier")
 @stoppable()
 def pretrain_digits_classifier(
@@ -318,14 +330,14 @@ def pretrain_digits_classifier(
     data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the small digits ResNet on the clean source split (its weights ship in the package)."""
     from dusa_cli.engine.pretrain import train_digits_classifier
-    from dusa_cli.results.io import check_writable
     from dusa_cli.ui import info
 
-    check_writable(output)
+    _check_weights_output(output, overwrite)
     accuracy = train_digits_classifier(data, output, epochs=epochs, seed=seed, show_progress=not quiet)
     info(f"clean test accuracy {accuracy:.1%}; weights written to {output}")
 
@@ -337,14 +349,14 @@ def pretrain_digits_prior(
     data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the class-conditional pixel-space SiT prior of the digits demo (flow matching)."""
     from dusa_cli.engine.pretrain import train_digits_prior
-    from dusa_cli.results.io import check_writable
     from dusa_cli.ui import info
 
-    check_writable(output)
+    _check_weights_output(output, overwrite)
     loss = train_digits_prior(data, output, epochs=epochs, seed=seed, show_progress=not quiet)
     info(f"clean test flow-matching loss {loss:.4f}; weights written to {output}")
 

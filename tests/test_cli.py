@@ -168,6 +168,8 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
     from dusa_cli.models.digits_resnet import dusa_digits_resnet
 
     load_strict(dusa_digits_resnet(), read_state_dict(weights), "trained weights")
+    for command in ("digits-classifier", "digits-prior"):  # trained weights are not replaced unasked
+        assert_one_line_error(dusa("pretrain", command, "--data", str(data), "-o", str(weights)), 2, f"{weights} exists; pass --overwrite to replace it")
     assert_one_line_error(dusa("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 2, "--source")
 
 
