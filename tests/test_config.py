@@ -118,10 +118,22 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
     ("optim.lr=nan", "optim.lr: Input should be a finite number"),
     ("optim.betas=[0.9,2.0]", "optim.betas.1: Input should be less than 1"),
+    ("optim.lr=yes", "optim.lr: expected a number, not true"),  # YAML's yes is a boolean, not 1.0
+    ("data.batch_size=true", "data.batch_size: expected a number, not true"),
+    ("model.num_classes=false", "model.num_classes: expected a number, not false"),
 ])  # fmt: skip
 def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"^command line: {problem}"):
         load_config(write(tmp_path, BASE), {}, [assignment])
+
+
+def test_a_single_value_where_a_list_fits_is_a_list_of_one(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE), {}, ["data.severities=3", "run.track=tensorboard", "run.compile=prior"])
+    assert (config.data.severities, config.run.track, config.run.compile) == ([3], ["tensorboard"], ["prior"])
+    seg = "task: seg\nmodel: {name: segformer}\ndata: {root: d}\nmethod: {name: dusa_seg}\n"
+    dusa_seg = load_config(write(tmp_path, seg), {}, ["method.class_names=model"])
+    assert dusa_seg.method.class_names == "model"  # a word this option accepts alone stays one
+    assert load_config(write(tmp_path, BASE), {}, ["data.shuffle=no"]).data.shuffle is False  # booleans stay booleans
 
 
 def test_local_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

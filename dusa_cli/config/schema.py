@@ -8,8 +8,9 @@ class, looked up in the method registry (the schema knows no method by name).
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -59,8 +60,31 @@ def _absolute(path: Path) -> Path:
 LocalPath = Annotated[Path, AfterValidator(_absolute)]
 
 
+def _alternatives(annotation: Any) -> list[Any]:
+    """The types a field accepts: `int | None` → [int, NoneType]; Annotated is looked through."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return [member for arg in get_args(annotation) for member in _alternatives(arg)]
+    if origin is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    return [annotation]
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_written(cls, value: Any, info: ValidationInfo) -> Any:
+        """`--set` reads values as YAML: `yes`/`true` are booleans, which pydantic would take as
+        1 for a number (`optim.lr=yes` → 1.0): refused. A single value where only a list fits
+        (`--set run.track=tensorboard`, `severities: 3`) is a list of one."""
+        accepted = [member for member in _alternatives(cls.model_fields[info.field_name].annotation) if member is not type(None)]
+        if isinstance(value, bool) and bool not in accepted and any(member in (int, float) for member in accepted):
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        if value is not None and not isinstance(value, list) and accepted and all(get_origin(member) is list for member in accepted):
+            return [value]
+        return value
 
 
 class ModelConfig(StrictModel):
