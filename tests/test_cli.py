@@ -103,14 +103,16 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
 
 
 def test_a_run_without_a_preset_says_its_recipe_is_the_built_in_defaults(tmp_path: Path, digits_c: Path) -> None:
-    args = ["baseline", "--method", "source", "--model", "dusa_digits_resnet.sklearn_digits", "--set", "model.pretrained=true",
+    args = ["baseline", "--model", "dusa_digits_resnet.sklearn_digits", "--set", "model.pretrained=true",
             "--data", str(digits_c), "--corruption", "fog", "--num-ex", "8", "-q"]  # fmt: skip
-    result = dusa(*args, "-o", str(tmp_path / "defaults"))
+    result = dusa(*args, "--method", "tent", "-o", str(tmp_path / "defaults"))
     assert result.returncode == 0, result.stderr
     warned = "warning: no --config: built-in defaults (optim adam lr 0.001, run.precision fp32), not a paper's recipe"
     assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [f"{warned} (presets in configs/cls and configs/seg)"]
-    chosen = dusa(*args, "--set", "optim.lr=1e-4", "-o", str(tmp_path / "chosen"))  # a recipe of one's own: nothing to say
+    chosen = dusa(*args, "--method", "tent", "--set", "optim.lr=1e-4", "-o", str(tmp_path / "chosen"))  # a recipe of one's own: nothing to say
     assert chosen.returncode == 0 and "warning" not in chosen.stderr
+    untrained = dusa(*args, "--method", "source", "-o", str(tmp_path / "source"))  # no optimizer, no recipe to miss
+    assert untrained.returncode == 0 and "warning" not in untrained.stderr
 
 
 def test_a_data_worker_error_is_one_line_too(tmp_path: Path, digits_c: Path) -> None:

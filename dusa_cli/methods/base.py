@@ -35,6 +35,7 @@ class TTAMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_prior: ClassVar[bool] = False  # adapt-cls/adapt-seg run methods with a generative prior, baseline the rest
+    trains: ClassVar[bool] = True  # False: gradient-free (the optimizer settings do not apply)
     tasks: ClassVar[frozenset[str]] = frozenset({"cls", "seg"})  # "cls": logits (B, C); "seg": (B, C, h, w)
     captures_cudagraphs: bool = False  # compiled in a mode that records CUDA graphs (see `compile`)
 

@@ -14,6 +14,7 @@ from dusa_cli.methods.base import StepOutput, TTAMethod, use_batch_statistics
 @register_method
 class Norm(TTAMethod):
     name = "norm"
+    trains = False
 
     def configure_model(self) -> None:
         super().configure_model()

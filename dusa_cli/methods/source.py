@@ -11,6 +11,7 @@ from dusa_cli.methods.base import StepOutput, TTAMethod
 @register_method
 class Source(TTAMethod):
     name = "source"
+    trains = False
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         with torch.no_grad():
