@@ -14,7 +14,7 @@ from tiny_sd3 import IMAGE_SIZE, LATENT_SIZE, SHIFT, TRANSFORMER, VAE, write_tin
 
 import dusa_cli._compat  # noqa: F401  (torchvision shim before timm/diffusers)
 from dusa_cli.errors import ConfigError, DusaError
-from dusa_cli.priors import SD3FlowPath, SD3Prior
+from dusa_cli.priors import SD3FlowPath, SD3Prior, create_path
 from dusa_cli.priors.prompts import PromptEmbeddings, default_t5_dtype, encode_prompts, load_prompt_embeddings
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, random_prompt_embeddings
 from dusa_cli.priors.split import balance_blocks, module_bytes, place_transformer, training_bytes
@@ -96,6 +96,7 @@ def test_sd3_flow_path_matches_the_diffusers_scheduler() -> None:
     torch.testing.assert_close(path.add_noise(x0, noise, scheduler.sigmas[step]), expected)
     torch.testing.assert_close(path.target(x0, noise), noise - x0)
     assert path.name == "sd3_flow" and path.default_timestep == 0.25
+    assert type(create_path("sd3_flow")) is SD3FlowPath  # by name, as a prior preset names its path
 
 
 # --- prompts ------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class SD3FlowPath(LinearFlowPath):
         return torch.as_tensor(t).float() * 1000
 
 
-PATHS: dict[str, type[NoisePath]] = {path.name: path for path in (DDPMPath, LinearFlowPath)}
+PATHS: dict[str, type[NoisePath]] = {path.name: path for path in (DDPMPath, LinearFlowPath, SD3FlowPath)}
 
 
 def create_path(name: str) -> NoisePath:
