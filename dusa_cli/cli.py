@@ -313,6 +313,7 @@ def prepare_data(
     info(f"wrote {manifest.written} of the {len(manifest['files'])} files in {output} (manifest.json)")
 
 
+DigitsDataOpt = Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (without it an existing file is refused, so that weights such as the packaged ones are not lost by mistake).")]
 
 
@@ -329,9 +330,9 @@ def _check_weights_output(output: Path, overwrite: bool) -> None:
 @stoppable()
 def pretrain_digits_classifier(
     output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
-    data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
+    data: DigitsDataOpt = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -348,9 +349,9 @@ def pretrain_digits_classifier(
 @stoppable()
 def pretrain_digits_prior(
     output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
-    data: Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")] = Path("data/digits-c"),
+    data: DigitsDataOpt = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
