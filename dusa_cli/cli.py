@@ -183,7 +183,6 @@ def split_devices(text: str) -> list[str]:
 @stoppable(SAVED)
 def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str]) -> None:
     from dusa_cli.config.loader import load_config, read_preset
-    from dusa_cli.methods import get_method
 
     if command == "adapt-seg" and gpus is not None:  # model parallelism within one process
         assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
@@ -199,6 +198,8 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
         if config_path is not None:  # a preset of the other task: its options fail first, the task says why
             _check_task(command, read_preset(config_path).get("task", "cls"))
         raise
+    from dusa_cli.methods import get_method  # loaded by the config's validation already
+
     recipe_given = any(key.startswith(("optim.", "run.precision")) for key in [*overrides, *(assignments or [])])
     if config_path is None and not recipe_given and get_method(config.method.name).trains:
         warnings.warn(
