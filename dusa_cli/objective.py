@@ -13,18 +13,24 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
+from dusa_cli.config.schema import StrictModel
 from dusa_cli.draws import Draws
 
 
-class LossWeights(BaseModel):
+class LossWeights(StrictModel):
     """`mse` is the paper's loss; the seed-000 variant is `norm_l2: 1, cosine: 1, mse: 0`."""
 
-    model_config = ConfigDict(extra="forbid")
     mse: float = Field(default=1.0, ge=0)
     norm_l2: float = Field(default=0.0, ge=0)
     cosine: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> LossWeights:
+        if not (self.mse or self.norm_l2 or self.cosine):  # a zero loss: nothing would adapt
+            raise ValueError("every loss weight is 0: give mse, norm_l2 or cosine a positive weight")
+        return self
 
 
 @dataclass

@@ -115,7 +115,7 @@ def test_mixed_precision_steps_run_on_cpu(precision: str) -> None:
     assert torch.isfinite(output.loss)
 
 
-def test_the_developer_guides_example_method_registers_and_runs(digits_c: Path, tmp_path: Path, monkeypatch) -> None:
+def test_the_developer_guides_infomax_method_registers_and_runs(digits_c: Path, tmp_path: Path, monkeypatch) -> None:
     """docs/DEVELOPING.md's custom method, executed as written: one file is a working method."""
     from dusa_cli import methods
     from dusa_cli.config.loader import load_config
@@ -127,6 +127,9 @@ def test_the_developer_guides_example_method_registers_and_runs(digits_c: Path, 
     monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # registered for this test only
     exec(compile(example, "DEVELOPING.md", "exec"), {"__name__": "infomax_example"})
     infomax = get_method("infomax")
+    assert infomax.tasks == {"cls"}
+    with pytest.raises(ValueError, match="method name 'infomax' is taken by infomax_example.InfoMax"):
+        exec(compile(example, "DEVELOPING.md", "exec"), {"__name__": "another_file"})  # two files, one name
 
     torch.manual_seed(0)
     model = create_classifier(ModelConfig(name="convnext_atto", num_classes=10))

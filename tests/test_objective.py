@@ -97,6 +97,16 @@ def test_loss_terms_against_torch_reference() -> None:
     assert prediction_loss(prediction, target, weights).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_loss_weights_leave_something_to_learn() -> None:
+    from pydantic import ValidationError
+
+    assert LossWeights(mse=0, cosine=1).cosine == 1
+    with pytest.raises(ValidationError, match="every loss weight is 0"):  # a loss of 0 would adapt nothing
+        LossWeights(mse=0)
+    with pytest.raises(ValidationError, match="expected a number, not true"):
+        LossWeights(cosine=True)
+
+
 def test_image_draws_do_not_depend_on_how_images_are_batched() -> None:
     like = torch.zeros(4, 3, 2, 2)
     probabilities = torch.rand(4, 10)

@@ -15,6 +15,9 @@ M = TypeVar("M", bound=type[TTAMethod])
 
 
 def register_method(cls: M) -> M:
+    registered = _REGISTRY.get(cls.name)
+    if registered is not None and (registered.__module__, registered.__qualname__) != (cls.__module__, cls.__qualname__):  # a module re-run (reload) is no clash
+        raise ValueError(f"method name '{cls.name}' is taken by {registered.__module__}.{registered.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 

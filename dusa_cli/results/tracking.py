@@ -21,6 +21,8 @@ INSTALL_HINT = "pip install 'dusa[track]' (or: pip install tensorboard)"
 
 
 class TensorBoardTracker:
+    files = "events.out.tfevents.*"  # what it writes in its folder (a restarted run removes them)
+
     @staticmethod
     def check() -> None:
         """ConfigError unless the tracker can run (checked before the run writes anything)."""
@@ -71,7 +73,7 @@ def open_trackers(names: list[str], output: Path, finished: list[dict[str, Any]]
     trackers = []
     for name in names:
         directory = output / name
-        earlier = sorted(directory.glob("events.out.tfevents.*")) if directory.is_dir() else []
+        earlier = sorted(directory.glob(TRACKERS[name].files)) if directory.is_dir() else []
         if not finished:
             for stale in earlier:
                 stale.unlink()
