@@ -358,6 +358,16 @@ def test_prepare_imagenet_c_in_chunks_keeps_describing_every_file(
     shutil.copytree(imagenet_source, other_source)
     with pytest.raises(DusaError, match=re.escape(f"{output} holds a build from {imagenet_source}, not {other_source}")):
         prepare_imagenet_c(other_source, output, corruptions=["fog"], severities=[2], workers=1)
+    # A first build stopped before its manifest: the settings file, written before any image, names the source.
+    (output / "manifest.json").unlink()
+    with pytest.raises(DusaError, match=re.escape(f"{output} holds a build from {imagenet_source}, not {other_source}")):
+        prepare_imagenet_c(other_source, output, corruptions=["fog"], severities=[2], workers=1)
+    # A build begun before sources were recorded takes the source it resumes with.
+    settings = output / ".dusa-prepare.json"
+    recorded = json.loads(settings.read_text())
+    settings.write_text(json.dumps({key: value for key, value in recorded.items() if key != "source"}))
+    assert prepare_imagenet_c(imagenet_source, output, corruptions=["fog"], severities=[2], workers=1).written == 0
+    assert json.loads(settings.read_text()) == recorded
 
 
 def test_prepare_imagenet_c_refuses_an_output_inside_the_source(imagenet_source: Path, tmp_path: Path) -> None:

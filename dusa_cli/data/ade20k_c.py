@@ -121,7 +121,7 @@ def prepare_ade20k_c(
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     jobs, labels = _source_jobs(source)
     check_apart(source, output)
-    claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options})
+    claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options}, source)
     earlier = earlier_files(output, source)
 
     plan = Plan(

@@ -384,19 +384,25 @@ def earlier_files(output: Path, source: Path) -> dict[str, str]:
     earlier_source = _earlier_manifest(output).get("source")
     if not isinstance(earlier_source, str):
         return {}
-    # Older manifests stored the source as given, often relative: it is resolved from here.
-    if absolute_path(Path(earlier_source)).resolve() != source.resolve():
-        raise DusaError(f"{output} holds a build from {earlier_source}, not {source}; use that --source or a new --output")
+    _check_same_source(output, earlier_source, source)
     return {path: digest for path, digest in listed_files(output).items() if (output / path).is_file()}
 
 
-# Records a resumable build's settings in its output directory.
+def _check_same_source(output: Path, earlier_source: str, source: Path) -> None:
+    # Older records stored the source as given, often relative: it is resolved from here.
+    if absolute_path(Path(earlier_source)).resolve() != source.resolve():
+        raise DusaError(f"{output} holds a build from {earlier_source}, not {source}; use that --source or a new --output")
+
+
+# Records a resumable build's settings and source in its output directory, before any file.
 SETTINGS_FILE = ".dusa-prepare.json"
 
 
-def claim_output(output: Path, settings: dict[str, Any]) -> None:
-    """Record the settings in `output`, refusing to resume a build made with different ones and
-    to write into a folder that holds something else (a results directory, another dataset)."""
+def claim_output(output: Path, settings: dict[str, Any], source: Path) -> None:
+    """Record the settings and the source in `output`, refusing to resume a build made with
+    other ones (an interrupted first build has no manifest yet to say where its files came from)
+    and to write into a folder that holds something else (a results directory, another dataset)."""
+    record = settings | {"source": str(absolute_path(source))}
     if output.exists() and not output.is_dir():
         raise DusaError(f"output is not a directory: {output}")
     settings_path = output / SETTINGS_FILE
@@ -407,10 +413,16 @@ def claim_output(output: Path, settings: dict[str, Any]) -> None:
             previous = json.loads(settings_path.read_text())
         except (OSError, ValueError) as exc:
             raise DusaError(f"cannot read {settings_path}: {exc}") from exc
+        earlier_source = previous.pop("source", None) if isinstance(previous, dict) else None
+        if isinstance(earlier_source, str):
+            _check_same_source(output, earlier_source, source)
         if previous != settings:
             raise DusaError(
                 f"{output} holds files made with other settings ({previous}, see {settings_path}); "
                 "use the same seed or a new output directory"
             )
-        return
-    write_bytes_atomic(settings_path, json.dumps(settings).encode())
+        if isinstance(earlier_source, str):
+            return
+    # A settings file of a build before sources were recorded is completed (its manifest, if
+    # written, is checked by earlier_files).
+    write_bytes_atomic(settings_path, json.dumps(record).encode())

@@ -93,7 +93,7 @@ def prepare_imagenet_c(
     corruption_names, severity_levels = check_corruptions(corruptions, severities)
     classes, jobs = _source_jobs(source)
     check_apart(source, output)
-    claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options})
+    claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options}, source)
     earlier = earlier_files(output, source)
 
     plan = Plan(
