@@ -91,9 +91,10 @@ def test_switching_method_drops_the_presets_method_options(tmp_path: Path) -> No
 def test_segmentation_section_and_defaults(tmp_path: Path) -> None:
     seg = "task: seg\nmodel: {name: segformer}\ndata: {root: d}\nmethod: {name: tent}\n"
     config = load_config(write(tmp_path, seg), {})
-    assert config.run.precision == "bf16" and config.data.short_side == 512 and config.data.batch_size == 1
+    assert config.run.precision == "fp32" and config.data.short_side == 512 and config.data.batch_size == 1
+    assert load_config(write(tmp_path, seg), {"method.name": "dusa_seg"}).run.precision == "bf16"  # an SD3-sized prior
     assert len(config.data.corruptions) == 15  # an omitted list means the 15 reported corruptions
-    assert load_config(write(tmp_path, seg + "run: {precision: fp32}\n"), {}).run.precision == "fp32"
+    assert load_config(write(tmp_path, seg + "run: {precision: fp32}\n"), {"method.name": "dusa_seg"}).run.precision == "fp32"  # as said
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(write(tmp_path, seg), {"data.batch_size": 4})
     with pytest.raises(ConfigError, match="data.short_side: unknown key"):

@@ -177,7 +177,7 @@ class RunConfig(StrictModel):
     setting: Literal["reset_each_shift", "continual"] = "reset_each_shift"
     seed: int = Field(default=2024, ge=0, lt=2**63, description="seeds every random draw (a 63-bit key)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="autocast precision (fp16 adds a GradScaler); segmentation defaults to bf16"
+        default="fp32", description="autocast precision (fp16 adds a GradScaler); DUSA segmentation (task seg with a prior) defaults to bf16"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     split_devices: list[str] | None = Field(
@@ -218,6 +218,17 @@ class RunConfig(StrictModel):
         return self
 
 
+def _uses_prior(method: Any) -> bool:
+    """Whether the method a raw config names runs a generative prior (False if it names none)."""
+    from dusa_cli.methods import get_method
+
+    name = method.get("name") if isinstance(method, dict) else getattr(method, "name", method)
+    try:
+        return isinstance(name, str) and get_method(name).uses_prior
+    except ValueError:  # an unknown method: the method field's validation says so
+        return False
+
+
 class ExperimentConfig(StrictModel):
     task: Literal["cls", "seg"] = Field(default="cls", description="classification or semantic segmentation")
     model: ModelConfig
@@ -228,9 +239,10 @@ class ExperimentConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _segmentation_defaults_to_bf16(cls, data: Any) -> Any:
-        """SD3-sized priors run in bf16 unless the config says otherwise (seed 001)."""
-        if isinstance(data, dict) and data.get("task") == "seg":
+    def _sd3_prior_defaults_to_bf16(cls, data: Any) -> Any:
+        """Segmentation with an SD3-sized prior (DUSA-seg) runs in bf16 unless the config says
+        otherwise (seed 001); segmentation baselines keep fp32, as the official runner's."""
+        if isinstance(data, dict) and data.get("task") == "seg" and _uses_prior(data.get("method")):
             run = data.get("run") if isinstance(data.get("run"), dict) else {}
             if "precision" not in run and not isinstance(data.get("run"), RunConfig):
                 data = data | {"run": run | {"precision": "bf16"}}
