@@ -157,7 +157,7 @@ COMMANDS = {"adapt-cls": (True, "cls"), "adapt-seg": (True, "seg"), "baseline": 
 def _check_command(command: str, config: ExperimentConfig) -> None:
     from dusa_cli.methods import available_methods, get_method
 
-    with_prior, task = COMMANDS[command]
+    with_prior, _ = COMMANDS[command]
     method = get_method(config.method.name)
     _check_task(command, config.task)
     if method.uses_prior != with_prior:
@@ -187,11 +187,6 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
     if command == "adapt-seg" and gpus is not None:  # model parallelism within one process
         assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
         gpus = None
-    devices = None
-    if gpus is not None:
-        from dusa_cli.engine.distributed import parse_gpus
-
-        devices = parse_gpus(gpus)
     try:
         config = load_config(config_path, overrides, assignments)
     except ConfigError:
@@ -207,15 +202,16 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
             f"{config.run.precision}), not a paper's recipe (presets in configs/cls and configs/seg)", stacklevel=1,
         )
     _check_command(command, config)
-    if devices is None:
+    if gpus is None:
         _execute(config, resume, quiet)
         return
     if config.task != "cls":
         raise ConfigError("--gpus runs data parallelism for classification; segmentation baselines run on one device")
+    from dusa_cli.engine.distributed import launch, parse_gpus
+
+    devices = parse_gpus(gpus)  # malformed, repeated or missing GPUs first: what --gpus itself says
     if config.run.device not in ("auto", "cuda"):
         raise ConfigError(f"--gpus runs one process per GPU: run.device must be auto or cuda, not '{config.run.device}'")
-    from dusa_cli.engine.distributed import launch
-
     launch(devices, _worker, (config, resume, quiet))
 
 
@@ -467,7 +463,7 @@ class RecipeName(str, Enum):
     fast = "fast"
 
 
-class CompileModeOpt(str, Enum):  # run.compile_mode
+class CompileModeName(str, Enum):  # run.compile_mode
     default = "default"
     reduce_overhead = "reduce-overhead"
     max_autotune = "max-autotune"
@@ -491,7 +487,7 @@ def bench_cls_command(
     prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
     micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
-    compile_mode: Annotated[CompileModeOpt, typer.Option(help="The fast recipe's torch.compile mode (reduce-overhead / max-autotune: CUDA graphs too).")] = CompileModeOpt.default,
+    compile_mode: Annotated[CompileModeName, typer.Option(help="The fast recipe's torch.compile mode (reduce-overhead / max-autotune: CUDA graphs too).")] = CompileModeName.default,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", metavar="LEVER=VALUE,...", help="One more recipe: the fast one with these levers changed (micro-batch, checkpointing, compile-classifier, channels-last, compile-mode), e.g. micro-batch=32,checkpointing=8; repeatable, timed in the same run.")] = None,

@@ -56,7 +56,7 @@ def class_index(folder_names: Sequence[str]) -> tuple[dict[str, int], bool]:
     return {name: index for index, name in enumerate(sorted(names))}, False
 
 
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
+def image_tensor(image: np.ndarray) -> torch.Tensor:
     """H×W×3 uint8 array → contiguous 3×H×W uint8 tensor that owns its memory."""
     return torch.from_numpy(image.transpose(2, 0, 1).copy())
 
@@ -81,7 +81,7 @@ class ImageFolderTask(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
-        return _to_tensor(np.asarray(read_rgb(path))), label
+        return image_tensor(np.asarray(read_rgb(path))), label
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -126,14 +126,14 @@ class CorruptionArrayTask(Dataset[Item]):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Item:
-        return _to_tensor(self.images[index]), int(self.labels[index])
+        return image_tensor(self.images[index]), int(self.labels[index])
 
 
 def open_task(root: Path, corruption: str, severity: int, *, num_ex: int | None = None) -> Dataset[Item]:
     """The test set of one (corruption, severity) under `root`, in either layout.
 
     `root/<corruption>/<severity>/<class>/<image>` (ImageNet-C) or `root/<corruption>.npy` with
-    `root/labels.npy` (CIFAR-C). With `num_ex`, a fixed subset of that many items (`_subset`).
+    `root/labels.npy` (CIFAR-C). With `num_ex`, a fixed subset of that many items (`fixed_subset`).
     A `num_ex` above the size gives the whole set: check `len()`.
     """
     if corruption not in ALL_CORRUPTIONS:
@@ -154,7 +154,7 @@ def open_task(root: Path, corruption: str, severity: int, *, num_ex: int | None 
             f"no '{corruption}' data in {root}: expected folder {folder / str(severity)} "
             f"(ImageNet-C layout) or file {array_file} (CIFAR-C layout)"
         )
-    return _subset(task, num_ex)
+    return fixed_subset(task, num_ex)
 
 
 def check_labels(task: Dataset[Item], num_classes: int) -> None:
@@ -184,7 +184,7 @@ def check_labels(task: Dataset[Item], num_classes: int) -> None:
 SUBSET_SEED = 0
 
 
-def _subset(dataset: Dataset[Item], num_ex: int | None) -> Dataset[Item]:
+def fixed_subset(dataset: Dataset[Item], num_ex: int | None) -> Dataset[Item]:
     """`num_ex` items in stored order, the same for every task of the same size."""
     if num_ex is not None and num_ex < 1:
         raise ConfigError(f"num_ex must be at least 1, got {num_ex}")

@@ -1,6 +1,6 @@
 """Writing corrupted copies of images: reproducible, parallel and resumable.
 
-Both builders (digits-C, ImageNet-C from a folder) describe their work as `Job`s, one per source
+The builders (digits-C, ImageNet-C from a folder, ADE20K-C) describe their work as `Job`s, one per source
 image, and hand them to `run_jobs`. Every output file gets its own seed derived from
 (seed, corruption, severity, item id), so the bytes written do not depend on the number of
 workers or on the order in which files are made.

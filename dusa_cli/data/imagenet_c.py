@@ -32,7 +32,6 @@ CROP = 224
 # The released ImageNet-C images are JPEGs saved at quality 85; the same keeps the compression
 # artefacts a model sees alike.
 JPEG = ImageFormat(".JPEG", "JPEG", {"quality": 85})
-# Settings that decide the bytes of every file; a resumed run must use the same ones.
 
 
 def load_center_crop(path: Path) -> np.ndarray:

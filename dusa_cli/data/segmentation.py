@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
-from dusa_cli.data.datasets import _subset, _to_tensor
+from dusa_cli.data.datasets import fixed_subset, image_tensor
 from dusa_cli.data.files import image_files, read_rgb, require_data_root, require_directory
 from dusa_cli.errors import ConfigError, DusaError
 
@@ -98,7 +98,7 @@ class SegmentationTask(Dataset[Item]):
                 f"{image_path} is {image.shape[1]}×{image.shape[0]} but its label map "
                 f"{label_path} is {label.shape[1]}×{label.shape[0]}"
             )
-        return _to_tensor(image), torch.from_numpy(reduce_ade_labels(label))
+        return image_tensor(image), torch.from_numpy(reduce_ade_labels(label))
 
 
 def open_seg_task(
@@ -128,4 +128,4 @@ def open_seg_task(
     else:
         raise DusaError(f"no '{corruption}' severity {severity} data in {root}: expected folder {official} or {beside_clean}")
     labels = annotations if annotations is not None else root / "annotations" / "validation"
-    return _subset(SegmentationTask(images, labels), num_ex)
+    return fixed_subset(SegmentationTask(images, labels), num_ex)

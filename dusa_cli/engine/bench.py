@@ -4,7 +4,7 @@ timed for two recipes in the same process so their ratio is measured side by sid
 - official: the released code's recipe (research/dusa_official.md §1.6): fp16 autocast with a
   GradScaler, classifier in fp32, micro-batch 8 × 8 accumulation, eager, plain Adam.
 - fast: bf16 autocast throughout (fp32 master weights and Adam states), micro-batch 16 × 4,
-  `torch.compile` on the prior's transformer, fused Adam on CUDA.
+  `torch.compile` on the prior's transformer and VAE encoder, fused Adam on CUDA.
 
 Both run the same objective (same k, m, t, 64 images per update). FLOPs per image are counted
 once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLOPs × images/s.
@@ -197,10 +197,10 @@ def flops_per_image(adapter: OnlineAdapter, images: torch.Tensor) -> float:
     return counter.get_total_flops() / images.shape[0]
 
 
-def _draws(recipe: Recipe, micro_batch: int, first_image: int) -> ImageDraws:
+def _draws(recipe: Recipe, micro_batch_index: int, first_image: int) -> ImageDraws:
     """Per-image random streams, as the engine draws them: every recipe samples the same noise
     and classes for the same image positions, whatever its micro-batch size (dusa_cli/draws.py)."""
-    first = first_image + micro_batch * recipe.micro_batch
+    first = first_image + micro_batch_index * recipe.micro_batch
     return ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)])
 
 

@@ -57,7 +57,7 @@ class CottaConfig(MethodConfig):
     ema: float = Field(default=0.999, ge=0, le=1, description="teacher = ema·teacher + (1 − ema)·student")
     anchor_threshold: float | None = Field(
         default=None,
-        description="anchor confidence above which the plain teacher prediction is used (cls 0.1, seg 0.69)",
+        description="anchor confidence from which on the plain teacher prediction is used (below it: the mean over augmented views; cls 0.1, seg 0.69)",
     )
     restore_prob: float | None = Field(
         default=None,
@@ -223,7 +223,7 @@ class Cotta(TTAMethod):
         """Per-pixel teacher probabilities: the plain view where the anchor is confident, the
         mean over scales × flips elsewhere."""
         plain = self.teacher(images).float().softmax(dim=1)
-        confident = self.anchor(images).float().softmax(dim=1).amax(dim=1, keepdim=True) > self.anchor_threshold("seg")
+        confident = self.anchor(images).float().softmax(dim=1).amax(dim=1, keepdim=True) >= self.anchor_threshold("seg")
         if confident.all():  # the views would be discarded everywhere
             return plain
         return torch.where(confident, plain, self.multi_scale_probs(images, plain))

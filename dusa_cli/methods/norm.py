@@ -5,21 +5,17 @@ Models without BatchNorm (ConvNeXt, ViT: LayerNorm only) are unchanged by this m
 
 from __future__ import annotations
 
-import torch
-
 from dusa_cli.methods import register_method
-from dusa_cli.methods.base import StepOutput, TTAMethod, use_batch_statistics
+from dusa_cli.methods.base import use_batch_statistics
+from dusa_cli.methods.source import Source
 
 
 @register_method
-class Norm(TTAMethod):
+class Norm(Source):
+    """The source model's forward, with BatchNorm on the test batch's statistics."""
+
     name = "norm"
-    trains = False
 
     def configure_model(self) -> None:
         super().configure_model()
         use_batch_statistics(self.model)
-
-    def forward(self, images: torch.Tensor) -> StepOutput:
-        with torch.no_grad():
-            return StepOutput(logits=self.model(images))

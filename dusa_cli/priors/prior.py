@@ -92,7 +92,6 @@ def create_prior(
     checkpoint: Path | None = None,
     vae: str | Path = "none",
     path: str | None = None,
-    device: torch.device | str | None = None,
     gradient_checkpointing: Checkpointing = False,
     **overrides: Any,
 ) -> GenerativePrior:
@@ -107,5 +106,4 @@ def create_prior(
             f"prior {name} models {transformer.config.in_channels}-channel inputs but vae '{vae}' gives "
             f"{encoder.channels} channels (latent priors need the SD VAE, pixel-space priors 'none')"
         )
-    prior = GenerativePrior(transformer, create_path(path or get_preset(name).path), encoder)
-    return prior.to(device) if device is not None else prior
+    return GenerativePrior(transformer, create_path(path or get_preset(name).path), encoder)

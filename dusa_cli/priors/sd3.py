@@ -166,14 +166,10 @@ class SD3Prior(nn.Module):
         cls, transformer_config: dict[str, Any], vae_config: dict[str, Any], prompts: PromptEmbeddings, **options: Any
     ) -> SD3Prior:
         """Randomly initialised models of the given architectures (benchmarks); `options` as the
-        constructor's (devices, split, shift, …)."""
+        constructor's (devices, split, gradient_checkpointing, trainable, reserved_first)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
         return cls(SD3Transformer2DModel(**transformer_config), AutoencoderKL(**vae_config), prompts, **options)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
 
     @property
     def pixel_multiple(self) -> int:

@@ -47,10 +47,13 @@ def git_commit(root: Path = CHECKOUT) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    changes = subprocess.run(
-        ["git", "-C", str(root), "status", "--porcelain"],
-        capture_output=True, text=True, timeout=5,
-    ).stdout.splitlines()
+    try:
+        changes = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):  # a slow status (a huge or remote checkout): unknown
+        return result.stdout.strip() + "-status-unknown"
     # Dirty: a tracked file changed, or a new file in the package (a method file registers itself
     # on import). Other new files, such as a user's own results folder, leave the code as committed.
     dirty = any(not line.startswith("?? ") or line[3:].startswith("dusa_cli/") for line in changes)

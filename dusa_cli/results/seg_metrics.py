@@ -4,8 +4,7 @@ The official DUSA code scores each corruption with MMSeg's IoUMetric at the orig
 (dusa_official.md §3.6): per class IoU = intersection / union over all pixels of the task, and
 mIoU the NaN-mean over classes, where a class with an empty union (in neither prediction nor
 ground truth) is NaN and so left out; a class only predicted counts with IoU 0. Everything derives
-from one confusion matrix, counted by torchmetrics, which processes can sum
-(`torch.distributed.all_reduce(confusion)`). torchmetrics' own JaccardIndex scores absent classes
+from one confusion matrix, counted by torchmetrics. torchmetrics' own JaccardIndex scores absent classes
 as 0 instead of leaving them out, hence the IoU arithmetic here.
 """
 
@@ -44,10 +43,6 @@ class SegmentationScore:
             pred.long(), target.long(), self.num_classes, ignore_index=self.ignore_index, validate_args=False
         )
         self.confusion += counts.cpu()
-
-    def __iadd__(self, other: SegmentationScore) -> SegmentationScore:
-        self.confusion += other.confusion.to(self.confusion.device)
-        return self
 
     def compute(self) -> dict[str, Any]:
         """`miou` and `pixel_accuracy` as fractions (NaN before any scored pixel), and
