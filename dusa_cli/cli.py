@@ -506,7 +506,7 @@ def bench_cls_command(
     if recipe is not None and RecipeName.fast not in recipe and not variant:
         _refuse(_given(ctx, "micro_batch", "compile_classifier", "compile_mode", "checkpointing", "channels_last"), "(they change the fast recipe, which --recipe leaves out)")
     _check_outputs(output, profile)
-    from dusa_cli.engine.bench import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
+    from dusa_cli.bench.cls import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
     from dusa_cli.engine.runtime import resolve_device
     from dusa_cli.ui import StatusLine
 
@@ -608,7 +608,7 @@ def bench_seg_command(
     if SegRecipeName.fast not in wanted:
         _refuse(_given(ctx, "checkpointing"), "(it changes the fast recipe, which --recipe leaves out)")
     _check_outputs(output, profile)
-    from dusa_cli.engine.bench_seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
+    from dusa_cli.bench.seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
     from dusa_cli.engine.runtime import resolve_device
     from dusa_cli.ui import StatusLine
 

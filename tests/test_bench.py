@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dusa_cli.engine.bench import FAST, file_stem, parse_variant, vary
+from dusa_cli.bench.cls import FAST, file_stem, parse_variant, vary
 from dusa_cli.engine.profiling import covered, time_by_kind
 from dusa_cli.errors import ConfigError
 from helpers import assert_one_line_error, dusa
@@ -53,7 +53,7 @@ def test_the_bench_prior_is_not_zero_so_the_classifier_learns_through_it() -> No
 
     import torch
 
-    from dusa_cli.engine.bench import FP32, TINY, _build, _images, _random_vae
+    from dusa_cli.bench.cls import FP32, TINY, _build, _images, _random_vae
 
     with tempfile.TemporaryDirectory() as scratch:
         adapter = _build(TINY, FP32, _random_vae(Path(scratch), tiny=True), torch.device("cpu"))
@@ -113,7 +113,8 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
     import torch
     from rich.console import Console
 
-    from dusa_cli.engine.bench import FAST, OFFICIAL, ratio, to_rich, unless_out_of_memory
+    from dusa_cli.bench.cls import FAST, OFFICIAL, to_rich
+    from dusa_cli.bench.timing import ratio, unless_out_of_memory
 
     def too_big() -> dict:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
@@ -156,7 +157,7 @@ def test_figures_so_far_are_handed_on_after_every_recipe() -> None:
     """A benchmark stopped part-way (a device's time limit) keeps the rows it finished."""
     import torch
 
-    from dusa_cli.engine.bench import FAST, FP32, OFFICIAL, run_recipes
+    from dusa_cli.bench.cls import FAST, FP32, OFFICIAL, run_recipes
 
     def run(recipe, say) -> dict:
         say("building the models")
@@ -176,7 +177,7 @@ def test_figures_so_far_are_handed_on_after_every_recipe() -> None:
 
 
 def test_the_share_of_the_peak_needs_a_measured_peak() -> None:
-    from dusa_cli.engine.bench import bf16_peak_tflops
+    from dusa_cli.bench.cls import bf16_peak_tflops
 
     assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == bf16_peak_tflops("NVIDIA H200") == 798.0
     assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") is None and bf16_peak_tflops("cpu") is None

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from dusa_cli.bench.timing import Say, caption, file_stem, ratio, run_recipes, time_updates
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.bench import Say, caption, file_stem, ratio, run_recipes, time_updates
 from dusa_cli.engine.profiling import profile_update
 from dusa_cli.engine.runtime import device_name, peak_memory, seed_everything
 from dusa_cli.methods import get_method

@@ -12,7 +12,6 @@ once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLO
 
 from __future__ import annotations
 
-import gc
 import re
 import tempfile
 import time
@@ -24,11 +23,12 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+from dusa_cli.bench.timing import Say, caption, file_stem, ratio, run_recipes, time_updates
 from dusa_cli.config.schema import CompileMode, ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
-from dusa_cli.engine.runtime import device_name, peak_memory, reset_peak_memory, seed_everything, synchronize
+from dusa_cli.engine.runtime import device_name, peak_memory, seed_everything
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
@@ -204,73 +204,6 @@ def _draws(recipe: Recipe, micro_batch_index: int, first_image: int) -> ImageDra
     return ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)])
 
 
-def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A recipe that does not fit is a result (the row says "out of memory"), not the end of the
-    benchmark; its memory is released before the next recipe is built."""
-    try:
-        return run()
-    except torch.OutOfMemoryError:
-        return asdict(recipe) | {"out_of_memory": True}
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-# Told what a benchmark is doing ("recipe 1/2 official: timed update 3/5"), for a progress line.
-Say = Callable[[str], None]
-
-
-def run_recipes(
-    recipes: tuple[Any, ...],
-    run: Callable[[Any, Say], dict[str, Any]],
-    result_of: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-    say: Say | None = None,
-) -> dict[str, Any]:
-    """Each recipe in turn; `on_result` sees the result so far after every row (`complete`
-    False until the last), so a benchmark cut short keeps the figures of the recipes it finished.
-    `run` reports its steps through the `Say` it is given, which `say` receives with the recipe named."""
-    rows: list[dict[str, Any]] = []
-    for index, recipe in enumerate(recipes):
-        prefix = f"recipe {index + 1}/{len(recipes)} {recipe.name}: "
-        told = (lambda text: say(prefix + text)) if say is not None else (lambda text: None)
-        rows.append(unless_out_of_memory(recipe, lambda: run(recipe, told)))
-        if on_result is not None:
-            on_result(result_of(rows) | {"complete": len(rows) == len(recipes)})
-    return result_of(rows) | {"complete": True}
-
-
-def time_updates(update: Callable[[], None], *, warmup: int, updates: int, devices: list[torch.device], say: Say) -> float:
-    """Seconds for `updates` calls of `update` after `warmup` untimed ones (compilation, autotuning,
-    allocator warm-up); each device's peak memory counts from the timed calls on."""
-    for index in range(warmup):
-        say(f"warm-up update {index + 1}/{warmup}")
-        update()
-    synchronize(devices)
-    for device in devices:
-        reset_peak_memory(device)
-    start = time.perf_counter()
-    for index in range(updates):
-        say(f"timed update {index + 1}/{updates}")
-        update()
-    synchronize(devices)
-    return time.perf_counter() - start
-
-
-def file_stem(name: str) -> str:
-    """A recipe's name as a file name: `fast mb=32 ckpt=8` → `fast_mb_32_ckpt_8`."""
-    return re.sub(r"[^\w.-]+", "_", name)
-
-
-def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str) -> float | None:
-    """rows[numerator][key] / rows[denominator][key], None unless both recipes ran."""
-    by_name = {row["name"]: row for row in rows if not row.get("out_of_memory")}
-    if not {numerator, denominator} <= by_name.keys():
-        return None
-    return by_name[numerator][key] / by_name[denominator][key]
-
-
 def run_recipe(
     recipe: Recipe,
     shapes: Shapes,
@@ -427,13 +360,6 @@ def trajectory_to_rich(result: dict[str, Any]):
         f"online predictions agree on {result['prediction_agreement']:.1%} of the images"
     )
     return table
-
-
-def caption(figures: list[str], result: dict[str, Any]) -> str | None:
-    """A bench table's caption: its ratios, and a warning that ratios without warm-up compare
-    cold starts (first allocations, compilation) rather than steady updates."""
-    cold = ["no warm-up: the timed updates include one-off costs"] if result["warmup"] == 0 else []
-    return "; ".join(figures + cold) or None
 
 
 def _percent(fraction: float) -> str:

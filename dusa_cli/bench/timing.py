@@ -1,0 +1,89 @@
+"""What both benches share: recipes run in turn (one that runs out of memory is a row, not the
+end), timed updates after a warm-up, the ratios and captions of their tables."""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from dusa_cli.engine.runtime import reset_peak_memory, synchronize
+
+
+def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A recipe that does not fit is a result (the row says "out of memory"), not the end of the
+    benchmark; its memory is released before the next recipe is built."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        return asdict(recipe) | {"out_of_memory": True}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# Told what a benchmark is doing ("recipe 1/2 official: timed update 3/5"), for a progress line.
+Say = Callable[[str], None]
+
+
+def run_recipes(
+    recipes: tuple[Any, ...],
+    run: Callable[[Any, Say], dict[str, Any]],
+    result_of: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    say: Say | None = None,
+) -> dict[str, Any]:
+    """Each recipe in turn; `on_result` sees the result so far after every row (`complete`
+    False until the last), so a benchmark cut short keeps the figures of the recipes it finished.
+    `run` reports its steps through the `Say` it is given, which `say` receives with the recipe named."""
+    rows: list[dict[str, Any]] = []
+    for index, recipe in enumerate(recipes):
+        prefix = f"recipe {index + 1}/{len(recipes)} {recipe.name}: "
+        told = (lambda text: say(prefix + text)) if say is not None else (lambda text: None)
+        rows.append(unless_out_of_memory(recipe, lambda: run(recipe, told)))
+        if on_result is not None:
+            on_result(result_of(rows) | {"complete": len(rows) == len(recipes)})
+    return result_of(rows) | {"complete": True}
+
+
+def time_updates(update: Callable[[], None], *, warmup: int, updates: int, devices: list[torch.device], say: Say) -> float:
+    """Seconds for `updates` calls of `update` after `warmup` untimed ones (compilation, autotuning,
+    allocator warm-up); each device's peak memory counts from the timed calls on."""
+    for index in range(warmup):
+        say(f"warm-up update {index + 1}/{warmup}")
+        update()
+    synchronize(devices)
+    for device in devices:
+        reset_peak_memory(device)
+    start = time.perf_counter()
+    for index in range(updates):
+        say(f"timed update {index + 1}/{updates}")
+        update()
+    synchronize(devices)
+    return time.perf_counter() - start
+
+
+def file_stem(name: str) -> str:
+    """A recipe's name as a file name: `fast mb=32 ckpt=8` → `fast_mb_32_ckpt_8`."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str) -> float | None:
+    """rows[numerator][key] / rows[denominator][key], None unless both recipes ran."""
+    by_name = {row["name"]: row for row in rows if not row.get("out_of_memory")}
+    if not {numerator, denominator} <= by_name.keys():
+        return None
+    return by_name[numerator][key] / by_name[denominator][key]
+
+
+def caption(figures: list[str], result: dict[str, Any]) -> str | None:
+    """A bench table's caption: its ratios, and a warning that ratios without warm-up compare
+    cold starts (first allocations, compilation) rather than steady updates."""
+    cold = ["no warm-up: the timed updates include one-off costs"] if result["warmup"] == 0 else []
+    return "; ".join(figures + cold) or None
