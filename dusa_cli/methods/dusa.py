@@ -9,7 +9,7 @@ loss between the weighted mixture of predictions and the path's target (ε or ve
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -18,8 +18,8 @@ from torch import nn
 from dusa_cli.config.schema import LocalPath
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import register_method
-from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
-from dusa_cli.methods.guided import GuidedConfig, draw_timestep
+from dusa_cli.methods.base import StepOutput
+from dusa_cli.methods.guided import GuidedConfig, GuidedMethod, ModelUpdate, draw_timestep
 from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
 from dusa_cli.priors import GenerativePrior, create_prior
 from dusa_cli.priors.registry import packaged_weights
@@ -38,72 +38,45 @@ class DusaConfig(GuidedConfig):
     extra_sampling: Literal["multinomial", "uniform"] = "multinomial"
     normalize_logits: bool = Field(default=True, description="L2-normalise logits (off: the no_lc ablation)")
     loss_weights: LossWeights = Field(default_factory=LossWeights)
-    update_classifier: Literal["all", "norm", "none"] = "all"
+    update_classifier: ModelUpdate = "all"
     classifier_fp32: bool = Field(default=True, description="classifier outside autocast, as the official code")
 
 
 @register_method
-class Dusa(TTAMethod):
+class Dusa(GuidedMethod):
     name = "dusa"
     Config = DusaConfig
-    uses_prior = True
     tasks = frozenset({"cls"})
     config: DusaConfig
+    prior: GenerativePrior
 
     def __init__(self, model: nn.Module, config: DusaConfig):
         checkpoint = config.prior_checkpoint
         if checkpoint is None and config.prior_pretrained:
             checkpoint = packaged_weights(config.prior)
-        self.prior: GenerativePrior = create_prior(
+        prior = create_prior(
             config.prior,
             checkpoint=checkpoint,
             vae=config.vae,
             gradient_checkpointing=config.gradient_checkpointing,
         )
-        config.check_timestep(self.prior.path)
-        _check_classes(model, self.prior, config)
+        _check_classes(model, prior, config)
         super().__init__(model, config)
+        self.adopt_prior(prior)
 
     def configure_model(self) -> None:
-        super().configure_model()  # everything frozen and in eval mode (no label dropout, no drop-path)
-        use_batch_statistics(self.model)
-        if self.config.update_classifier == "all":
-            self.model.requires_grad_(True)
-        elif self.config.update_classifier == "norm":
-            for param in norm_parameters(self.model):
-                param.requires_grad_(True)
-        self.prior.eval()
-        self.prior.requires_grad_(False)
-        if self.config.update_prior:
-            for param in self.prior.trainable_parameters():
-                param.requires_grad_(True)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "prior": self.prior}
+        super().configure_model()  # frozen, eval mode: no label dropout, no drop-path
+        self.adapt_model(self.config.update_classifier)
 
     def compilable(self) -> dict[str, list[nn.Module]]:
         # The frozen encoder too: the SD VAE's convolutions are 5 % of the step's FLOPs (SPEC.md).
         return {"model": [self.model], "prior": [self.prior.transformer, self.prior.encoder]}
 
-    def state_dict(self) -> dict[str, Any]:
-        # The VAE is frozen: a reset restores the classifier and the prior's transformer only.
-        return {"model": self.model.state_dict(), "prior": self.prior.transformer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.prior.transformer.load_state_dict(state["prior"])
-
-    def classify(self, images: torch.Tensor) -> torch.Tensor:
-        if self.config.classifier_fp32:
-            with torch.autocast(images.device.type, enabled=False):
-                return self.model(images.float()).float()
-        return self.model(images).float()
-
     def timestep(self, batch: int, device: torch.device) -> torch.Tensor:
         return draw_timestep(self.config, self.prior.path, batch, device)
 
     def forward(self, images: torch.Tensor) -> StepOutput:
-        logits = self.classify(images)
+        logits = self.run_model(images, self.config.classifier_fp32)
         candidates = select_candidates(
             logits,
             topk=self.config.topk,

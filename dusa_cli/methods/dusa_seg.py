@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -21,8 +21,8 @@ from dusa_cli.config.schema import LocalPath
 from dusa_cli.data.segmentation import ADE20K_CLASSES
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import register_method
-from dusa_cli.methods.base import StepOutput, TTAMethod, norm_parameters, use_batch_statistics
-from dusa_cli.methods.guided import GuidedConfig, draw_timestep
+from dusa_cli.methods.base import StepOutput
+from dusa_cli.methods.guided import GuidedConfig, GuidedMethod, ModelUpdate, draw_timestep
 from dusa_cli.objective import Window, masked_mixture_loss, sample_window, select_pixel_classes, sliding_windows
 from dusa_cli.priors.sd3 import SD3Prior
 from dusa_cli.priors.split import training_bytes
@@ -52,7 +52,7 @@ class DusaSegConfig(GuidedConfig):
     prompt_cache: LocalPath | None = Field(
         default=None, description="folder of encoded-prompt files; default $XDG_CACHE_HOME/dusa/prompts"
     )
-    update_segmenter: Literal["all", "norm", "none"] = Field(
+    update_segmenter: ModelUpdate = Field(
         default="all", description="all (official), norm-layer affine parameters only, or none"
     )
     segmenter_fp32: bool = Field(default=True, description="segmenter outside autocast, as the official code")
@@ -72,10 +72,9 @@ class DusaSegConfig(GuidedConfig):
 
 
 @register_method
-class DusaSeg(TTAMethod):
+class DusaSeg(GuidedMethod):
     name = "dusa_seg"
     Config = DusaSegConfig
-    uses_prior = True
     tasks = frozenset({"seg"})
     config: DusaSegConfig
     prior: SD3Prior
@@ -86,13 +85,8 @@ class DusaSeg(TTAMethod):
         super().__init__(model, config)
 
     def configure_model(self) -> None:
-        super().configure_model()  # eval mode: no dropout; BatchNorm below uses the image's statistics
-        use_batch_statistics(self.model)
-        if self.config.update_segmenter == "all":
-            self.model.requires_grad_(True)
-        elif self.config.update_segmenter == "norm":
-            for param in norm_parameters(self.model):
-                param.requires_grad_(True)
+        super().configure_model()  # frozen, eval mode: no dropout
+        self.adapt_model(self.config.update_segmenter)  # BatchNorm (the decode head's) on the image's statistics
         if self.config.segmenter_checkpointing:
             self.model.checkpoint_layers()
 
@@ -113,16 +107,6 @@ class DusaSeg(TTAMethod):
         )
         return self.adopt_prior(prior)
 
-    def adopt_prior(self, prior: SD3Prior) -> DusaSeg:
-        """Use `prior` (already on its devices; benchmarks pass random-initialised ones)."""
-        self.config.check_timestep(prior.path)
-        self.prior = prior
-        prior.requires_grad_(False)
-        if self.config.update_prior:
-            for param in prior.trainable_parameters():
-                param.requires_grad_(True)
-        return self
-
     def class_names(self) -> list[str]:
         names = self.config.class_names
         if names == "ade20k":
@@ -136,27 +120,13 @@ class DusaSeg(TTAMethod):
             )
         return names
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"model": self.model, "prior": self.prior} if hasattr(self, "prior") else {"model": self.model}
-
     def compilable(self) -> dict[str, list[torch.nn.Module]]:
         # Block by block: a split transformer moves its activations between devices at block
         # boundaries, and diffusers checkpoints per block.
         return {"model": [self.model], "prior": [*self.prior.transformer.transformer_blocks, self.prior.vae.encoder]}
 
-    def state_dict(self) -> dict[str, Any]:
-        # VAE and prompts are frozen: a reset restores the segmenter and the transformer.
-        return {"model": self.model.state_dict(), "prior": self.prior.transformer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.prior.transformer.load_state_dict(state["prior"])
-
     def segment(self, images: torch.Tensor) -> torch.Tensor:
-        if self.config.segmenter_fp32:
-            with torch.autocast(images.device.type, enabled=False):
-                return self.model(images.float()).float()
-        return self.model(images).float()
+        return self.run_model(images, self.config.segmenter_fp32)
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         logits = self.segment(images)
