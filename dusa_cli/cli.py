@@ -316,7 +316,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --outpu
 
 def _check_weights_output(output: Path, overwrite: bool) -> None:
     """Before any training: the weights file can be written, and is not replaced unasked."""
-    from dusa_cli.results.io import check_writable
+    from dusa_cli.writing import check_writable
 
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
@@ -550,7 +550,7 @@ def _refuse(flags: list[str], why: str) -> None:
 
 def _check_outputs(figures: Optional[Path], profile: Optional[Path]) -> None:
     """A benchmark's --output file and --profile folder must be writable before minutes of work."""
-    from dusa_cli.results.io import check_writable
+    from dusa_cli.writing import check_writable
 
     if figures is not None:
         check_writable(figures)
@@ -561,7 +561,7 @@ def _check_outputs(figures: Optional[Path], profile: Optional[Path]) -> None:
 def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]], None]]:
     """With --output, the figures so far are written after every recipe (`complete`: false),
     so a benchmark that is stopped keeps what it measured."""
-    from dusa_cli.results.io import write_json_atomic
+    from dusa_cli.writing import write_json_atomic
 
     return None if output is None else partial(write_json_atomic, output)
 
@@ -570,7 +570,7 @@ def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], pr
     """A benchmark's table on stdout (and where its time went, when profiled) and, if asked,
     its figures as JSON."""
     from dusa_cli.engine.profiling import profile_to_rich
-    from dusa_cli.results.io import write_json_atomic
+    from dusa_cli.writing import write_json_atomic
     from dusa_cli.ui import info, wide_stdout
 
     console = wide_stdout()

@@ -21,7 +21,7 @@ HOOKS = '''
 import os
 if os.environ.get("DUSA_TEST_HOOKS"):
     import signal, time
-    import dusa_cli.results.io as io
+    import dusa_cli.writing as io
     from dusa_cli.engine.adapter import OnlineAdapter
 
     write, step, flush, counts = io.write_atomic, OnlineAdapter.step, OnlineAdapter.flush, {"step": 0, "write": 0}

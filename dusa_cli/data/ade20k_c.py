@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import CORRUPTIONS
-from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex, write_bytes_atomic
+from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex
 from dusa_cli.data.generate import (
     MIN_SIDE,
     BuildFiles,
@@ -40,6 +40,7 @@ from dusa_cli.data.generate import (
     write_manifest,
 )
 from dusa_cli.errors import DusaError
+from dusa_cli.writing import write_bytes_atomic
 
 SPLIT = "validation"
 # PIL's default JPEG quality, which the official script's `Image.save(path)` used (§3.8).
@@ -96,7 +97,7 @@ def _copy_labels(labels: Sequence[Path], output: Path) -> BuildFiles:
         target = output / relative_path
         data = label.read_bytes()
         if not (target.is_file() and target.read_bytes() == data):
-            write_bytes_atomic(target, data)
+            write_bytes_atomic(target, data, durable=False)
             files.written += 1
         files.checksums[relative_path] = sha256_hex(data)
     return files

@@ -75,20 +75,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename it, so a file that exists is always complete."""
-    # One writer per path and process, so the pid makes the temporary name unique; the leading dot
-    # and `.tmp` suffix keep a leftover from a killed run out of `image_files`.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise DusaError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
 def usable_cores() -> int:
     """The CPU cores this process may use (its affinity: a job scheduler's share, not the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

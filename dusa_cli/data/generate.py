@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES, resolve_corruptions
-from dusa_cli.data.files import sha256_hex, usable_cores, write_bytes_atomic
+from dusa_cli.data.files import sha256_hex, usable_cores
 from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.writing import write_bytes_atomic
 
 Progress = Callable[[int, int], None]
 
@@ -173,7 +174,7 @@ def run_job(plan: Plan, job: Job) -> BuildFiles:
                 seed = file_seed(plan.seed, corruption, severity, job.item_id)
                 result = corrupt_image(image, corruption, severity, seed)
             data = encode_image(result, plan.image_format)
-            write_bytes_atomic(path, data)
+            write_bytes_atomic(path, data, durable=False)
             files.written += 1
         files.checksums[relative_path] = sha256_hex(data)
     return files

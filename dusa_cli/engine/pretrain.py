@@ -25,7 +25,7 @@ from dusa_cli.data.datasets import open_split
 from dusa_cli.engine.runtime import seed_everything
 from dusa_cli.errors import ConfigError
 from dusa_cli.models.classifier import create_classifier
-from dusa_cli.results.io import write_atomic
+from dusa_cli.writing import write_atomic
 
 SHIFT = 2
 LABEL_DROPOUT = 0.1  # SiT/DiT training convention (research/peers.md §C)

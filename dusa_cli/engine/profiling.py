@@ -113,7 +113,7 @@ def step_profiler(devices: list[torch.device], directory: Path) -> Any:
     when its steps are recorded it writes DIRECTORY/steps.* and DIRECTORY/summary.json."""
     from torch.profiler import profile, schedule
 
-    from dusa_cli.results.io import write_json_atomic
+    from dusa_cli.writing import write_json_atomic
 
     def ready(profiler: Any) -> None:
         summary = write_profile(profiler, directory / "steps", devices[0].type == "cuda")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dusa_cli.errors import DusaError
-from dusa_cli.results.io import write_atomic
+from dusa_cli.writing import write_atomic
 
 CLIP_LENGTH = 77  # CLIP's context length; the pipeline pads and truncates both CLIPs to it
 CLIP_FOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))

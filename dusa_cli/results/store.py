@@ -25,7 +25,7 @@ import yaml
 from dusa_cli.config.loader import dump_config, flatten
 from dusa_cli.config.schema import ExperimentConfig
 from dusa_cli.errors import DusaError
-from dusa_cli.results.io import check_writable, write_atomic, write_json_atomic, write_text_atomic
+from dusa_cli.writing import check_writable, write_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_FORMAT = "dusa-results/1"
 RESULTS_FILE = "results.json"
@@ -162,7 +162,7 @@ class ResultsStore:
 
 # What a resumed run may change: where it is written and how it is run, not what it computes.
 RESUMABLE_CHANGES = {"run.output", "data.num_workers", "run.track", "run.profile"}
-# The files a run writes atomically (results/io.py): a killed write leaves `.NAME.xxxx` behind.
+# The files a run writes atomically (dusa_cli/writing.py): a killed write leaves `.NAME.xxxx` behind.
 ATOMIC_FILES = ("config.yaml", "environment.json", RESULTS_FILE, "state.pt")
 
 

@@ -1,4 +1,5 @@
-"""Atomic writes: a file either holds its previous content or the complete new one."""
+"""Atomic writes, for every file dusa writes (results, caches, weights, datasets): a file either
+holds its previous content or the complete new one; and a check that a path can be written."""
 
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ def check_writable(path: Path, *, directory: bool = False) -> None:
         raise DusaError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> None:
+    """`write` fills a hidden temporary file beside `path` (`.NAME.xxxx`: no reader takes it for
+    data), which then replaces `path`. `durable`: flushed to the disk first, so that a power
+    loss leaves the old or the new file; a dataset's images skip it (hundreds of thousands of
+    files, each checked by decoding when a build resumes)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -38,19 +43,27 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, a quota
+        Path(temporary).unlink(missing_ok=True)
+        raise DusaError(f"cannot write {path}: {error.strerror or error}") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    write_atomic(path, lambda stream: stream.write(data), durable=durable)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda stream: stream.write(text.encode()))
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
