@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,13 @@ def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.
     return subprocess.run(
         [sys.executable, "-m", "dusa_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
+
+
+def dusa_each(*invocations: Sequence[str], columns: int = 200) -> list[subprocess.CompletedProcess]:
+    """`dusa` on each argument list, in order, several at a time: most of a short run is one
+    core importing torch, so independent commands need not wait for each other."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda args: dusa(*args, columns=columns), invocations))
 
 
 # Runs the CLI on the arguments after -c, then names the heavy libraries the process imported.
@@ -40,6 +49,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: 
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
+
+
+def assert_one_line_errors(*cases: tuple[Sequence[str], int, str]) -> None:
+    """`assert_one_line_error` for each (arguments, exit code, text), the commands run side by side."""
+    results = dusa_each(*(args for args, _, _ in cases))
+    for (args, code, text), result in zip(cases, results):
+        assert result.returncode == code, (args, result.stderr)
+        assert_one_line_error(result, code, text)
 
 
 # What `--gpus 0,1` runs after its CUDA checks; with run.device cpu, two CPU processes (gloo).

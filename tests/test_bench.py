@@ -9,7 +9,7 @@ import pytest
 from dusa_cli.bench.cls import FAST, file_stem, parse_variant, vary
 from dusa_cli.engine.profiling import covered, time_by_kind
 from dusa_cli.errors import ConfigError
-from helpers import assert_one_line_error, dusa
+from helpers import assert_one_line_error, dusa, dusa_each
 
 
 def test_tiny_bench_runs_both_recipes_side_by_side(tmp_path: Path) -> None:
@@ -89,8 +89,11 @@ def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> 
 
 
 def test_tiny_trajectory_check_compares_fast_with_fp32(tmp_path: Path) -> None:
-    output = tmp_path / "trajectory.json"
-    result = dusa("bench", "cls", "--tiny", "--trajectory", "2", "--device", "cpu", "-o", str(output))
+    output, again = tmp_path / "trajectory.json", tmp_path / "again.json"
+    result, strict = dusa_each(
+        ("bench", "cls", "--tiny", "--trajectory", "2", "--device", "cpu", "-o", str(output)),
+        ("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "--tolerance", "0", "-o", str(again)),
+    )
     assert result.returncode == 0, result.stderr
     assert "] fast: update 2/2" in result.stderr
     figures = json.loads(output.read_text())
@@ -101,8 +104,6 @@ def test_tiny_trajectory_check_compares_fast_with_fp32(tmp_path: Path) -> None:
     assert figures["max_relative_loss_deviation"] == pytest.approx(deviation) and deviation < 0.01
     assert 0.5 < figures["prediction_agreement"] <= 1
     assert deviation > 1e-6  # bf16 is not fp32: the check can see a difference (the prior's output is not zero)
-    again = tmp_path / "again.json"
-    strict = dusa("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "--tolerance", "0", "-o", str(again))
     assert strict.returncode == 1 and "more than --tolerance" in strict.stderr
     assert json.loads(again.read_text())["reference"]["losses"][0] == reference["losses"][0]  # seeded models: a rerun repeats
 
@@ -137,7 +138,11 @@ def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing", "1", "--prior", "sit"]
     variant = ["--variant", "micro-batch=64,channels-last=true"]  # one more row, from the varied fast recipe
-    result = dusa(*args, *variant, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output))
+    result, *refused = dusa_each(
+        (*args, *variant, "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(output)),
+        ("bench", "cls", "--tiny", "--micro-batch", "5"),
+        *(("bench", "cls", "--tiny", "--recipe", "fast", "--checkpointing", blocks, "--device", "cpu") for blocks in ("some", "3")),
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(output.read_text())
     assert figures["shapes"]["prior"] == "sit_tiny"  # the flow prior's step (velocity target)
@@ -146,10 +151,8 @@ def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     assert fast["images_per_update"] == varied["images_per_update"] == 64
     assert varied["name"] == "fast mb=64 nhwc=true"
     assert (varied["micro_batch"], varied["channels_last"], varied["gradient_checkpointing"]) == (64, True, 1)
-    bad = dusa("bench", "cls", "--tiny", "--micro-batch", "5")
-    assert bad.returncode == 2 and "must divide the 64 images" in bad.stderr
-    for blocks, message in (("some", "takes 'all' or a number of blocks"), ("3", "outside 0..2")):
-        bad = dusa("bench", "cls", "--tiny", "--recipe", "fast", "--checkpointing", blocks, "--device", "cpu")
+    messages = ("must divide the 64 images", "takes 'all' or a number of blocks", "outside 0..2")
+    for bad, message in zip(refused, messages, strict=True):
         assert bad.returncode == 2 and message in bad.stderr
 
 

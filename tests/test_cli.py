@@ -10,7 +10,7 @@ import torch
 
 import dusa_cli
 
-from helpers import assert_one_line_error, dusa, heavy_imports
+from helpers import assert_one_line_error, assert_one_line_errors, dusa, dusa_each, heavy_imports
 
 PRESET = str(Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml")
 
@@ -22,17 +22,19 @@ def runs(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("runs")
     workers = usable_cores() + 1  # one run with more data workers than cores: a warning, not results
-    for method in ("source", "tent"):
-        for seed in ("1", "2"):
-            more = ["--set", f"data.num_workers={workers}"] if (method, seed) == ("source", "2") else []
-            result = dusa(
-                "baseline", "-c", PRESET, "--method", method, "--data", str(digits_c),
-                "--corruption", "gaussian_noise,fog", "--seed", seed, "--output", str(root / f"{method}-{seed}"), "-q", *more,
-            )  # fmt: skip
-            assert result.returncode == 0, result.stderr
-            assert "gaussian_noise" in result.stdout  # the run's own table
-            warned = f"warning: data.num_workers={workers} is more than the {usable_cores()} CPU cores this process may use"
-            assert [line for line in result.stderr.splitlines() if "warning" in line] == ([warned] if more else [])
+    crowded = ("source", "2")
+    runs = [(method, seed) for method in ("source", "tent") for seed in ("1", "2")]
+    results = dusa_each(*(
+        ("baseline", "-c", PRESET, "--method", method, "--data", str(digits_c), "--corruption", "gaussian_noise,fog",
+         "--seed", seed, "--output", str(root / f"{method}-{seed}"), "-q",
+         *(["--set", f"data.num_workers={workers}"] if (method, seed) == crowded else []))
+        for method, seed in runs
+    ))  # fmt: skip
+    for (method, seed), result in zip(runs, results):
+        assert result.returncode == 0, result.stderr
+        assert "gaussian_noise" in result.stdout  # the run's own table
+        warned = f"warning: data.num_workers={workers} is more than the {usable_cores()} CPU cores this process may use"
+        assert [line for line in result.stderr.splitlines() if "warning" in line] == ([warned] if (method, seed) == crowded else [])
     return root
 
 
@@ -72,46 +74,49 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c:
 
 
 def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
-    out = str(tmp_path / "out")
-    assert_one_line_error(dusa("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", out), 1, "none")
-    assert_one_line_error(dusa("baseline", "-c", PRESET, "--corruption", "fgo", "-o", out), 2, "unknown corruption 'fgo'")
-    assert_one_line_error(dusa("baseline", "-c", PRESET, "--model", "resnet_nope", "-o", out), 2, "unknown timm model")
-    assert_one_line_error(dusa("baseline", "-c", PRESET, "--model", "segformer", "-o", out), 2, "'segformer' is a segmentation model: run it with task seg")
-    # A preset of the other task: its method has no --prior, but the task is what is wrong.
-    assert_one_line_error(dusa("adapt-seg", "-c", PRESET, "--prior", "sd3", "-o", out), 2, "`dusa adapt-seg` runs task seg, but the config's task is cls")
-    assert_one_line_error(dusa("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(tmp_path / "w.pth")), 2, "must end in .safetensors")
-    assert_one_line_error(dusa("prepare-data", "imagenet-c", "--source", str(digits_c), "-o", out, "--force"), 2, "--force has no effect on imagenet-c")
-    assert_one_line_error(dusa("prepare-data", "digits-c", "--source", str(digits_c), "-o", out), 2, "--source is for imagenet-c and ade20k-c")
-    assert_one_line_error(dusa("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", out), 2, "optim.lrr: unknown key")
-    untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c))
-    assert_one_line_error(dusa("baseline", "-c", PRESET, *untrained, "-o", out), 2, "'convnext_atto' has no weights: pass --checkpoint")
+    outputs = [tmp_path / f"out{index}" for index in range(10)]
+    out = iter(str(path) for path in outputs)  # one each: the commands run side by side
     (tmp_path / "file").write_text("")
-    unwritable = ("--data", str(digits_c), "--corruption", "fog", "-o", str(tmp_path / "file" / "run"))
-    assert_one_line_error(dusa("baseline", "-c", PRESET, *unwritable), 1, "cannot write")
-    brackets = tmp_path / "[/odd].yaml"  # rich markup characters in a message stay text
-    assert_one_line_error(dusa("baseline", "-c", str(brackets)), 2, "[/odd].yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: x\n")
-    assert_one_line_error(dusa("baseline", "-c", str(bad)), 2, "invalid YAML")
     weights = Path(dusa_cli.__file__).parent / "assets" / "sit_digits.safetensors"
-    assert_one_line_error(dusa("baseline", "-c", str(weights)), 2, "not a YAML file (not UTF-8 text)")
-    assert_one_line_error(dusa("baseline", "--data", str(digits_c)), 2, "start from a preset: -c configs/cls/digits.yaml")
-    assert_one_line_error(dusa("baseline", "-c", PRESET, "--set", "data.corruptions=[fog"), 2, "--set data.corruptions=[fog: invalid YAML")
-    not_weights = ("--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(bad), "-o", out)
-    assert_one_line_error(dusa("baseline", "-c", PRESET, *not_weights), 1, "not a torch or safetensors file")
-    assert not Path(out).exists()
+    untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c))
+    not_weights = ("--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(bad))
+    assert_one_line_errors(
+        (("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", next(out)), 1, "none"),
+        (("baseline", "-c", PRESET, "--corruption", "fgo", "-o", next(out)), 2, "unknown corruption 'fgo'"),
+        (("baseline", "-c", PRESET, "--model", "resnet_nope", "-o", next(out)), 2, "unknown timm model"),
+        (("baseline", "-c", PRESET, "--model", "segformer", "-o", next(out)), 2, "'segformer' is a segmentation model: run it with task seg"),
+        # A preset of the other task: its method has no --prior, but the task is what is wrong.
+        (("adapt-seg", "-c", PRESET, "--prior", "sd3", "-o", next(out)), 2, "`dusa adapt-seg` runs task seg, but the config's task is cls"),
+        (("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(tmp_path / "w.pth")), 2, "must end in .safetensors"),
+        (("prepare-data", "imagenet-c", "--source", str(digits_c), "-o", next(out), "--force"), 2, "--force has no effect on imagenet-c"),
+        (("prepare-data", "digits-c", "--source", str(digits_c), "-o", next(out)), 2, "--source is for imagenet-c and ade20k-c"),
+        (("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", next(out)), 2, "optim.lrr: unknown key"),
+        (("baseline", "-c", PRESET, *untrained, "-o", next(out)), 2, "'convnext_atto' has no weights: pass --checkpoint"),
+        (("baseline", "-c", PRESET, "--data", str(digits_c), "--corruption", "fog", "-o", str(tmp_path / "file" / "run")), 1, "cannot write"),
+        (("baseline", "-c", str(tmp_path / "[/odd].yaml")), 2, "[/odd].yaml"),  # rich markup characters in a message stay text
+        (("baseline", "-c", str(bad)), 2, "invalid YAML"),
+        (("baseline", "-c", str(weights)), 2, "not a YAML file (not UTF-8 text)"),
+        (("baseline", "--data", str(digits_c)), 2, "start from a preset: -c configs/cls/digits.yaml"),
+        (("baseline", "-c", PRESET, "--set", "data.corruptions=[fog"), 2, "--set data.corruptions=[fog: invalid YAML"),
+        (("baseline", "-c", PRESET, *not_weights, "-o", next(out)), 1, "not a torch or safetensors file"),
+    )
+    assert next(out, None) is None and not any(path.exists() for path in outputs)
 
 
 def test_a_run_without_a_preset_says_its_recipe_is_the_built_in_defaults(tmp_path: Path, digits_c: Path) -> None:
     args = ["baseline", "--model", "dusa_digits_resnet.sklearn_digits", "--set", "model.pretrained=true",
             "--data", str(digits_c), "--corruption", "fog", "--num-ex", "8", "-q"]  # fmt: skip
-    result = dusa(*args, "--method", "tent", "-o", str(tmp_path / "defaults"))
+    result, chosen, untrained = dusa_each(
+        (*args, "--method", "tent", "-o", str(tmp_path / "defaults")),
+        (*args, "--method", "tent", "--set", "optim.lr=1e-4", "-o", str(tmp_path / "chosen")),  # a recipe of one's own: nothing to say
+        (*args, "--method", "source", "-o", str(tmp_path / "source")),  # no optimizer, no recipe to miss
+    )
     assert result.returncode == 0, result.stderr
     warned = "warning: no --config: built-in defaults (optim adam lr 0.001, run.precision fp32), not a paper's recipe"
     assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [f"{warned} (presets in configs/cls and configs/seg)"]
-    chosen = dusa(*args, "--method", "tent", "--set", "optim.lr=1e-4", "-o", str(tmp_path / "chosen"))  # a recipe of one's own: nothing to say
     assert chosen.returncode == 0 and "warning" not in chosen.stderr
-    untrained = dusa(*args, "--method", "source", "-o", str(tmp_path / "source"))  # no optimizer, no recipe to miss
     assert untrained.returncode == 0 and "warning" not in untrained.stderr
 
 
@@ -170,9 +175,11 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
     from dusa_cli.models.digits_resnet import dusa_digits_resnet
 
     load_strict(dusa_digits_resnet(), read_state_dict(weights), "trained weights")
-    for command in ("digits-classifier", "digits-prior"):  # trained weights are not replaced unasked
-        assert_one_line_error(dusa("pretrain", command, "--data", str(data), "-o", str(weights)), 2, f"{weights} exists; pass --overwrite to replace it")
-    assert_one_line_error(dusa("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 2, "--source")
+    assert_one_line_errors(
+        *((("pretrain", command, "--data", str(data), "-o", str(weights)), 2, f"{weights} exists; pass --overwrite to replace it")
+          for command in ("digits-classifier", "digits-prior")),  # trained weights are not replaced unasked
+        (("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 2, "--source"),
+    )  # fmt: skip
 
 
 def test_help_and_version() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_one_line_error, dusa
+from helpers import assert_one_line_errors, dusa_each
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.config.schema import ModelConfig
@@ -178,28 +178,31 @@ def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
 
 def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path) -> None:
     common = ("-c", str(PRESET), "--data", str(digits_c), "--corruption", "fog", "--num-ex", "16")
-    for method in ("dusa", "dusa_u"):
-        result = dusa("adapt-cls", *common, "--method", method, "--set", "data.batch_size=8", "-o", str(tmp_path / method), "-q")
+    runs = {"dusa": "dusa", "dusa_u": "dusa_u", "again": "dusa"}  # output folder: method
+    finished = dusa_each(*(
+        ("adapt-cls", *common, "--method", method, "--set", "data.batch_size=8", "-o", str(tmp_path / folder), "-q")
+        for folder, method in runs.items()
+    ))  # fmt: skip
+    for (folder, method), result in zip(runs.items(), finished):
         assert result.returncode == 0, result.stderr
-        results = json.loads((tmp_path / method / "results.json").read_text())
+        results = json.loads((tmp_path / folder / "results.json").read_text())
         assert results["method"] == method and results["tasks"][0]["num_samples"] == 16
         assert results["tasks"][0]["mean_loss"] > 0
-    again = dusa("adapt-cls", *common, "--method", "dusa", "--set", "data.batch_size=8", "-o", str(tmp_path / "again"), "-q")
-    assert again.returncode == 0, again.stderr
     first, second = (json.loads((tmp_path / d / "results.json").read_text())["tasks"][0] for d in ("dusa", "again"))
     assert (first["top1"], first["mean_loss"]) == (second["top1"], second["mean_loss"])  # same seed → same run
-    assert_one_line_error(dusa("baseline", *common, "--method", "dusa", "-o", str(tmp_path / "x")), 2, "adapt-cls")
-    assert_one_line_error(dusa("adapt-cls", *common, "--method", "tent", "-o", str(tmp_path / "x")), 2, "baseline")
-    no_prior = dusa("baseline", *common, "--method", "tent", "--compile", "prior", "-o", str(tmp_path / "x"))
-    assert_one_line_error(no_prior, 2, "method tent has no prior to compile")
-    assert_one_line_error(dusa("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(tmp_path / "x")), 2, "ships no weights")
     wrong = tmp_path / "wrong.pt"
     from dusa_cli.priors.registry import create_prior_transformer
 
     torch.save({"ema": create_prior_transformer("sit_tiny").state_dict()}, wrong)
-    result = dusa("adapt-cls", *common, "--prior-checkpoint", str(wrong), "-o", str(tmp_path / "x"))
-    assert_one_line_error(result, 1, "does not fit sit_digits")
-    assert not (tmp_path / "x").exists()
+    refused = [tmp_path / f"refused{index}" for index in range(5)]  # one each: the commands run side by side
+    assert_one_line_errors(
+        (("baseline", *common, "--method", "dusa", "-o", str(refused[0])), 2, "adapt-cls"),
+        (("adapt-cls", *common, "--method", "tent", "-o", str(refused[1])), 2, "baseline"),
+        (("baseline", *common, "--method", "tent", "--compile", "prior", "-o", str(refused[2])), 2, "method tent has no prior to compile"),
+        (("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(refused[3])), 2, "ships no weights"),
+        (("adapt-cls", *common, "--prior-checkpoint", str(wrong), "-o", str(refused[4])), 1, "does not fit sit_digits"),
+    )
+    assert not any(path.exists() for path in refused)
 
 
 def test_micro_batch_layout_does_not_change_a_dusa_run(digits_c: Path, tmp_path: Path) -> None:

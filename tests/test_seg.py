@@ -20,7 +20,7 @@ from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.objective import Window, masked_mixture_loss, sample_window, select_pixel_classes, sliding_windows
 from dusa_cli.results.seg_metrics import SegmentationScore
-from tests.helpers import assert_one_line_error, dusa
+from tests.helpers import assert_one_line_errors, dusa, dusa_each
 from tests.tiny_sd3 import write_tiny_sd3
 from tests.tiny_segformer import write_tiny_segformer
 
@@ -304,11 +304,12 @@ def test_tent_scores_the_entropy_at_every_image_pixel(models: dict[str, Path]) -
 
 
 def test_segmentation_baselines_run_end_to_end(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
-    for method in ("norm", "tent", "cotta"):
-        result = dusa(
-            "baseline", "--task", "seg", "--method", method, "--corruption", "gaussian_noise",
-            *seg_args(models, ade_c, tmp_path / method),
-        )  # fmt: skip
+    methods = ("norm", "tent", "cotta")
+    runs = dusa_each(*(
+        ("baseline", "--task", "seg", "--method", method, "--corruption", "gaussian_noise", *seg_args(models, ade_c, tmp_path / method))
+        for method in methods
+    ))  # fmt: skip
+    for method, result in zip(methods, runs):
         assert result.returncode == 0, (method, result.stderr)
         results = json.loads((tmp_path / method / "results.json").read_text())
         assert results["status"] == "complete" and results["task"] == "seg"
@@ -324,22 +325,22 @@ def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ad
     common = ["--prior", str(models["sd3"]), "--corruption", ",".join(CORRUPTIONS), "--set", f"method.prompt_cache={tmp_path / 'cache'}", *WINDOWS]
     one = dusa("adapt-seg", *seg_args(models, ade_c, tmp_path / "one"), *common)
     assert one.returncode == 0, one.stderr
-    two = dusa("adapt-seg", *seg_args(models, ade_c, tmp_path / "two"), *common, "--gpus", "cpu,cpu")
-    assert two.returncode == 0, two.stderr
     assert list((tmp_path / "cache").glob("prompts-*.safetensors"))  # encoded once, then read
+    # The split prior, and the same compiled block by block (and its VAE encoder), side by side.
+    two, compiled = dusa_each(
+        ("adapt-seg", *seg_args(models, ade_c, tmp_path / "two"), *common, "--gpus", "cpu,cpu"),
+        ("adapt-seg", *seg_args(models, ade_c, tmp_path / "compiled"), *common, "--gpus", "cpu,cpu", "--compile", "prior"),
+    )
+    assert two.returncode == 0, two.stderr
     first, second = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
     assert [t["corruption"] for t in first["tasks"]] == list(CORRUPTIONS)
     for a, b in zip(first["tasks"], second["tasks"]):
         assert a["miou"] == pytest.approx(b["miou"]) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-4)
     assert yaml_split(tmp_path / "two") == ["cpu", "cpu"]
 
-    # The split prior compiled block by block (and its VAE encoder): the same run, up to bf16
-    # rounding (compiled kernels fuse operations and round in other places than eager ones; bf16
-    # keeps 8 bits, a relative step of 2^-8 ≈ 4e-3, and the loss is a mean of such values).
-    compiled = dusa(
-        "adapt-seg", *seg_args(models, ade_c, tmp_path / "compiled"), *common, "--gpus", "cpu,cpu",
-        "--compile", "prior",
-    )  # fmt: skip
+    # Compiled: the same run up to bf16 rounding (compiled kernels fuse operations and round in
+    # other places than eager ones; bf16 keeps 8 bits, a relative step of 2^-8 ≈ 4e-3, and the
+    # loss is a mean of such values).
     assert compiled.returncode == 0, compiled.stderr
     for a, b in zip(second["tasks"], json.loads((tmp_path / "compiled" / "results.json").read_text())["tasks"]):
         assert a["miou"] == pytest.approx(b["miou"], abs=1e-4) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=4e-3)
@@ -352,16 +353,15 @@ def yaml_split(run: Path) -> list[str]:
 
 
 def test_segmentation_errors_are_one_line(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
-    no_prior = dusa("adapt-seg", *seg_args(models, ade_c, tmp_path / "a"))
-    assert_one_line_error(no_prior, 2, "needs method.prior")
-    missing = dusa("adapt-seg", *seg_args(models, ade_c, tmp_path / "b"), "--prior", str(tmp_path / "nowhere"))
-    assert_one_line_error(missing, 1, "nowhere")
-    wrong_method = dusa("adapt-seg", "--method", "tent", *seg_args(models, ade_c, tmp_path / "c"))
-    assert_one_line_error(wrong_method, 2, "runs with `dusa baseline`")
-    cls_method = dusa("baseline", "--task", "seg", "--method", "dusa", *seg_args(models, ade_c, tmp_path / "d"))
-    assert_one_line_error(cls_method, 2, "serves task cls")
     seg_preset = str(Path(__file__).parents[1] / "configs" / "seg" / "ade20k_c_segformer_b5.yaml")
-    no_segmenter = dusa("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--set", "model.checkpoint=null", "-o", str(tmp_path / "e"))
-    assert_one_line_error(no_segmenter, 2, "needs model.checkpoint")
-    data_parallel = dusa("baseline", "--task", "seg", "--method", "source", *seg_args(models, ade_c, tmp_path / "f"), "--gpus", "0,1")
-    assert_one_line_error(data_parallel, 2, "segmentation baselines run on one device")  # before any GPU is looked for
+    assert_one_line_errors(
+        (("adapt-seg", *seg_args(models, ade_c, tmp_path / "a")), 2, "needs method.prior"),
+        (("adapt-seg", *seg_args(models, ade_c, tmp_path / "b"), "--prior", str(tmp_path / "nowhere")), 1, "nowhere"),
+        (("adapt-seg", "--method", "tent", *seg_args(models, ade_c, tmp_path / "c")), 2, "runs with `dusa baseline`"),
+        (("baseline", "--task", "seg", "--method", "dusa", *seg_args(models, ade_c, tmp_path / "d")), 2, "serves task cls"),
+        (("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--set", "model.checkpoint=null", "-o", str(tmp_path / "e")),
+         2, "needs model.checkpoint"),
+        # before any GPU is looked for
+        (("baseline", "--task", "seg", "--method", "source", *seg_args(models, ade_c, tmp_path / "f"), "--gpus", "0,1"),
+         2, "segmentation baselines run on one device"),
+    )  # fmt: skip
