@@ -277,15 +277,14 @@ def prepare_data(
 
     --output must be new, empty or an earlier build of the same dataset: imagenet-c and ade20k-c
     resume one (with the same seed), digits-c rebuilds it."""
-    from dusa_cli.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, resolve_corruptions
+    from dusa_cli.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, check_selection
     from dusa_cli.ui import FileProgress, info
 
     is_ade = dataset is Dataset.ade20k_c
     # ADE20K-C is the 15 corruptions at severity 5 only (research/dusa_official.md §3.8).
-    corruptions = resolve_corruptions(corruption) if corruption else list(CORRUPTIONS if is_ade else ALL_CORRUPTIONS)
-    severities = severity or ([5] if is_ade else list(SEVERITIES))
-    if any(s not in SEVERITIES for s in severities):
-        raise ConfigError("--severity takes integers 1..5")
+    corruptions, severities = check_selection(
+        corruption or (CORRUPTIONS if is_ade else ALL_CORRUPTIONS), severity or ([5] if is_ade else SEVERITIES)
+    )
     if dataset is Dataset.imagenet_c and source is None:
         raise ConfigError("imagenet-c needs --source DIR (an ImageNet-style <wnid>/<image> folder)")
     if is_ade and source is None:

@@ -122,6 +122,10 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("optim.lr=yes", "optim.lr: expected a number, not true"),  # YAML's yes is a boolean, not 1.0
     ("data.batch_size=true", "data.batch_size: expected a number, not true"),
     ("model.num_classes=false", "model.num_classes: expected a number, not false"),
+    ("data.severities=[5,true]", "data.severities: expected a number, not true"),  # in a list too
+    ("optim.betas=[0.9,yes]", "optim.betas: expected a number, not true"),
+    ("data.severities=[]", "data.severities: no severity selected"),
+    ("data.severities=[6]", "data.severities: severity must be one of 1..5, got 6"),
 ])  # fmt: skip
 def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"^command line: {problem}"):

@@ -429,7 +429,9 @@ def test_unreadable_image_is_reported_when_read(tmp_path: Path) -> None:
 def test_unknown_corruption_or_severity_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown corruption 'fogg'"):
         open_task(tmp_path, "fogg", 1)
-    with pytest.raises(ConfigError, match="severity"):
+    with pytest.raises(ConfigError, match="unknown corruption 'all'"):  # a task is one corruption, not a group
+        open_task(tmp_path, "all", 1)
+    with pytest.raises(ConfigError, match="severity must be one of 1..5, got 6"):
         open_task(tmp_path, "fog", 6)
     with pytest.raises(ConfigError, match="unknown corruption 'fogg'"):
         build_digits_c(tmp_path / "digits", corruptions=["fogg"])

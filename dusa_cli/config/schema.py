@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -24,8 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-from dusa_cli.data.corruptions import resolve_corruptions
+from dusa_cli.data.corruptions import check_severities, resolve_corruptions
 from dusa_cli.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def validation_problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
@@ -70,6 +73,11 @@ def _alternatives(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+def _refuse_boolean(value: Any, accepted: list[Any]) -> None:
+    if isinstance(value, bool) and bool not in accepted and any(member in (int, float) for member in accepted):
+        raise ValueError(f"expected a number, not {str(value).lower()}")
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -80,8 +88,14 @@ class StrictModel(BaseModel):
         1 for a number (`optim.lr=yes` → 1.0): refused. A single value where only a list fits
         (`--set run.track=tensorboard`, `severities: 3`) is a list of one."""
         accepted = [member for member in _alternatives(cls.model_fields[info.field_name].annotation) if member is not type(None)]
-        if isinstance(value, bool) and bool not in accepted and any(member in (int, float) for member in accepted):
-            raise ValueError(f"expected a number, not {str(value).lower()}")
+        _refuse_boolean(value, accepted)
+        if isinstance(value, list):  # `severities: [true]`, `betas: [0.9, yes]` too
+            items = [
+                alternative for member in accepted if get_origin(member) in (list, tuple)
+                for arg in get_args(member) if arg is not Ellipsis for alternative in _alternatives(arg)
+            ]  # fmt: skip
+            for item in value:
+                _refuse_boolean(item, items)
         if value is not None and not isinstance(value, list) and accepted and all(get_origin(member) is list for member in accepted):
             return [value]
         return value
@@ -109,6 +123,14 @@ class ModelConfig(StrictModel):
     num_classes: int | None = Field(default=None, description="override the head size")
 
 
+def _located(check: Callable[[Any], T], value: Any) -> T:
+    """`check(value)`, its ConfigError as a ValueError: pydantic adds where in the config it was."""
+    try:
+        return check(value)
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
+
+
 class DataConfig(StrictModel):
     root: LocalPath = Field(description="ImageNet-C layout <corruption>/<severity>/<class>/ or CIFAR-C .npy files")
     corruptions: list[str] = Field(default_factory=lambda: ["all"], validate_default=True)
@@ -121,19 +143,12 @@ class DataConfig(StrictModel):
     @field_validator("corruptions", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> list[str]:
-        if isinstance(value, str):
-            value = [value]
-        try:
-            return resolve_corruptions(value)
-        except ConfigError as error:  # as a ValueError, pydantic gives it its location
-            raise ValueError(str(error)) from None
+        return _located(resolve_corruptions, [value] if isinstance(value, str) else value)
 
     @field_validator("severities")
     @classmethod
     def _severity_range(cls, value: list[int]) -> list[int]:
-        if not value or any(s not in range(1, 6) for s in value):
-            raise ValueError("severities must be a non-empty list of integers 1..5")
-        return list(dict.fromkeys(value))  # `--severity 5 --severity 5` is one task, not two
+        return list(_located(check_severities, value))
 
 
 class SegDataConfig(DataConfig):

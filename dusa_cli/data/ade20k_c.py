@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dusa_cli.data.corruptions import CORRUPTIONS
+from dusa_cli.data.corruptions import CORRUPTIONS, check_selection
 from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex
 from dusa_cli.data.generate import (
     MIN_SIDE,
@@ -33,7 +33,6 @@ from dusa_cli.data.generate import (
     Progress,
     absolute_path,
     check_apart,
-    check_corruptions,
     claim_output,
     earlier_files,
     run_jobs,
@@ -119,7 +118,7 @@ def prepare_ade20k_c(
     Returns the manifest, written last as OUTPUT/manifest.json; it also lists the files of other
     corruptions or severities that earlier calls made in OUTPUT.
     """
-    corruption_names, severity_levels = check_corruptions(corruptions, severities)
+    corruption_names, severity_levels = check_selection(corruptions, severities)
     jobs, labels = _source_jobs(source)
     check_apart(source, output)
     claim_output(output, {"dataset": "ade20k-c", "seed": seed, **JPEG.save_options}, source)

@@ -41,12 +41,36 @@ def resolve_corruptions(names: Iterable[str]) -> list[str]:
             candidates = group.get(name, (name,))
             for candidate in candidates:
                 if candidate not in ALL_CORRUPTIONS:
-                    raise ConfigError(
-                        f"unknown corruption '{candidate}'; choose from: all, extra, all19, "
-                        + ", ".join(ALL_CORRUPTIONS)
-                    )
+                    raise _unknown(candidate, "all, extra, all19, ")
                 if candidate not in resolved:
                     resolved.append(candidate)
     if not resolved:
         raise ConfigError("no corruption selected")
     return resolved
+
+
+def check_severities(levels: Iterable[int]) -> tuple[int, ...]:
+    """The distinct severities in the order given (`--severity 5 --severity 5` is one); each 1..5."""
+    chosen = tuple(dict.fromkeys(levels))
+    if not chosen:
+        raise ConfigError("no severity selected")
+    for level in chosen:
+        if isinstance(level, bool) or level not in SEVERITIES:
+            raise ConfigError(f"severity must be one of 1..5, got {level!r}")
+    return chosen
+
+
+def check_selection(corruptions: Iterable[str], severities: Iterable[int]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The requested corruptions (groups like `all` expanded) and severities, validated."""
+    return tuple(resolve_corruptions(corruptions)), check_severities(severities)
+
+
+def check_task(corruption: str, severity: int) -> None:
+    """One (corruption, severity), as a dataset of it is opened: a name, not a group."""
+    if corruption not in ALL_CORRUPTIONS:
+        raise _unknown(corruption)
+    check_severities([severity])
+
+
+def _unknown(name: str, groups: str = "") -> ConfigError:
+    return ConfigError(f"unknown corruption '{name}'; choose from: {groups}" + ", ".join(ALL_CORRUPTIONS))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from dusa_cli.data.corruptions import SEVERITIES, check_task
 from dusa_cli.data.files import class_folders, image_files, read_rgb, require_data_root
 from dusa_cli.errors import ConfigError, DusaError
 
@@ -136,12 +136,7 @@ def open_task(root: Path, corruption: str, severity: int, *, num_ex: int | None 
     `root/labels.npy` (CIFAR-C). With `num_ex`, a fixed subset of that many items (`fixed_subset`).
     A `num_ex` above the size gives the whole set: check `len()`.
     """
-    if corruption not in ALL_CORRUPTIONS:
-        raise ConfigError(
-            f"unknown corruption '{corruption}'; choose from: " + ", ".join(ALL_CORRUPTIONS)
-        )
-    if severity not in SEVERITIES:
-        raise ConfigError(f"severity must be one of 1..5, got {severity!r}")
+    check_task(corruption, severity)
     require_data_root(root)
     folder = root / corruption
     array_file = root / f"{corruption}.npy"

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES, check_selection
 from dusa_cli.data.generate import (
     ImageFormat,
     Job,
     Manifest,
     Plan,
     Progress,
-    check_corruptions,
     listed_files,
     planned_files,
     run_jobs,
@@ -135,7 +134,7 @@ def build_digits_c(
     index in `load_digits()`, zero-padded. The same seed gives byte-identical files. Files of an
     earlier build in `output` that this one does not make are deleted only with `replace`.
     """
-    corruption_names, severity_levels = check_corruptions(corruptions, severities)
+    corruption_names, severity_levels = check_selection(corruptions, severities)
     if limit_per_class is not None and limit_per_class < 1:
         raise ConfigError(f"limit_per_class must be at least 1, got {limit_per_class}")
     _check_output(output)

@@ -25,7 +25,7 @@ import imagecorruptions
 import numpy as np
 from PIL import Image
 
-from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES, resolve_corruptions
+from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.data.files import sha256_hex, usable_cores
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.writing import write_bytes_atomic
@@ -70,20 +70,6 @@ class Job:
     copies: tuple[str, ...] = ()  # folders that receive the image uncorrupted, e.g. ("clean",)
     corrupted: bool = True  # whether the job also writes every (corruption, severity)
     image_size: tuple[int, int] | None = None  # (height, width) of its outputs, if not the plan's
-
-
-def check_corruptions(
-    corruptions: Iterable[str], severities: Iterable[int]
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Validate the requested corruptions (groups like `all` expand) and severities."""
-    names = tuple(resolve_corruptions(corruptions))
-    levels = tuple(dict.fromkeys(severities))
-    if not levels:
-        raise ConfigError("no severity selected")
-    for level in levels:
-        if level not in SEVERITIES:
-            raise ConfigError(f"severity must be one of 1..5, got {level!r}")
-    return names, levels
 
 
 def file_seed(seed: int, corruption: str, severity: int, item_id: str) -> int:

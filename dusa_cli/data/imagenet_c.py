@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dusa_cli.data.corruptions import CORRUPTIONS, SEVERITIES
+from dusa_cli.data.corruptions import CORRUPTIONS, SEVERITIES, check_selection
 from dusa_cli.data.files import class_folders, image_files, read_rgb, require_directory
 from dusa_cli.data.generate import (
     ImageFormat,
@@ -19,7 +19,6 @@ from dusa_cli.data.generate import (
     Progress,
     absolute_path,
     check_apart,
-    check_corruptions,
     claim_output,
     earlier_files,
     run_jobs,
@@ -89,7 +88,7 @@ def prepare_imagenet_c(
     to the usable CPU cores. Returns the manifest, written last as OUTPUT/manifest.json; it also
     lists the files of other corruptions or severities that earlier calls made in OUTPUT.
     """
-    corruption_names, severity_levels = check_corruptions(corruptions, severities)
+    corruption_names, severity_levels = check_selection(corruptions, severities)
     classes, jobs = _source_jobs(source)
     check_apart(source, output)
     claim_output(output, {"seed": seed, "resize": RESIZE, "crop": CROP, **JPEG.save_options}, source)

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dusa_cli.data.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from dusa_cli.data.corruptions import check_task
 from dusa_cli.data.datasets import fixed_subset, image_tensor
 from dusa_cli.data.files import image_files, read_rgb, require_data_root, require_directory
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import DusaError
 
 Item = tuple[torch.Tensor, torch.Tensor]
 IGNORE_INDEX = 255
@@ -114,10 +114,7 @@ def open_seg_task(
     `annotations` is the folder of label PNGs (default `root/annotations/validation`). `num_ex`
     picks the fixed subset `open_task` picks.
     """
-    if corruption not in ALL_CORRUPTIONS:
-        raise ConfigError(f"unknown corruption '{corruption}'; choose from: " + ", ".join(ALL_CORRUPTIONS))
-    if severity not in SEVERITIES:
-        raise ConfigError(f"severity must be one of 1..5, got {severity!r}")
+    check_task(corruption, severity)
     require_data_root(root)
     official = root / corruption / str(severity) / "validation"
     beside_clean = root / "images" / "validation" / f"{corruption}_{severity}"
