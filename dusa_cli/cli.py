@@ -17,6 +17,7 @@ import typer
 
 from dusa_cli import __version__
 from dusa_cli.errors import ConfigError, DusaError, ExitCode, Interrupted
+from dusa_cli.process import is_main_process, process_rank
 from dusa_cli.stopping import SAVED, interrupted, stoppable
 
 if TYPE_CHECKING:
@@ -217,7 +218,6 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
 
 def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
     """The run in this process: alone, or one of several (then only rank 0 shows and prints)."""
-    from dusa_cli.engine.distributed import is_main_process
     from dusa_cli.engine.loop import run_experiment
     from dusa_cli.results.report import build_table, to_rich
     from dusa_cli.ui import TaskProgress, info, stdout
@@ -660,8 +660,7 @@ def _guarded(call: Callable[[], Any]) -> None:
     """Run `call`; a failure ends the process with one line (after its traceback with --debug)
     and its exit code. Ranks other than 0 name themselves; one process reports a stop (stopping.py)."""
     debug = os.environ.get("DUSA_DEBUG") == "1"
-    rank = os.environ.get("RANK", "0")
-    origin = "" if rank == "0" else f"rank {rank}: "
+    origin = "" if is_main_process() else f"rank {process_rank()}: "
     from dusa_cli.ui import error, warn
 
     if not debug:  # warnings in one line too (with --debug: Python's, saying where they came from)

@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any
 
 from dusa_cli.errors import ExitCode, Interrupted, Stopped
+from dusa_cli.process import is_main_process
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 SAVED = "every finished task is saved (continue with --resume)"  # what a stopped run keeps, if any
@@ -86,4 +87,4 @@ def quit_at_once(outcome: str = "", report: bool = True) -> None:
 
 def _says(report: bool) -> bool:
     """Whether this process reports a stop: rank 0 alone, and not where another process does."""
-    return report and os.environ.get("RANK", "0") == "0"
+    return report and is_main_process()

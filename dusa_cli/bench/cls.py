@@ -12,9 +12,7 @@ once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLO
 
 from __future__ import annotations
 
-import re
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path

@@ -7,7 +7,6 @@ class, looked up in the method registry (the schema knows no method by name).
 
 from __future__ import annotations
 
-import os
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from dusa_cli.data.corruptions import check_severities, resolve_corruptions
+from dusa_cli.data.files import absolute_path
 from dusa_cli.errors import ConfigError
 
 T = TypeVar("T")
@@ -53,14 +53,10 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     return format_problems(validation_problems(error, prefix))
 
 
-def _absolute(path: Path) -> Path:
-    return Path(os.path.abspath(path.expanduser()))
-
-
 # A local file or folder, stored absolute (`~` expanded, symlinks kept): a run's config.yaml names
 # the same files from any working directory (`-c RUN/config.yaml`, `--resume` elsewhere), and
 # `dusa report` does not split seeds run from different directories.
-LocalPath = Annotated[Path, AfterValidator(_absolute)]
+LocalPath = Annotated[Path, AfterValidator(absolute_path)]
 
 
 def _alternatives(annotation: Any) -> list[Any]:

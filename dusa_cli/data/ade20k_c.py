@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import CORRUPTIONS, check_selection
-from dusa_cli.data.files import image_files, read_rgb, require_directory, sha256_hex
+from dusa_cli.data.files import absolute_path, image_files, read_rgb, require_directory, sha256_hex
 from dusa_cli.data.generate import (
     MIN_SIDE,
     BuildFiles,
@@ -31,7 +31,6 @@ from dusa_cli.data.generate import (
     Manifest,
     Plan,
     Progress,
-    absolute_path,
     check_apart,
     claim_output,
     earlier_files,

@@ -10,6 +10,13 @@ from PIL import Image
 
 from dusa_cli.errors import DusaError
 
+
+def absolute_path(path: Path) -> Path:
+    """`~` expanded and made absolute, symlinks kept: how run configs and dataset settings store
+    paths, so that they name the same files from any working directory."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
 # Suffixes read as images, compared in lower case (ImageNet ships `.JPEG`).
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"})
 

@@ -13,7 +13,6 @@ import io
 import itertools
 import json
 import multiprocessing
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
-from dusa_cli.data.files import sha256_hex, usable_cores
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.data.files import absolute_path, sha256_hex, usable_cores
+from dusa_cli.errors import DusaError
 from dusa_cli.writing import write_bytes_atomic
 
 Progress = Callable[[int, int], None]
@@ -347,11 +346,6 @@ def listed_files(output: Path) -> dict[str, str]:
     # Only plain relative paths: a hand-edited manifest must not reach files outside `output`.
     paths = ((Path(name), digest) for name, digest in listed.items())
     return {path.as_posix(): digest for path, digest in paths if not path.is_absolute() and ".." not in path.parts}
-
-
-def absolute_path(path: Path) -> Path:
-    """`~` expanded and made absolute, symlinks kept: how run configs store paths too."""
-    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def check_apart(source: Path, output: Path) -> None:

@@ -10,14 +10,13 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import CORRUPTIONS, SEVERITIES, check_selection
-from dusa_cli.data.files import class_folders, image_files, read_rgb, require_directory
+from dusa_cli.data.files import absolute_path, class_folders, image_files, read_rgb, require_directory
 from dusa_cli.data.generate import (
     ImageFormat,
     Job,
     Manifest,
     Plan,
     Progress,
-    absolute_path,
     check_apart,
     claim_output,
     earlier_files,

@@ -79,11 +79,6 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
-def is_main_process() -> bool:
-    """Rank 0, or a single process (read before any process group exists)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _timeout() -> datetime.timedelta:
     text = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_S))
     try:
@@ -357,8 +352,7 @@ def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) 
         else:
             raise ReportedElsewhere(code) from None
         raise DusaError(
-            f"the process on GPU {gpus[failure.error_index]} was {cause}; "
-            "the others were stopped (every finished task is saved; continue with --resume)"
+            f"the process on GPU {gpus[failure.error_index]} was {cause}; the others were stopped; {SAVED}"
         ) from None
 
 
