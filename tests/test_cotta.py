@@ -13,7 +13,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.methods import available_methods, get_method
-from dusa_cli.methods.cotta import Cotta, CottaConfig, augmented_view, soft_cross_entropy
+from dusa_cli.methods.cotta import Cotta, CottaConfig, augmented_view, soft_cross_entropy, to_image
 from dusa_cli.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 
 CPU = torch.device("cpu")
@@ -76,13 +76,14 @@ def test_only_the_student_is_trained_and_every_network_is_moved() -> None:
     assert all(not p.requires_grad for name in ("teacher", "anchor") for p in method.modules()[name].parameters())
 
 
-def test_task_defaults_follow_the_logits() -> None:
-    method = cotta(classifier())
-    method.forward(images())
-    assert (method.anchor_threshold("cls"), method.restore_prob()) == (0.1, 0.001)
-    method = cotta(segmenter())
-    method.forward(images(1, 32, 48))
-    assert (method.anchor_threshold("seg"), method.restore_prob()) == (0.69, 0.01)
+def test_task_and_batchnorm_follow_the_model() -> None:
+    """Classification: BatchNorm on the test batch (the official CoTTA trains in train mode).
+    Segmentation: the DUSA runner keeps every network in eval mode, BatchNorm on running statistics."""
+    for model, task, defaults, batch_statistics in ((classifier(), "cls", (0.1, 0.001), True), (segmenter(), "seg", (0.69, 0.01), False)):
+        method = cotta(model)
+        assert method.task == task and (method.anchor_threshold(), method.restore_prob()) == defaults
+        norms = [m for m in method.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert norms and all(m.training == batch_statistics and (m.running_mean is None) == batch_statistics for m in norms)
     assert cotta(classifier(), restore_prob=0.2, anchor_threshold=0.5).restore_prob() == 0.2
 
 
@@ -181,17 +182,19 @@ def test_segmentation_mixes_plain_and_multi_scale_teacher_per_pixel() -> None:
     x = images(1, 32, 48)
     method = cotta(segmenter())
     with torch.no_grad():
-        plain = method.teacher(x).softmax(1)
-        averaged = method.multi_scale_probs(x, plain)
-        anchor = method.anchor(x).softmax(1).amax(1, keepdim=True)
+        plain = to_image(method.teacher(x), x)
+        averaged = method.multi_scale_logits(x, plain)
+        anchor = to_image(method.anchor(x), x).softmax(1).amax(1, keepdim=True)
     threshold = anchor.median().item()
-    confident = anchor >= threshold  # plain from the threshold on: the official mask augments below it
+    confident = anchor > threshold  # the official runner keeps the plain view above the threshold
     assert confident.any() and not confident.all()
     for value, expected in ((0.0, plain), (1.01, averaged), (threshold, torch.where(confident, plain, averaged))):
         method.config.anchor_threshold = value
         output = method.forward(x)
-        assert torch.allclose(output.logits.softmax(1), expected, atol=1e-5)
-        assert torch.allclose(output.loss, F.cross_entropy(method.model(x), expected.argmax(1)), atol=1e-5)
+        assert output.logits.shape == (1, 5, 32, 48)  # at the image's resolution
+        assert torch.allclose(output.logits, expected, atol=1e-5)
+        # Soft cross-entropy of the student's logits resized to the image against the mixture.
+        assert torch.allclose(output.loss, soft_cross_entropy(to_image(method.model(x), x), expected), atol=1e-5)
     assert not torch.allclose(plain, averaged, atol=1e-4)
 
 
@@ -200,19 +203,19 @@ def test_views_too_small_for_the_segmenter_are_taken_at_its_smallest_scale() -> 
     method = cotta(segmenter(sr_ratios=(8, 4, 2, 1)), scales=[0.5, 1.0], flip=False)
     assert method.teacher.min_side == 32
     with torch.no_grad():
-        plain = method.teacher(x).softmax(1)
+        plain = to_image(method.teacher(x), x)
         # The half-scale view (16×24) would crash the spatial reduction; it is taken at 32×48.
-        torch.testing.assert_close(method.multi_scale_probs(x, plain), plain)
+        torch.testing.assert_close(method.multi_scale_logits(x, plain), plain)
 
 
 def test_segmentation_views_are_resized_back_as_computed_by_hand() -> None:
     x = images(1, 32, 48)
     method = cotta(segmenter(), scales=[1.0, 1.5], flip=False)
     with torch.no_grad():
-        plain = method.teacher(x).softmax(1)
+        plain = F.interpolate(method.teacher(x), size=(32, 48), mode="bilinear", align_corners=False)
         large = method.teacher(F.interpolate(x, size=(48, 72), mode="bilinear", align_corners=False))
-        large = F.interpolate(large, size=plain.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
-        assert torch.allclose(method.multi_scale_probs(x, plain), (plain + large) / 2, atol=1e-6)
+        large = F.interpolate(large, size=(32, 48), mode="bilinear", align_corners=False)
+        assert torch.allclose(method.multi_scale_logits(x, plain), (plain + large) / 2, atol=1e-6)
 
 
 def test_segmentation_views_are_flipped_back() -> None:
@@ -220,10 +223,10 @@ def test_segmentation_views_are_flipped_back() -> None:
     x = images(1, 32, 48)
     method = cotta(segmenter())
     with torch.no_grad():
-        probs = method.multi_scale_probs(x, method.teacher(x).softmax(1))
-        mirrored = method.multi_scale_probs(x.flip(-1), method.teacher(x.flip(-1)).softmax(1))
-    assert probs.shape == (1, 5, 8, 12)
-    assert torch.allclose(probs, mirrored.flip(-1), atol=1e-5)
+        logits = method.multi_scale_logits(x, to_image(method.teacher(x), x))
+        mirrored = method.multi_scale_logits(x.flip(-1), to_image(method.teacher(x.flip(-1)), x))
+    assert logits.shape == (1, 5, 32, 48)
+    assert torch.allclose(logits, mirrored.flip(-1), atol=1e-5)
 
 
 def test_segmentation_step_trains_the_student_then_the_teacher() -> None:
@@ -231,7 +234,7 @@ def test_segmentation_step_trains_the_student_then_the_teacher() -> None:
     student, teacher, anchor = snapshot(method.model), snapshot(method.teacher), snapshot(method.anchor)
     adapter = OnlineAdapter(method, OptimConfig(lr=1e-3), "fp32", CPU)
     output = adapter.step(images(1, 32, 48))
-    assert output.logits.shape == (1, 5, 8, 12)
+    assert output.logits.shape == (1, 5, 32, 48)
     assert not same(method.model, student) and not same(method.teacher, teacher)
     assert same(method.anchor, anchor)
 

@@ -291,6 +291,17 @@ def test_source_records_match_an_independent_evaluation(models: dict[str, Path],
     assert "mIoU" in result.stdout
 
 
+def test_dusa_seg_keeps_batchnorm_running_statistics_unless_only_norm_layers_adapt(models: dict[str, Path]) -> None:
+    """The official segmentation runner forces BatchNorm to the image's statistics only in its
+    norm-only branch (aux_tta_logits_fp16.py, config_tta_model)."""
+    dusa_seg = get_method("dusa_seg")
+    for which, batch_statistics in (("all", False), ("norm", True)):
+        segmenter = create_segmenter(ModelConfig(name="segformer", checkpoint=models["segformer"]))
+        method = dusa_seg(segmenter, dusa_seg.Config(name="dusa_seg", prior=str(models["sd3"]), update_segmenter=which))
+        norms = [m for m in method.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms and all(m.training == batch_statistics and (m.running_mean is None) == batch_statistics for m in norms)
+
+
 def test_tent_scores_the_entropy_at_every_image_pixel(models: dict[str, Path]) -> None:
     """The official baseline's loss: pixel-wise entropy of the logits resized to the image (§3.7)."""
     tent = get_method("tent")

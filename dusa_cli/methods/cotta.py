@@ -5,24 +5,28 @@ research/dusa_official.md §2 and §3.7).
 
 Classification (official `imagenet/cotta.py`): the anchor's confidence is the batch mean of its
 max softmax probability; below the threshold the teacher logits are averaged over random
-augmented views. Loss: cross-entropy of the student against the teacher's soft labels.
-Segmentation (official CoTTA-ACDC): the teacher's softmax averaged over scales × flips, kept
-only at pixels where the anchor is unsure; loss: pixel-wise cross-entropy against its argmax.
-The prediction scored is the teacher's, as the official code returns.
+augmented views. BatchNorm layers normalise with the test batch's statistics (the official
+puts the model in train mode).
+Segmentation (the DUSA repository's `segmentation/core/runner/cotta.py`): every network stays
+in eval mode, BatchNorm on its running statistics. Teacher logits over scales × flips are
+resized to the image and averaged; where the anchor's per-pixel confidence at the image's
+resolution is above the threshold the plain view's logits are kept instead. Loss: soft
+cross-entropy of the student's logits, resized to the image, against that mixture.
+Both: the prediction scored is the teacher's, as the official code returns.
 
 Differences from the official code:
-- BatchNorm layers use test-batch statistics (as in Tent) and every other layer stays in eval
-  mode, so dropout and drop-path are off; the official sets the whole model to train mode.
+- Classification: BatchNorm uses test-batch statistics (as in Tent) but every other layer
+  stays in eval mode, so dropout and drop-path are off; the official sets the whole model to
+  train mode.
 - The classification augmentations are this file's own tensor stack (`augmented_view`), with
   the official ImageNet ranges, applied to the [0, 1] images the stack was designed for; in the
   DUSA repo it runs on mean/std-normalised inputs and clips their negative values away
   (research/dusa_official.md §2). Edge padding + affine + centre crop is done as one affine
   resampling with border padding; hue is shifted by a rotation in YIQ space.
-- Segmentation views are scaled relative to the test image, and the teacher's logits are
-  resized to the 1/4-resolution logits, where the loss is taken; the official resizes to
-  ratios of the dataset's image scale and works at the full image resolution. A view below
-  the segmenter's smallest input side (32 px for SegFormer) is taken at the smallest scale
-  that fits, so small images do not crash the spatial-reduction convolutions.
+- Segmentation views are scaled relative to the test image; the official scales ratios of the
+  dataset's image scale. A view below the segmenter's smallest input side (32 px for
+  SegFormer) is taken at the smallest scale that fits, so small images do not crash the
+  spatial-reduction convolutions.
 - The restore mask comes from a generator seeded by one draw of the global RNG per step (the
   official draws the mask from the global RNG); rank 0 shares its seed so replicas restore
   alike. With several processes the anchor confidence is the mean over a process's shard.
@@ -45,6 +49,7 @@ from dusa_cli.config.schema import MethodConfig
 from dusa_cli.engine.distributed import broadcast_from_main
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, TTAMethod, use_batch_statistics
+from dusa_cli.models.segmenter import Segmenter
 
 Task = Literal["cls", "seg"]
 # Official values: ImageNet-C (imagenet/cotta.py) and segmentation (dusa_official.md §3.7).
@@ -57,7 +62,8 @@ class CottaConfig(MethodConfig):
     ema: float = Field(default=0.999, ge=0, le=1, description="teacher = ema·teacher + (1 − ema)·student")
     anchor_threshold: float | None = Field(
         default=None,
-        description="anchor confidence from which on the plain teacher prediction is used (below it: the mean over augmented views; cls 0.1, seg 0.69)",
+        description="anchor confidence that keeps the plain teacher prediction (cls: a batch mean at or above it; "
+        "seg: a pixel's above it; otherwise the mean over augmented views); cls 0.1, seg 0.69",
     )
     restore_prob: float | None = Field(
         default=None,
@@ -82,6 +88,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def to_image(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Stride-4 segmentation logits resized (bilinear) to the image, where the official runner
+    takes its masks and losses."""
+    return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def uniform(low: float, high: float) -> float:
@@ -168,14 +180,15 @@ class Cotta(TTAMethod):
     config: CottaConfig
 
     def __init__(self, model: nn.Module, config: CottaConfig):
+        self.task: Task = "seg" if isinstance(model, Segmenter) else "cls"
         super().__init__(model, config)
         self.teacher = frozen_copy(self.model)
         self.anchor = frozen_copy(self.model)  # the source weights: never updated, restored from
-        self.task: Task | None = None  # known from the first logits
 
     def configure_model(self) -> None:
         super().configure_model()
-        use_batch_statistics(self.model)
+        if self.task == "cls":  # the segmentation runner keeps BatchNorm on its running statistics
+            use_batch_statistics(self.model)
         self.model.requires_grad_(True)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -188,47 +201,45 @@ class Cotta(TTAMethod):
         self.model.load_state_dict(state["model"])
         self.teacher.load_state_dict(state["teacher"])
 
-    def anchor_threshold(self, task: Task) -> float:
+    def anchor_threshold(self) -> float:
         if self.config.anchor_threshold is not None:
             return self.config.anchor_threshold
-        return DEFAULT_ANCHOR_THRESHOLD[task]
+        return DEFAULT_ANCHOR_THRESHOLD[self.task]
 
     def restore_prob(self) -> float:
         if self.config.restore_prob is not None:
             return self.config.restore_prob
-        # No task yet only on a process whose shards were all empty; rank 0's value is used there.
-        return DEFAULT_RESTORE_PROB[self.task or "cls"]
+        return DEFAULT_RESTORE_PROB[self.task]
 
     def forward(self, images: torch.Tensor) -> StepOutput:
-        student_logits = self.model(images).float()
-        self.task = "seg" if student_logits.dim() == 4 else "cls"
-        if self.task == "seg":
-            with torch.no_grad():
-                teacher_probs = self.teacher_segmentation(images)
-            loss = F.cross_entropy(student_logits, teacher_probs.argmax(dim=1))
-            # Log-probabilities: logits whose argmax and softmax are the teacher's prediction.
-            return StepOutput(logits=teacher_probs.clamp_min(1e-12).log(), loss=loss)
+        if self.task == "seg":  # masks and loss at the image's resolution, as the official runner
+            student_logits, teacher = to_image(self.model(images).float(), images), self.teacher_segmentation
+        else:
+            student_logits, teacher = self.model(images).float(), self.teacher_classification
         with torch.no_grad():
-            teacher_logits = self.teacher_classification(images)
+            teacher_logits = teacher(images)
         return StepOutput(logits=teacher_logits, loss=soft_cross_entropy(student_logits, teacher_logits))
 
     def teacher_classification(self, images: torch.Tensor) -> torch.Tensor:
         confidence = self.anchor(images).float().softmax(dim=1).amax(dim=1).mean()
-        if confidence >= self.anchor_threshold("cls"):
+        if confidence >= self.anchor_threshold():
             return self.teacher(images).float()
         views = [self.teacher(augmented_view(images)).float() for _ in range(self.config.augmentations)]
         return torch.stack(views).mean(dim=0)
 
     def teacher_segmentation(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-pixel teacher probabilities: the plain view where the anchor is confident, the
-        mean over scales × flips elsewhere."""
-        plain = self.teacher(images).float().softmax(dim=1)
-        confident = self.anchor(images).float().softmax(dim=1).amax(dim=1, keepdim=True) >= self.anchor_threshold("seg")
+        """Per-pixel teacher logits at the image's resolution: the plain view's where the anchor
+        is confident, the mean over scales × flips elsewhere."""
+        plain = to_image(self.teacher(images).float(), images)
+        anchor_confidence = to_image(self.anchor(images).float(), images).softmax(dim=1).amax(dim=1, keepdim=True)
+        confident = anchor_confidence > self.anchor_threshold()
         if confident.all():  # the views would be discarded everywhere
             return plain
-        return torch.where(confident, plain, self.multi_scale_probs(images, plain))
+        return torch.where(confident, plain, self.multi_scale_logits(images, plain))
 
-    def multi_scale_probs(self, images: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    def multi_scale_logits(self, images: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits averaged over the scaled and flipped views, each flipped back
+        and resized to the image (`plain`: the unscaled, unflipped view's)."""
         height, width = images.shape[-2:]
         # A view smaller than the segmenter accepts is taken at the smallest scale it does accept.
         smallest_scale = self.teacher.min_side / min(height, width)
@@ -243,9 +254,7 @@ class Cotta(TTAMethod):
                     total += plain  # the plain view, already computed
                 else:
                     logits = self.teacher(scaled.flip(-1) if flip else scaled).float()
-                    logits = logits.flip(-1) if flip else logits
-                    logits = F.interpolate(logits, size=plain.shape[-2:], mode="bilinear", align_corners=False)
-                    total += logits.softmax(dim=1)
+                    total += to_image(logits.flip(-1) if flip else logits, images)
                 views += 1
         return total / views
 

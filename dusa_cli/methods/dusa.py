@@ -66,7 +66,9 @@ class Dusa(GuidedMethod):
 
     def configure_model(self) -> None:
         super().configure_model()  # frozen, eval mode: no label dropout, no drop-path
-        self.adapt_model(self.config.update_classifier)
+        # The official classification runner puts every BatchNorm on the batch's statistics,
+        # whatever it updates (research/dusa_official.md §1.6; the paper's models have none).
+        self.adapt_model(self.config.update_classifier, batch_statistics=True)
 
     def compilable(self) -> dict[str, list[nn.Module]]:
         # The frozen encoder too: the SD VAE's convolutions are 5 % of the step's FLOPs (SPEC.md).

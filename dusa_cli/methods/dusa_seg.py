@@ -86,7 +86,11 @@ class DusaSeg(GuidedMethod):
 
     def configure_model(self) -> None:
         super().configure_model()  # frozen, eval mode: no dropout
-        self.adapt_model(self.config.update_segmenter)  # BatchNorm (the decode head's) on the image's statistics
+        # The official segmentation runner puts BatchNorm (SegFormer's decode head has one) on the
+        # image's statistics only when it updates norm layers alone; a full update keeps the
+        # running statistics (segmentation/core/runner/aux_tta_logits_fp16.py, config_tta_model).
+        which = self.config.update_segmenter
+        self.adapt_model(which, batch_statistics=which == "norm")
         if self.config.segmenter_checkpointing:
             self.model.checkpoint_layers()
 

@@ -65,10 +65,12 @@ class GuidedMethod(TTAMethod):
     config: GuidedConfig
     prior: nn.Module  # GenerativePrior or SD3Prior: `path`, `trainable_parameters()`, `transformer`
 
-    def adapt_model(self, which: ModelUpdate) -> None:
-        """After the base class froze the model (eval mode: no dropout or drop-path): BatchNorm on
-        the batch's statistics, as the official runners force, and `which` parameters trainable."""
-        use_batch_statistics(self.model)
+    def adapt_model(self, which: ModelUpdate, batch_statistics: bool) -> None:
+        """After the base class froze the model (eval mode: no dropout or drop-path): `which`
+        parameters trainable and, with `batch_statistics`, BatchNorm on the batch's statistics
+        (the official runners differ here: see the callers)."""
+        if batch_statistics:
+            use_batch_statistics(self.model)
         if which == "all":
             self.model.requires_grad_(True)
         elif which == "norm":
