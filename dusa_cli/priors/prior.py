@@ -66,7 +66,8 @@ class GenerativePrior(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) → clean latents z0 in fp32 whatever the autocast, so the
-        noise and x_t are formed in fp32 as the official q_sample does. Resized bilinearly with
+        noise and x_t are formed in fp32 (the official q_sample computes in fp32 too, but under
+        fp16 autocast from an fp16 latent and fp16 noise). Resized bilinearly with
         align_corners=True to the prior's pixel size as the official preprocessor (§1.3)."""
         size = self.pixel_size
         if images.shape[-2:] != (size, size):
