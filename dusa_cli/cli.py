@@ -267,7 +267,7 @@ def prepare_data(
     source: Annotated[Optional[Path], typer.Option(help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
     corruption: Annotated[Optional[list[str]], typer.Option("--corruption", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
     severity: Annotated[Optional[list[int]], typer.Option("--severity", help="Severities to write, 1-5, repeatable (default: all 5; ade20k-c: 5).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the corruption noise (and of digits-c's train/test split).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the corruption noise (and of digits-c's train/test split).")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
     limit_per_class: Annotated[Optional[int], typer.Option(min=1, help="digits-c only: keep N test images per class (quick trials).")] = None,
     force: Annotated[bool, typer.Option("--force", help="digits-c only: when rebuilding over an earlier build, delete its files that this build does not make (other corruptions, severities or images).")] = False,
@@ -328,7 +328,7 @@ def pretrain_digits_classifier(
     output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
-    seed: Annotated[int, typer.Option(help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -347,7 +347,7 @@ def pretrain_digits_prior(
     output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
-    seed: Annotated[int, typer.Option(help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -668,9 +668,15 @@ def _guarded(call: Callable[[], Any]) -> None:
 
     try:
         call()
-    except (DusaError, KeyboardInterrupt) as caught:
+    except (DusaError, KeyboardInterrupt, OSError) as caught:
         # A KeyboardInterrupt here came before any command's stoppable(): Ctrl-C while Typer sets up.
-        failure = caught if isinstance(caught, DusaError) else interrupted(caught)
+        # An OSError is a path the system refused (too long, a file where a folder goes): the user's.
+        if isinstance(caught, DusaError):
+            failure = caught
+        elif isinstance(caught, OSError):
+            failure = DusaError(f"{caught.strerror or caught}: {caught.filename}" if caught.filename else str(caught))
+        else:
+            failure = interrupted(caught)
         if debug and not isinstance(failure, Interrupted):
             traceback.print_exc()
         if str(failure):  # empty: another process reports it (ReportedElsewhere, Interrupted)

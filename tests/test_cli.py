@@ -95,6 +95,7 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         (("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", next(out)), 2, "optim.lrr: unknown key"),
         (("baseline", "-c", PRESET, *untrained, "-o", next(out)), 2, "'convnext_atto' has no weights: pass --checkpoint"),
         (("baseline", "-c", PRESET, "--data", str(digits_c), "--corruption", "fog", "-o", str(tmp_path / "file" / "run")), 1, "cannot write"),
+        (("prepare-data", "digits-c", "-o", str(tmp_path / "file" / "digits"), "-q"), 1, f"Not a directory: {tmp_path / 'file' / 'digits'}"),
         (("baseline", "-c", str(tmp_path / "[/odd].yaml")), 2, "[/odd].yaml"),  # rich markup characters in a message stay text
         (("baseline", "-c", str(bad)), 2, "invalid YAML"),
         (("baseline", "-c", str(weights)), 2, "not a YAML file (not UTF-8 text)"),

@@ -45,6 +45,8 @@ def test_unknown_method_and_method_option(tmp_path: Path) -> None:
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "model: [unclosed\n"), {})
+    with pytest.raises(ConfigError, match="invalid YAML: could not convert string to float"):
+        load_config(write(tmp_path, "optim: {lr: !!float abc}\n"), {})  # a tag that cannot build its value
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml", {})
 
@@ -126,6 +128,9 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("optim.betas=[0.9,yes]", "optim.betas: expected a number, not true"),
     ("data.severities=[]", "data.severities: no severity selected"),
     ("data.severities=[6]", "data.severities: severity must be one of 1..5, got 6"),
+    ("data.corruptions=null", "data.corruptions: expected a corruption name or a list of them"),
+    ("data.corruptions=5", "data.corruptions: unknown corruption '5'"),
+    ("optim.lr=!!float abc", "optim.lr: Input should be a valid number"),  # taken as the text written
 ])  # fmt: skip
 def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"^command line: {problem}"):

@@ -1,6 +1,7 @@
 """The online loop on real digits-C files: metrics, determinism, resets, resume, output safety."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,6 +100,11 @@ def test_resume_of_a_damaged_results_file_says_what_to_do(digits_c: Path, tmp_pa
     results.write_text("[1, 2]")
     with pytest.raises(DusaError, match="^cannot resume: .*: not a dusa results file"):
         run_experiment(config, resume=True)
+    saved = tmp_path / "run" / "config.yaml"
+    for damage, problem in (("model: {name: x\n", "expected ',' or '}', but got '<stream end>'"), ("", "not a mapping of sections")):
+        saved.write_text(damage)
+        with pytest.raises(DusaError, match=re.escape(f"cannot resume: {saved} is unreadable ({problem}); move the folder away")):
+            run_experiment(config, resume=True)
 
 
 def test_the_environment_records_the_input_files_by_sha256(digits_c: Path, tmp_path: Path) -> None:

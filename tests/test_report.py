@@ -105,6 +105,13 @@ def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(s
     assert [row["method"] for row in csv.DictReader(io.StringIO(result.stdout))] == ["source"]
     assert result.stderr.strip() == f"warning: skipped {foreign}: not a dusa results file (dusa-results/1)"
     assert_one_line_error(dusa("report", str(foreign)), 1, "not a dusa results file")  # named: an error
+    broken = runs / "broken"
+    shutil.copytree(sweep / "source-None-1", broken)
+    (broken / "config.yaml").write_text("model: {name: x\n")  # what tells experiments apart cannot be read
+    result = dusa("report", str(runs), "--format", "csv")
+    assert result.returncode == 0 and [row["method"] for row in csv.DictReader(io.StringIO(result.stdout))] == ["source"]
+    assert f"warning: skipped {broken / 'config.yaml'} is unreadable (expected ',' or '}}', but got '<stream end>')" in result.stderr.splitlines()
+    shutil.rmtree(broken)
     nothing = dusa("report", str(foreign.parent))
     assert nothing.returncode == 1 and nothing.stderr.splitlines() == [
         f"warning: skipped {foreign}: not a dusa results file (dusa-results/1)",

@@ -21,6 +21,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a YAML file (not UTF-8 text)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML{_where(error)}: {getattr(error, 'problem', error)}") from None
+    except ValueError as error:  # a tag that cannot build its value (`!!float abc`)
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -66,7 +68,7 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key.path=value, got '{assignment}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: a tag that cannot build its value (`!!float abc`)
         if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: say what is wrong with it
             raise ConfigError(f"--set {assignment}: invalid YAML: {getattr(error, 'problem', error)}") from None
         value = raw  # a string YAML cannot read as a scalar (`a: b`), taken as written

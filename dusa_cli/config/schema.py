@@ -139,7 +139,9 @@ class DataConfig(StrictModel):
     @field_validator("corruptions", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> list[str]:
-        return _located(resolve_corruptions, [value] if isinstance(value, str) else value)
+        if value is None:
+            raise ValueError("expected a corruption name or a list of them")
+        return _located(resolve_corruptions, value if isinstance(value, list) else [value])
 
     @field_validator("severities")
     @classmethod

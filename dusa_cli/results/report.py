@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dusa_cli.config.loader import flatten
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.errors import ConfigError, DusaError
-from dusa_cli.results.store import RESULTS_FILE, RESUMABLE_CHANGES, read_results
+from dusa_cli.results.store import RESULTS_FILE, RESUMABLE_CHANGES, read_results, read_run_config
 
 # metric → (task record key, title, the task it belongs to)
 METRICS = {
@@ -54,6 +51,8 @@ def find_runs(paths: Iterable[Path], skip: Callable[[str], None] | None = None) 
 def _read_run(file: Path) -> dict[str, Any]:
     run = read_results(file)
     run["path"] = str(file.parent)
+    if (file.parent / "config.yaml").is_file():
+        read_run_config(file.parent / "config.yaml")  # what tells experiments apart: readable, or skipped
     return run
 
 
@@ -107,11 +106,7 @@ def _experiment(run: dict[str, Any]) -> dict[str, Any]:
     path = Path(run["path"], "config.yaml") if "path" in run else None
     if path is None or not path.is_file():
         return {"task": run.get("task", "cls"), "method.name": run.get("method"), "model.name": run.get("model"), "run.setting": run.get("setting")}
-    try:
-        config = flatten(yaml.safe_load(path.read_text()))
-    except (OSError, yaml.YAMLError, AttributeError) as error:
-        raise DusaError(f"unreadable config file {path}: {error}") from None
-    return {key: value for key, value in config.items() if key not in HOW_IT_RAN}
+    return {key: value for key, value in read_run_config(path).items() if key not in HOW_IT_RAN}
 
 
 def _value(value: Any, limit: int | None = 40) -> str:

@@ -189,13 +189,28 @@ def _check_same_config(root: Path, config_text: str) -> None:
     saved_path = root / "config.yaml"
     if not saved_path.is_file():
         raise DusaError(f"cannot resume {root}: its config.yaml is missing")
-    saved, current = (flatten(yaml.safe_load(text)) for text in (saved_path.read_text(), config_text))
+    try:
+        saved = read_run_config(saved_path)
+    except DusaError as error:
+        raise DusaError(f"cannot resume: {error}; move the folder away to run every task afresh") from None
+    current = flatten(yaml.safe_load(config_text))
     changed = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
     changed = [key for key in changed if key not in RESUMABLE_CHANGES]
     if changed:
         shown = ", ".join(f"{key} ({saved.get(key)!r} → {current.get(key)!r})" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {shown}{more}")
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml, flattened (`optim.lr`: value); a one-line DusaError if it cannot be read."""
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise DusaError(f"{path} is unreadable ({getattr(error, 'problem', None) or type(error).__name__})") from None
+    if not isinstance(config, dict):
+        raise DusaError(f"{path} is unreadable (not a mapping of sections)")
+    return flatten(config)
 
 
 def _recorded_environment(root: Path) -> dict[str, Any]:
