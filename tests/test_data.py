@@ -27,6 +27,7 @@ from dusa_cli.data.datasets import (
     open_task,
 )
 from dusa_cli.data.digits import PNG, build_digits_c, digit_images
+from dusa_cli.data.files import UNFINISHED_MARKER
 from dusa_cli.data.generate import Job, Plan, corrupt_image, run_jobs
 from dusa_cli.data.imagenet_c import prepare_imagenet_c
 from dusa_cli.errors import ConfigError, DusaError, Stopped
@@ -84,7 +85,7 @@ def digits_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_digits_c_layout_and_manifest(digits_c: Path) -> None:
     manifest = json.loads((digits_c / "manifest.json").read_text())
-    assert manifest["dataset"] == "digits-c"
+    assert manifest["dataset"] == "digits-c" and not (digits_c / UNFINISHED_MARKER).exists()
     assert manifest["classes"] == [str(label) for label in range(10)]
     assert manifest["splits"]["clean"] == 10 * LIMIT
     # Each class gives about two thirds of its images to the source split (limit only cuts test).
@@ -173,6 +174,9 @@ def test_an_in_process_job_stopped_inside_compiled_code_ends_as_a_stop(load, exp
     plan = Plan(tmp_path, ("fog",), (1,), seed=0, image_format=PNG, image_size=(32, 32), resume=False)
     with pytest.raises(expected):
         run_jobs(plan, [Job(item_id="0/0000", load=load)], workers=1)
+    # Stopped before its manifest: the images so far are not a dataset to adapt on.
+    with pytest.raises(DusaError, match="is an unfinished build of `dusa prepare-data`: run the same command again"):
+        open_task(tmp_path, "fog", 1)
 
 
 @pytest.fixture(scope="module")

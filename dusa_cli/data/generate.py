@@ -8,13 +8,16 @@ workers or on the order in which files are made.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import itertools
 import json
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,12 +28,13 @@ import numpy as np
 from PIL import Image
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
-from dusa_cli.data.files import absolute_path, sha256_hex, usable_cores
+from dusa_cli.data.files import UNFINISHED_MARKER, absolute_path, sha256_hex, usable_cores
 from dusa_cli.errors import DusaError
 from dusa_cli.writing import write_bytes_atomic
 
 Progress = Callable[[int, int], None]
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 # imagecorruptions refuses images narrower or lower than this.
 MIN_SIDE = 32
 
@@ -214,6 +218,7 @@ def run_jobs(
     workers = usable_cores() if workers is None else workers
     total = sum(len(_outputs(plan, job)) for job in jobs)
     files = BuildFiles()
+    write_bytes_atomic(plan.output / UNFINISHED_MARKER, b"")  # until write_manifest
 
     def record(results: BuildFiles) -> None:
         files.add(results)
@@ -235,7 +240,7 @@ def run_jobs(
     batches = _batches(plan, jobs, min_outputs=64)
     # `spawn` rather than `fork`: forking a process that already runs torch's thread pools can
     # deadlock the children.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_follow_the_parent)
     try:
         # A bounded window of submitted batches keeps memory flat for 50 000-image sources and lets
         # an error stop the run soon rather than after everything was queued.
@@ -252,6 +257,15 @@ def run_jobs(
     finally:
         pool.shutdown(cancel_futures=True)
     return files
+
+
+def _follow_the_parent() -> None:
+    """A worker leaves stops to the parent: a terminal's Ctrl-C reaches every process of the
+    group, and the parent, not each worker (with a traceback), stops the build. Where Linux
+    allows, a worker also ends with the parent, so none is left writing after `quit at once`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def corruption_counts(
@@ -326,6 +340,7 @@ def write_manifest(plan: Plan, files: BuildFiles, description: dict[str, Any]) -
         "files": dict(sorted(files.checksums.items())),
     }
     write_bytes_atomic(plan.output / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    (plan.output / UNFINISHED_MARKER).unlink(missing_ok=True)
     return Manifest(manifest, files.written)
 
 
