@@ -51,8 +51,9 @@ def find_runs(paths: Iterable[Path], skip: Callable[[str], None] | None = None) 
 def _read_run(file: Path) -> dict[str, Any]:
     run = read_results(file)
     run["path"] = str(file.parent)
-    if (file.parent / "config.yaml").is_file():
-        read_run_config(file.parent / "config.yaml")  # what tells experiments apart: readable, or skipped
+    config = file.parent / "config.yaml"
+    if config.is_file():  # what tells experiments apart: readable, or the run is skipped
+        run["config"] = read_run_config(config)
     return run
 
 
@@ -101,12 +102,12 @@ HOW_IT_RAN = RESUMABLE_CHANGES | {"run.seed", "run.device", "run.split_devices",
 
 
 def _experiment(run: dict[str, Any]) -> dict[str, Any]:
-    """What the run measured: its config.yaml minus how it ran. Results without their config
-    (a copied results.json, or a run still in memory) are told apart by what results.json names."""
-    path = Path(run["path"], "config.yaml") if "path" in run else None
-    if path is None or not path.is_file():
+    """What the run measured: its config.yaml (as find_runs read it) minus how it ran. Results
+    without their config (a copied results.json, or a run still in memory) are told apart by
+    what results.json names."""
+    if "config" not in run:
         return {"task": run.get("task", "cls"), "method.name": run.get("method"), "model.name": run.get("model"), "run.setting": run.get("setting")}
-    return {key: value for key, value in read_run_config(path).items() if key not in HOW_IT_RAN}
+    return {key: value for key, value in run["config"].items() if key not in HOW_IT_RAN}
 
 
 def _value(value: Any, limit: int | None = 40) -> str:
