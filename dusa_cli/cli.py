@@ -653,7 +653,27 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         sys.argv = [arg for arg in sys.argv if arg != "--debug"]
         os.environ["DUSA_DEBUG"] = "1"
-    _guarded(app)
+    _guarded(_parse_and_dispatch)
+
+
+def _parse_and_dispatch() -> None:
+    """The app, with usage errors (unknown option, value out of range, bad choice) as one error
+    line and exit 2, like a bad config: Typer would box them in a multi-line panel."""
+    try:
+        code = typer.main.get_command(app).main(prog_name="dusa", standalone_mode=False)
+    except typer.TyperException as failure:  # Typer's own Click: UsageError and its kin
+        context = getattr(failure, "ctx", None)
+        if type(failure).__name__ == "NoArgsIsHelpError":  # `dusa` alone: the help is printed already
+            code = failure.exit_code
+        elif context is None:
+            raise DusaError(failure.format_message()) from failure
+        else:
+            message = failure.format_message().replace(": Value error, ", ": ")  # Typer's wording of a bad choice
+            error = ConfigError(f"{message} (see '{context.command_path} --help')")
+            error.exit_code = failure.exit_code
+            raise error from failure
+    if isinstance(code, int) and code:  # what a typer.Exit ended with
+        sys.exit(code)
 
 
 def _guarded(call: Callable[[], Any]) -> None:

@@ -102,6 +102,11 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         (("baseline", "--data", str(digits_c)), 2, "start from a preset: -c configs/cls/digits.yaml"),
         (("baseline", "-c", PRESET, "--set", "data.corruptions=[fog"), 2, "--set data.corruptions=[fog: invalid YAML"),
         (("baseline", "-c", PRESET, *not_weights, "-o", next(out)), 1, "not a torch or safetensors file"),
+        # Usage errors from the parser: one line too, not Typer's boxed panel.
+        (("baseline", "--foo"), 2, "No such option: --foo (see 'dusa baseline --help')"),
+        (("baseline", "--setting", "weekly"), 2, "Invalid value for '--setting': 'weekly' is not one of"),
+        (("report",), 2, "Missing argument 'paths'."),
+        (("nope",), 2, "No such command 'nope'. (see 'dusa --help')"),
     )
     assert next(out, None) is None and not any(path.exists() for path in outputs)
 
@@ -185,6 +190,8 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
 
 def test_help_and_version() -> None:
     assert "prepare-data" in dusa("--help").stdout
+    bare = dusa()  # the help, as a usage error
+    assert bare.returncode == 2 and "prepare-data" in bare.stdout + bare.stderr
     assert dusa("--version").stdout.startswith("dusa ")
 
 
