@@ -124,6 +124,8 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("optim.lr=yes", "optim.lr: expected a number, not true"),  # YAML's yes is a boolean, not 1.0
     ("data.batch_size=true", "data.batch_size: expected a number, not true"),
     ("model.num_classes=false", "model.num_classes: expected a number, not false"),
+    ("model.num_classes=0", "model.num_classes: Input should be greater than or equal to 1"),
+    ("optim.momentum=2", "optim.momentum: Input should be less than 1"),
     ("data.severities=[5,true]", "data.severities: expected a number, not true"),  # in a list too
     ("optim.betas=[0.9,yes]", "optim.betas: expected a number, not true"),
     ("data.severities=[]", "data.severities: no severity selected"),

@@ -39,7 +39,7 @@ def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make(method: str, prior: str, vae: Path, **options):
     torch.manual_seed(0)
     classifier = create_classifier(ModelConfig(name="convnext_atto", num_classes=10))
-    config = get_method(method).Config(name=method, prior=prior, vae=str(vae), **options)
+    config = get_method(method).Config(name=method, prior=prior, prior_random_init=True, vae=str(vae), **options)
     return get_method(method)(classifier, config)
 
 
@@ -158,7 +158,7 @@ def test_a_timestep_off_the_priors_path_is_a_config_error(tiny_vae: Path) -> Non
 def test_classifier_and_prior_must_share_their_label_set(tiny_vae: Path) -> None:
     torch.manual_seed(0)
     eleven = create_classifier(ModelConfig(name="convnext_atto", num_classes=11))
-    config = get_method("dusa").Config(name="dusa", prior="dit_tiny", vae=str(tiny_vae))
+    config = get_method("dusa").Config(name="dusa", prior="dit_tiny", prior_random_init=True, vae=str(tiny_vae))
     with pytest.raises(ConfigError, match="predicts 11 classes but prior dit_tiny is conditioned on 10"):
         get_method("dusa")(eleven, config)
     with pytest.raises(ConfigError, match="topk \\+ extra = 11 candidates, more than the 10 classes"):
@@ -194,13 +194,14 @@ def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path)
     from dusa_cli.priors.registry import create_prior_transformer
 
     torch.save({"ema": create_prior_transformer("sit_tiny").state_dict()}, wrong)
-    refused = [tmp_path / f"refused{index}" for index in range(5)]  # one each: the commands run side by side
+    refused = [tmp_path / f"refused{index}" for index in range(6)]  # one each: the commands run side by side
     assert_one_line_errors(
         (("baseline", *common, "--method", "dusa", "-o", str(refused[0])), 2, "adapt-cls"),
         (("adapt-cls", *common, "--method", "tent", "-o", str(refused[1])), 2, "baseline"),
         (("baseline", *common, "--method", "tent", "--compile", "prior", "-o", str(refused[2])), 2, "method tent has no prior to compile"),
         (("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(refused[3])), 2, "ships no weights"),
         (("adapt-cls", *common, "--prior-checkpoint", str(wrong), "-o", str(refused[4])), 1, "does not fit sit_digits"),
+        (("adapt-cls", *common, "--set", "method.prior_pretrained=false", "-o", str(refused[5])), 2, "prior 'sit_digits' has no weights"),
     )
     assert not any(path.exists() for path in refused)
 

@@ -152,8 +152,8 @@ def _build(shapes: Shapes, recipe: Recipe, vae: Path, device: torch.device) -> O
     classifier = create_classifier(ModelConfig(name=shapes.classifier, num_classes=shapes.num_classes))
     dusa = get_method("dusa")
     config = dusa.Config(
-        name="dusa", prior=shapes.prior, vae=str(vae), topk=4, extra=2, classifier_fp32=recipe.classifier_fp32,
-        gradient_checkpointing=recipe.gradient_checkpointing,
+        name="dusa", prior=shapes.prior, prior_random_init=True, vae=str(vae), topk=4, extra=2,
+        classifier_fp32=recipe.classifier_fp32, gradient_checkpointing=recipe.gradient_checkpointing,
     )  # fmt: skip
     method = dusa(classifier, config)
     _like_trained(method.prior.transformer)

@@ -116,7 +116,7 @@ class ModelConfig(StrictModel):
         description="cls: run the model untrained (random weights), e.g. a smoke test; otherwise a run "
         "needs checkpoint or pretrained",
     )
-    num_classes: int | None = Field(default=None, description="override the head size")
+    num_classes: int | None = Field(default=None, ge=1, description="override the head size")
 
 
 def _located(check: Callable[[Any], T], value: Any) -> T:
@@ -171,7 +171,7 @@ class OptimConfig(StrictModel):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     betas: tuple[Beta, Beta] = (0.9, 0.999)
-    momentum: float = Field(default=0.9, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD's momentum")
     weight_decay: float = Field(default=0.0, ge=0)
     accumulation: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
     fused: bool = Field(default=False, description="fused Adam/AdamW kernels (CUDA only)")

@@ -31,6 +31,11 @@ class DusaConfig(GuidedConfig):
     prior_pretrained: bool = Field(
         default=False, description="use the weights shipped in the package for this preset (sit_digits)"
     )
+    prior_random_init: bool = Field(
+        default=False,
+        description="run the prior untrained (random weights), e.g. a benchmark; otherwise a run needs "
+        "prior_checkpoint or prior_pretrained",
+    )
     vae: Literal["none"] | LocalPath = Field(default="none", description="'none' (pixel space) or a local VAE directory/file")
     topk: int = Field(default=4, ge=1)
     extra: int = Field(default=2, ge=0, description="m classes sampled beyond the top-k")
@@ -54,6 +59,11 @@ class Dusa(GuidedMethod):
         checkpoint = config.prior_checkpoint
         if checkpoint is None and config.prior_pretrained:
             checkpoint = packaged_weights(config.prior)
+        if checkpoint is None and not config.prior_random_init:  # as an untrained classifier is refused
+            raise ConfigError(
+                f"prior '{config.prior}' has no weights: pass --prior-checkpoint PATH (local weights), set "
+                "method.prior_pretrained=true (weights packaged on disk) or method.prior_random_init=true (untrained)"
+            )
         prior = create_prior(
             config.prior,
             checkpoint=checkpoint,
