@@ -611,7 +611,7 @@ def bench_seg_command(
     from dusa_cli.engine.runtime import resolve_device
     from dusa_cli.ui import StatusLine
 
-    devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus else ["auto"])]
+    devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus is not None else ["auto"])]
     from dusa_cli.priors.checkpointing import parse_checkpointing
 
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))

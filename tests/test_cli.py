@@ -74,7 +74,7 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c:
 
 
 def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
-    outputs = [tmp_path / f"out{index}" for index in range(10)]
+    outputs = [tmp_path / f"out{index}" for index in range(11)]
     out = iter(str(path) for path in outputs)  # one each: the commands run side by side
     (tmp_path / "file").write_text("")
     bad = tmp_path / "bad.yaml"
@@ -102,11 +102,13 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         (("baseline", "--data", str(digits_c)), 2, "start from a preset: -c configs/cls/digits.yaml"),
         (("baseline", "-c", PRESET, "--set", "data.corruptions=[fog"), 2, "--set data.corruptions=[fog: invalid YAML"),
         (("baseline", "-c", PRESET, *not_weights, "-o", next(out)), 1, "not a torch or safetensors file"),
+        (("baseline", "-c", PRESET, *not_weights[:-1], str(tmp_path), "-o", next(out)), 1, f"checkpoint {tmp_path} is a folder: name the weights file in it"),
         # Usage errors from the parser: one line too, not Typer's boxed panel.
         (("baseline", "--foo"), 2, "No such option: --foo (see 'dusa baseline --help')"),
         (("baseline", "--setting", "weekly"), 2, "Invalid value for '--setting': 'weekly' is not one of"),
         (("report",), 2, "Missing argument 'paths'."),
         (("nope",), 2, "No such command 'nope'. (see 'dusa --help')"),
+        (("bench", "seg", "--tiny", "--gpus", ""), 2, "--gpus takes a comma list of GPU indices (or cpu), got ''"),
     )
     assert next(out, None) is None and not any(path.exists() for path in outputs)
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializeAsAny,
@@ -53,10 +54,17 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     return format_problems(validation_problems(error, prefix))
 
 
+def _not_empty(value: Any) -> Any:
+    """An empty path would be the working directory, never what was meant."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("expected a path, got an empty one")
+    return value
+
+
 # A local file or folder, stored absolute (`~` expanded, symlinks kept): a run's config.yaml names
 # the same files from any working directory (`-c RUN/config.yaml`, `--resume` elsewhere), and
 # `dusa report` does not split seeds run from different directories.
-LocalPath = Annotated[Path, AfterValidator(absolute_path)]
+LocalPath = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(absolute_path)]
 
 
 def _alternatives(annotation: Any) -> list[Any]:

@@ -20,6 +20,8 @@ PREFIXES = ("module.", "model.", "_orig_mod.")
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A flat name → tensor dict from .safetensors or a torch pickle, wrappers removed."""
     path = Path(path)
+    if path.is_dir():
+        raise DusaError(f"checkpoint {path} is a folder: name the weights file in it (.pth, .pt or .safetensors)")
     if not path.is_file():
         raise DusaError(f"checkpoint not found: {path}")
     try:
