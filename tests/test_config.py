@@ -127,6 +127,9 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("model.num_classes=0", "model.num_classes: Input should be greater than or equal to 1"),
     ("optim.momentum=2", "optim.momentum: Input should be less than 1"),
     ("run.output=''", "run.output: expected a path, got an empty one"),
+    ("data.root=", "data.root: expected a path, got an empty one"),  # YAML's null
+    ("data=3", "data: Input should be a valid dictionary"),  # the location said once
+    ("method=3", "method: expected a method name or a mapping with one"),
     ("data.severities=[5,true]", "data.severities: expected a number, not true"),  # in a list too
     ("optim.betas=[0.9,yes]", "optim.betas: expected a number, not true"),
     ("data.severities=[]", "data.severities: no severity selected"),

@@ -39,7 +39,7 @@ def validation_problems(error: ValidationError, prefix: str = "") -> list[tuple[
     for item in error.errors():
         location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-        if location and message.startswith(f"{location}."):
+        if location and message.startswith((f"{location}.", f"{location}: ")):
             location, _, message = message.partition(": ")
         problems.append((location, message))
     return problems
@@ -55,8 +55,9 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
 
 
 def _not_empty(value: Any) -> Any:
-    """An empty path would be the working directory, never what was meant."""
-    if isinstance(value, str) and not value.strip():
+    """An empty path would be the working directory, never what was meant (`--set data.root=`
+    reads as null)."""
+    if value is None or isinstance(value, str) and not value.strip():
         raise ValueError("expected a path, got an empty one")
     return value
 
@@ -299,7 +300,7 @@ class ExperimentConfig(StrictModel):
         if isinstance(value, str):
             value = {"name": value}
         if not isinstance(value, dict) or "name" not in value:
-            raise ValueError("method needs a 'name'")
+            raise ValueError("expected a method name or a mapping with one, e.g. {name: tent}")
         try:
             return get_method(value["name"]).Config.model_validate(value)
         except ValidationError as error:  # re-raised flat so the location names the method key
