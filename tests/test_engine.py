@@ -245,6 +245,13 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(digits_c: Path, t
         run_experiment(config, progress=StopAfter(batches=4))  # 3 batches per task: stops in task 2
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
     assert partial["status"] == "stopped" and len(partial["tasks"]) == 1
+    if setting == "continual":  # a damaged state.pt is refused in one line; the run resumes once it is back
+        state = tmp_path / "run" / "state.pt"
+        saved = state.read_bytes()
+        state.write_bytes(b"not what a run saved")
+        with pytest.raises(DusaError, match="state.pt is unreadable \\(RuntimeError"):
+            run_experiment(config, resume=True)
+        state.write_bytes(saved)
     resumed = run_experiment(config, resume=True).results
     assert resumed["status"] == "complete"
     keys = ("corruption", "top1", "top5", "mean_loss", "num_samples")

@@ -119,6 +119,24 @@ def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(s
     ]
 
 
+@pytest.mark.parametrize(("damage", "problem"), [
+    ({"tasks": [{"corruption": "fog", "severity": 5, "top1": "high"}]}, "damaged tasks (fog/5: top1 is \"high\")"),
+    ({"tasks": [{"top1": 0.5}]}, 'damaged tasks (a record without its corruption and severity: {"top1": 0.5})'),
+    ({"tasks": [["fog", 5]]}, "damaged tasks (a record is a list, not a mapping)"),
+    ({"planned_tasks": None}, "damaged planned_tasks (not a list)"),
+])  # fmt: skip
+def test_a_damaged_task_record_skips_its_run(sweep: Path, tmp_path: Path, damage: dict, problem: str) -> None:
+    """Edited by hand or cut short: said in one line, where `report` would fail on a key."""
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep / "source-None-1", runs / "source")
+    shutil.copytree(sweep / "source-None-1", runs / "damaged")
+    file = runs / "damaged" / "results.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | damage))
+    skipped: list[str] = []
+    assert [run["path"] for run in find_runs([runs], skip=skipped.append)] == [str(runs / "source")]
+    assert skipped == [f"skipped {file}: {problem}"]
+
+
 def test_rows_that_do_not_measure_the_same_thing_say_so(sweep: Path, digits_c: Path, tmp_path: Path) -> None:
     overrides = {"data.root": str(digits_c), "data.corruptions": ["gaussian_noise", "fog"], "data.batch_size": 16,
                  "data.num_ex": 20, "method.name": "norm", "run.seed": 1, "run.output": str(tmp_path / "norm")}

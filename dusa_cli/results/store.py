@@ -150,10 +150,16 @@ class ResultsStore:
     def load_state(self) -> dict[str, Any]:
         import torch
 
+        cannot = f"cannot resume the continual run in {self.root}: state.pt"
         if not self.state_path.is_file():
-            raise DusaError(f"cannot resume the continual run in {self.root}: state.pt is missing")
-        # mmap: every process of a multi-process resume reads the file without its own copy in RAM.
-        return torch.load(self.state_path, map_location="cpu", weights_only=False, mmap=True)
+            raise DusaError(f"{cannot} is missing")
+        try:  # mmap: every process of a multi-process resume reads the file without its own copy in RAM
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as error:  # any decoder failure: the file is not what a run saved
+            raise DusaError(f"{cannot} is unreadable ({type(error).__name__}: {error})") from error
+        if not isinstance(state, dict) or not {"adapter", "rng", "records"} <= state.keys():
+            raise DusaError(f"{cannot} is not a saved run state (a dict of adapter, rng and records)")
+        return state
 
     def _save(self) -> None:
         if self.writable:
@@ -181,7 +187,26 @@ def read_results(file: Path) -> dict[str, Any]:
         raise DusaError(f"unreadable results file {file}: {error}") from None
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT or not isinstance(results.get("tasks"), list):
         raise DusaError(f"{file}: not a dusa results file ({RESULTS_FORMAT})")
+    for field in ("planned_tasks", "tasks"):
+        records = results.get(field)
+        problem = next(filter(None, map(_record_problem, records)), None) if isinstance(records, list) else "not a list"
+        if problem:
+            raise DusaError(f"{file}: damaged {field} ({problem})")
     return results
+
+
+# A task record's scores: numbers (or null) where it has them; report and summaries compute with them.
+SCORES = ("top1", "top5", "error", "miou", "pixel_accuracy", "mean_loss")
+
+
+def _record_problem(record: Any) -> str | None:
+    """What makes a task record unusable by `report` and `--resume`, or None."""
+    if not isinstance(record, dict):
+        return f"a record is a {type(record).__name__}, not a mapping"
+    if not isinstance(record.get("corruption"), str) or type(record.get("severity")) is not int:
+        return f"a record without its corruption and severity: {json.dumps(record)[:80]}"
+    wrong = [key for key in SCORES if key in record and record[key] is not None and type(record[key]) not in (int, float)]
+    return f"{record['corruption']}/{record['severity']}: {wrong[0]} is {json.dumps(record[wrong[0]])}" if wrong else None
 
 
 def _check_same_config(root: Path, config_text: str) -> None:
