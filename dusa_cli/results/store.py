@@ -256,7 +256,11 @@ def _check_same_inputs(root: Path, recorded: dict[str, Any], environment: dict[s
     two models' scores in one results.json. Rebuilt data is said, not refused: prepare-data adds
     corruptions to a folder and rewrites its manifest, leaving the finished tasks' images."""
     before, now = recorded.get("inputs"), environment.get("inputs", {})
-    if not isinstance(before, dict):  # written before inputs were recorded
+    if not isinstance(before, dict):  # missing, damaged, or written before inputs were recorded
+        warnings.warn(
+            f"--resume: {root / 'environment.json'} records no inputs (missing or unreadable): the weights and "
+            "data are not checked against those of the first session", stacklevel=3,
+        )
         return
     changed = sorted(key for key in before.keys() & now.keys() if before[key] != now[key])
     for key in changed:
