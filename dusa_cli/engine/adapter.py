@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
+from dusa_cli.collectives import all_reduce_gradients
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.draws import Draws
-from dusa_cli.engine.distributed import all_reduce_gradients
 from dusa_cli.engine.runtime import autocast
 from dusa_cli.methods import StepOutput, TTAMethod
 

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dusa_cli.collectives import all_reduce_
 from dusa_cli.config.schema import DataConfig, ModelConfig
 from dusa_cli.data.datasets import check_labels, open_task
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.distributed import ShardedBatches, all_reduce_
+from dusa_cli.engine.distributed import ShardedBatches
 from dusa_cli.engine.tasks import Progress, TaskKind, online_curve, start_timing, summarize, timing_record
 from dusa_cli.errors import ConfigError
 from dusa_cli.models.classifier import NormalizedClassifier, create_classifier

@@ -13,20 +13,13 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from dusa_cli.collectives import agree, broadcast_from_main, gather_to_main
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
 from dusa_cli.data.files import usable_cores
 from dusa_cli.draws import task_key
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.classification import CLASSIFICATION
-from dusa_cli.engine.distributed import (
-    ShardedBatches,
-    World,
-    agree,
-    broadcast_from_main,
-    collate_shard,
-    gather_to_main,
-    process_group,
-)
+from dusa_cli.engine.distributed import ShardedBatches, World, collate_shard, process_group
 from dusa_cli.engine.profiling import step_profiler
 from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from dusa_cli.engine.segmentation import SEGMENTATION

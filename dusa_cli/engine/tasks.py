@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dusa_cli.collectives import all_reduce_
 from dusa_cli.config.schema import DataConfig, ModelConfig
 from dusa_cli.engine.adapter import OnlineAdapter
-from dusa_cli.engine.distributed import all_reduce_
 from dusa_cli.engine.runtime import peak_memory, reset_peak_memory, synchronize
 
 

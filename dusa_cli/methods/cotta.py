@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from dusa_cli.collectives import broadcast_from_main
 from dusa_cli.config.schema import MethodConfig
-from dusa_cli.engine.distributed import broadcast_from_main
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, TTAMethod, use_batch_statistics
 from dusa_cli.models.segmenter import Segmenter
