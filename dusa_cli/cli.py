@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -730,4 +731,7 @@ def _exit(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    # The outcome is said: another Ctrl-C in the teardown (atexit handlers, data workers) ends
+    # the process at once, where it would print a traceback from whichever handler it broke.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(code))
     sys.exit(code)
