@@ -26,11 +26,12 @@ from dusa_cli.config.schema import CompileMode, ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
-from dusa_cli.engine.runtime import device_name, peak_memory, seed_everything
+from dusa_cli.engine.runtime import peak_memory, seed_everything
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
 from dusa_cli.priors.checkpointing import Checkpointing, describe, parse_checkpointing
+from dusa_cli.results.environment import device_name
 
 # The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors"); the
 # H200 has the same compute die and clocks. Other devices have no measured peak: no fraction.

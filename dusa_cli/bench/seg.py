@@ -24,12 +24,13 @@ from dusa_cli.bench.timing import Say, caption, file_stem, ratio, run_recipes, t
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
-from dusa_cli.engine.runtime import device_name, peak_memory, seed_everything
+from dusa_cli.engine.runtime import peak_memory, seed_everything
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
 from dusa_cli.priors.checkpointing import Checkpointing, describe
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, SD3Prior, random_prompt_embeddings
 from dusa_cli.priors.split import training_bytes
+from dusa_cli.results.environment import device_name
 
 CLASSES = 20  # every window is filled to the cap (`classes_threshold`)
 

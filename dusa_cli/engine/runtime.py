@@ -69,11 +69,6 @@ def synchronize(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's model name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -106,6 +106,19 @@ def input_files(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     return records
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's model name ("NVIDIA H100 80GB HBM3"), or the CPU's ("AMD EPYC 9654 96-Core
+    Processor" from Linux's /proc/cpuinfo; platform.processor() elsewhere, which on Linux says
+    only "x86_64"), or "cpu"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next(line.partition(":")[2].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def collect_environment(device: torch.device, config: ExperimentConfig) -> dict[str, Any]:
     return {
         "dusa_version": __version__,
@@ -117,7 +130,7 @@ def collect_environment(device: torch.device, config: ExperimentConfig) -> dict[
         "packages": package_versions(),
         "torchvision_ops": TORCHVISION_STATUS,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": device_name(device),
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "inputs": input_files(config),
