@@ -31,6 +31,15 @@ def task_key(seed: int, task: str) -> int:
     return mix(seed, zlib.crc32(task.encode()))
 
 
+def sample_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`torch.multinomial(weights, count, replacement=False, generator=generator)`: torch's own
+    algorithm (the `count` largest of weights / Exp(1) draws), so the same classes from the same
+    stream, without its input checks, which read two values back to the host: a GPU wait per
+    call, per image with ImageDraws (the weights here are softmax outputs, valid by construction)."""
+    race = weights / torch.empty_like(weights).exponential_(1, generator=generator)
+    return race.argmax(dim=-1, keepdim=True) if count == 1 else race.topk(count, dim=-1).indices
+
+
 class Draws:
     """Torch's global stream (or `generator`): draws depend on how images are batched."""
 
@@ -43,7 +52,7 @@ class Draws:
 
     def multinomial(self, probabilities: torch.Tensor, count: int) -> torch.Tensor:
         """`count` distinct classes per row of (B, C) probabilities."""
-        return torch.multinomial(probabilities, count, replacement=False, generator=self.generator)
+        return sample_without_replacement(probabilities, count, self.generator)
 
     def permutation(self, count: int, device: torch.device) -> torch.Tensor:
         """A random order of 0..count-1 (one image's choice among its classes)."""
@@ -78,7 +87,7 @@ class ImageDraws(Draws):
         self._check(probabilities.shape[0])
         generators = self._per_image(probabilities.device)
         return torch.stack(
-            [torch.multinomial(row, count, replacement=False, generator=g) for row, g in zip(probabilities, generators)]
+            [sample_without_replacement(row, count, g) for row, g in zip(probabilities, generators)]
         )
 
     def permutation(self, count: int, device: torch.device) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dusa_cli.draws import Draws, ImageDraws
+from dusa_cli.draws import Draws, ImageDraws, sample_without_replacement
 from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
 
 
@@ -105,6 +105,16 @@ def test_loss_weights_leave_something_to_learn() -> None:
         LossWeights(mse=0)
     with pytest.raises(ValidationError, match="expected a number, not true"):
         LossWeights(cosine=True)
+
+
+@pytest.mark.parametrize(("shape", "count"), [((10,), 1), ((10,), 4), ((3, 7), 2), ((2, 1000), 6), ((3, 5), 5)])
+def test_classes_are_torch_multinomials_draws_without_its_host_reads(shape: tuple[int, ...], count: int) -> None:
+    """The same classes as torch.multinomial from the same stream (runs from before keep their
+    draws), computed without the checks that make a GPU wait."""
+    for seed in range(20):
+        weights = torch.rand(shape, generator=torch.Generator().manual_seed(100 + seed)).softmax(dim=-1)
+        expected = torch.multinomial(weights, count, replacement=False, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sample_without_replacement(weights, count, torch.Generator().manual_seed(seed)), expected)
 
 
 def test_image_draws_do_not_depend_on_how_images_are_batched() -> None:
