@@ -13,7 +13,8 @@ once with torch's FlopCounterMode on an eager forward+backward, so TFLOP/s = FLO
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
@@ -185,15 +186,24 @@ def _images(count: int, shapes: Shapes, device: torch.device) -> torch.Tensor:
     return images.to(device).float().div_(255)
 
 
-def flops_per_image(adapter: OnlineAdapter, images: torch.Tensor) -> float:
-    """Forward + backward FLOPs of one DUSA micro-batch, per image (no optimizer step)."""
+def flops_per_image(adapter: OnlineAdapter, image: torch.Tensor) -> float:
+    """Forward + backward FLOPs of DUSA's step on one (1, 3, H, W) image (no optimizer step). The count runs
+    eager and in fp32 (the counter makes torch.compile skip), so one image: a micro-batch of them
+    could run out of memory where the recipe itself fits. The work per image does not depend on
+    the batch (k + m prior calls per image, no batch statistics in these networks). Checkpointed
+    blocks are not recomputed here: a row's TFLOP/s counts the model's work, as for every recipe."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        adapter.method.forward(images).loss.backward()
+    transformer = adapter.method.prior.transformer
+    recomputed, transformer.checkpointed_blocks = transformer.checkpointed_blocks, 0
+    try:
+        with FlopCounterMode(display=False) as counter:
+            adapter.method.forward(image).loss.backward()
+    finally:
+        transformer.checkpointed_blocks = recomputed
     for module in adapter.method.modules().values():
         module.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / images.shape[0]
+    return counter.get_total_flops()
 
 
 def _draws(recipe: Recipe, micro_batch_index: int, first_image: int) -> ImageDraws:
@@ -219,7 +229,7 @@ def run_recipe(
     adapter = _build(shapes, recipe, vae, device)
     batch = _images(recipe.micro_batch, shapes, device)
     say("counting FLOPs")
-    flops = flops_per_image(adapter, batch)
+    flops = flops_per_image(adapter, batch[:1])
 
     def update() -> None:
         for index in range(recipe.accumulation):
@@ -310,6 +320,19 @@ def run_trajectory(
     return {"name": recipe.name, "losses": losses, "predictions": torch.cat(predictions)}
 
 
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 matrix products and convolutions as full fp32 while the block runs: cuDNN runs fp32
+    convolutions in TF32 by default (10-bit mantissa), which a numerical reference must not."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def compare_trajectories(
     *,
     tiny: bool,
@@ -327,7 +350,10 @@ def compare_trajectories(
         candidate = replace(candidate, compile_prior=False, compile_classifier=False, fused_adam=False)
     with tempfile.TemporaryDirectory() as scratch:
         vae = _random_vae(Path(scratch) / "vae", tiny)
-        runs = [run_trajectory(r, shapes, updates=updates, device=device, vae=vae, say=say) for r in (reference, candidate)]
+        runs = []
+        for recipe in (reference, candidate):
+            with ieee_fp32() if recipe.precision == "fp32" else nullcontext():
+                runs.append(run_trajectory(recipe, shapes, updates=updates, device=device, vae=vae, say=say))
     base, other = runs
     deviations = [abs(b - a) / abs(a) for a, b in zip(base["losses"], other["losses"])]
     return {

@@ -17,12 +17,16 @@ from dusa_cli.engine.runtime import reset_peak_memory, synchronize
 
 def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A recipe that does not fit is a result (the row says "out of memory"), not the end of the
-    benchmark; its memory is released before the next recipe is built."""
+    benchmark; its memory and compiled code are released before the next recipe is built. Kept,
+    compiled code would hold CUDA graph pools, and its cache entries would count toward Dynamo's
+    recompile limit (8 per code object, which `nn.Module.compile` shares between modules): past
+    it, a later recipe would run eager under a "compiled" label."""
     try:
         return run()
     except torch.OutOfMemoryError:
         return asdict(recipe) | {"out_of_memory": True}
     finally:
+        torch.compiler.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

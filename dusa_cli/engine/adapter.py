@@ -61,6 +61,7 @@ class OnlineAdapter:
             # Each micro-batch is a new iteration for the graphs (torch's cudagraph trees): the
             # previous one's outputs, already consumed, may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
+            self._own_gradients()
         images = images.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.precision):
             output = self.method.forward(images)
@@ -70,6 +71,15 @@ class OnlineAdapter:
         if self.profiler is not None:
             self.profiler.step()
         return output
+
+    def _own_gradients(self) -> None:
+        """Gradient buffers of our own before an update's first backward. Otherwise autograd
+        keeps a graph's gradient output as `.grad`, in memory that the next micro-batch's replay
+        overwrites: wrong accumulated gradients, or an error (pytorch#96693, #169545). A parameter
+        that then gets no gradient steps with a zero one (eager runs leave it alone)."""
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate (a part of) this micro-batch's loss outside autocast, scaled for fp16.
