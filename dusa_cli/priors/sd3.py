@@ -169,7 +169,9 @@ class SD3Prior(nn.Module):
         constructor's (devices, split, gradient_checkpointing, trainable, reserved_first)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-        return cls(SD3Transformer2DModel(**transformer_config), AutoencoderKL(**vae_config), prompts, **options)
+        with torch.device(options["devices"][0]):  # initialised where it runs: 2 B parameters are slow on a CPU
+            transformer, vae = SD3Transformer2DModel(**transformer_config), AutoencoderKL(**vae_config)
+        return cls(transformer, vae, prompts, **options)
 
     @property
     def pixel_multiple(self) -> int:
