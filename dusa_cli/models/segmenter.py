@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dusa_cli.config.schema import ModelConfig
+from dusa_cli.data.files import require_directory
 from dusa_cli.errors import ConfigError, DusaError
 
 SEGMENTERS = ("segformer",)
@@ -82,6 +83,7 @@ def create_segmenter(config: ModelConfig) -> Segmenter:
             "segformer needs model.checkpoint (--checkpoint DIR): a local transformers SegFormer directory, "
             "e.g. a copy of nvidia/segformer-b5-finetuned-ade-640-640"
         )
+    require_directory(directory, "SegFormer directory")
     if not (directory / "config.json").is_file():
         raise DusaError(f"{directory} is not a transformers model directory (no config.json)")
     try:
