@@ -670,9 +670,7 @@ def _parse_and_dispatch() -> None:
             raise DusaError(failure.format_message()) from failure
         else:
             message = failure.format_message().replace(": Value error, ", ": ")  # Typer's wording of a bad choice
-            error = ConfigError(f"{message} (see '{context.command_path} --help')")
-            error.exit_code = failure.exit_code
-            raise error from failure
+            raise ConfigError(f"{message} (see '{context.command_path} --help')") from failure  # exit 2, as Click's
     if isinstance(code, int) and code:  # what a typer.Exit ended with
         sys.exit(code)
 
