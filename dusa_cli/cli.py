@@ -19,7 +19,7 @@ import typer
 from dusa_cli import __version__
 from dusa_cli.errors import ConfigError, DusaError, ExitCode, Interrupted
 from dusa_cli.process import is_main_process, process_rank
-from dusa_cli.stopping import SAVED, interrupted, stoppable
+from dusa_cli.stopping import SAVED, interrupted, outcome_on_stop, stoppable
 
 if TYPE_CHECKING:
     from dusa_cli.config.schema import ExperimentConfig
@@ -204,8 +204,12 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
             f"{config.run.precision}), not a paper's recipe (presets in configs/cls and configs/seg)", stacklevel=1,
         )
     _check_command(command, config)
+    from dusa_cli.results.store import stopped_run_outcome
+
+    outcome = partial(stopped_run_outcome, config.run.output)  # what a stop kept, in its message
     if gpus is None:
-        _execute(config, resume, quiet)
+        with outcome_on_stop(outcome):
+            _execute(config, resume, quiet)
         return
     if config.task != "cls":
         raise ConfigError("--gpus runs data parallelism for classification; segmentation baselines run on one device")
@@ -214,7 +218,7 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
     devices = parse_gpus(gpus)  # malformed, repeated or missing GPUs first: what --gpus itself says
     if config.run.device not in ("auto", "cuda"):
         raise ConfigError(f"--gpus runs one process per GPU: run.device must be auto or cuda, not '{config.run.device}'")
-    launch(devices, _worker, (config, resume, quiet))
+    launch(devices, _worker, (config, resume, quiet), outcome)
 
 
 def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:

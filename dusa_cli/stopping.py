@@ -18,6 +18,7 @@ from dusa_cli.process import is_main_process
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 SAVED = "every finished task is saved (continue with --resume)"  # what a stopped run keeps, if any
+OUTCOME = "dusa_outcome"  # the attribute of a KeyboardInterrupt that says what the stop kept (outcome_on_stop)
 
 Handler = Callable[[int, FrameType | None], Any]
 
@@ -71,10 +72,21 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
         raise interrupted(Stopped(stopped), outcome, report)
 
 
+@contextmanager
+def outcome_on_stop(describe: Callable[[], str]) -> Iterator[None]:
+    """A stop that ends the block says `describe()` (called as it leaves the block: what the stop
+    kept) in place of the outcome its stoppable() was given."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        setattr(stop, OUTCOME, describe())
+        raise
+
+
 def interrupted(interrupt: KeyboardInterrupt, outcome: str = "", report: bool = True) -> Interrupted:
     """The Interrupted error of a KeyboardInterrupt: Ctrl-C, or the signal that Stopped carries."""
     number = interrupt.signal if isinstance(interrupt, Stopped) else signal.SIGINT
-    return Interrupted(number, outcome, silent=not _says(report))
+    return Interrupted(number, getattr(interrupt, OUTCOME, outcome), silent=not _says(report))
 
 
 def quit_at_once(outcome: str = "", report: bool = True) -> None:

@@ -65,9 +65,10 @@ from pathlib import Path
 from dusa_cli.cli import _guarded, _worker
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.distributed import launch
+from dusa_cli.results.store import stopped_run_outcome
 
-settings = {settings}
-_guarded(lambda: launch([0, 1], _worker, (load_config(Path({preset!r}), settings), False, True)))
+config = load_config(Path({preset!r}), {settings})
+_guarded(lambda: launch([0, 1], _worker, (config, False, True), lambda: stopped_run_outcome(config.run.output)))
 """
 LAUNCH_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # the listed "GPUs" need not exist
 

@@ -16,6 +16,7 @@ import pytest
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.loop import run_experiment
 from dusa_cli.errors import ExitCode
+from dusa_cli.results.store import stopped_run_outcome
 from helpers import LAUNCH_ENV, assert_one_line_error, launch_command
 
 PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
@@ -25,7 +26,12 @@ KEYS = ("corruption", "top1", "top5", "mean_loss", "num_samples")
 # with the temporary file written but not yet in place. The stop then writes results.json itself:
 # the first task (finished, its record in memory) and status "stopped".
 STALL = {"DUSA_TEST_FAULT": "0:hang-write:3"}
-SAVED = "every finished task is saved (continue with --resume)"
+SAVED = "every finished task is saved (continue with --resume)"  # where the stop cannot look
+
+
+def kept(output: Path, done: int = 1) -> str:
+    """How a run stopped after `done` of its 2 tasks says what it kept."""
+    return f"{done} of 2 tasks finished and are saved in {output} (continue with --resume)"
 
 Start = Callable[..., subprocess.Popen]
 
@@ -88,23 +94,30 @@ def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    ("number", "code", "message"),
-    [
-        (signal.SIGINT, ExitCode.INTERRUPTED, f"interrupted; {SAVED}"),
-        (signal.SIGTERM, 143, f"stopped by SIGTERM; {SAVED}"),
-        (signal.SIGHUP, 129, f"stopped by SIGHUP; {SAVED}"),
-    ],
+    ("number", "code", "stop"),
+    [(signal.SIGINT, ExitCode.INTERRUPTED, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGHUP, 129, "stopped by SIGHUP")],
     ids=["SIGINT", "SIGTERM", "SIGHUP"],
 )
-def test_a_stopped_run_says_so_in_one_line_and_resumes(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list], number: int, code: int, message: str) -> None:
+def test_a_stopped_run_says_so_in_one_line_and_resumes(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list], number: int, code: int, stop: str) -> None:
     output = tmp_path / "run"
     process = start(baseline(digits_c, output), hooks | STALL)
     wait_for_hang(process, tmp_path / "hangs.log")
     process.send_signal(number)
-    assert_one_line_error(finish(process), code, message)
+    assert_one_line_error(finish(process), code, f"{stop}; {kept(output)}")
     assert not list(output.glob(".*"))  # the interrupted write removed its temporary file
     assert records(output) == reference[:1]
     assert json.loads((output / "results.json").read_text())["status"] == "stopped"
+    resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert records(output) == reference
+
+
+def test_a_run_stopped_before_its_first_task_finished_says_so(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list]) -> None:
+    output = tmp_path / "run"
+    process = start(baseline(digits_c, output), hooks | {"DUSA_TEST_FAULT": "0:hang:0"})  # in its first step
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGINT)
+    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, "interrupted; no task had finished (run it again with --resume)")
     resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert records(output) == reference
@@ -134,7 +147,7 @@ def test_sigterm_to_every_process_of_a_run_with_data_workers(digits_c: Path, tmp
     process = start(baseline(digits_c, output, "--set", "data.num_workers=2"), hooks | {"DUSA_TEST_FAULT": "0:hang:1"})
     wait_for_hang(process, tmp_path / "hangs.log")
     os.killpg(process.pid, signal.SIGTERM)
-    assert_one_line_error(finish(process), 143, f"stopped by SIGTERM; {SAVED}")
+    assert_one_line_error(finish(process), 143, f"stopped by SIGTERM; {kept(output)}")
     assert len(records(output)) == 1
 
 
@@ -151,7 +164,7 @@ def test_the_gpus_launcher_forwards_sigterm_and_reports_it_once(digits_c: Path, 
     output = tmp_path / "run"
     process = launched(digits_c, output, hooks, start)
     process.send_signal(signal.SIGTERM)  # to the launcher alone
-    assert_one_line_error(finish(process), 143, f"stopped by SIGTERM; {SAVED}")
+    assert_one_line_error(finish(process), 143, f"stopped by SIGTERM; {kept(output)}")
     assert not list(output.glob(".*"))  # rank 0 stopped as at Ctrl-C
     assert len(records(output)) == 1
 
@@ -210,3 +223,11 @@ def test_a_stop_that_something_swallowed_still_ends_as_a_stop() -> None:
                 pass  # as the ctypes callback does
             finished = True
     assert finished and caught.value.exit_code == 143
+
+
+def test_a_stop_says_what_it_kept_from_the_files_on_disk(tmp_path: Path) -> None:
+    assert stopped_run_outcome(tmp_path / "new") == "no task had started; nothing was written"
+    (tmp_path / "config.yaml").write_text("task: cls\n")  # stopped between the first two writes
+    assert stopped_run_outcome(tmp_path) == "no task had finished (run it again with --resume)"
+    (tmp_path / "results.json").write_text("{")
+    assert stopped_run_outcome(tmp_path) == f"see {tmp_path / 'results.json'}"

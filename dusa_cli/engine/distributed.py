@@ -32,7 +32,7 @@ from torch.utils.data.dataloader import default_collate
 from dusa_cli.collectives import ReportedElsewhere, first_line
 from dusa_cli.engine.runtime import resolve_device
 from dusa_cli.errors import ConfigError, DusaError, Interrupted
-from dusa_cli.stopping import SAVED, STOP_SIGNALS, handling
+from dusa_cli.stopping import STOP_SIGNALS, handling
 
 TIMEOUT_VARIABLE = "DUSA_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -172,13 +172,14 @@ def parse_gpus(text: str) -> list[int]:
     return gpus
 
 
-def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...], outcome: Callable[[], str]) -> None:
     """Run `worker(*args)` in one process per listed GPU, with the variables torchrun would set
     (so the engine takes the same path), and wait for all of them. The first process to fail
     stops the others; its own one-line error is the report.
 
-    A stop (Ctrl-C, SIGTERM, SIGHUP) is reported here, and the workers stop silently: when one
-    exits, torch SIGTERMs the others, which could cut rank 0 off before its line."""
+    A stop (Ctrl-C, SIGTERM, SIGHUP) is reported here, ending with `outcome()` (what the run
+    kept), and the workers stop silently: when one exits, torch SIGTERMs the others, which could
+    cut rank 0 off before its line."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = visible.split(",") if visible else [str(gpu) for gpu in range(max(gpus) + 1)]
     os.environ.update(
@@ -209,7 +210,7 @@ def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) 
                 pass
     except torch.multiprocessing.ProcessExitedException as failure:
         if stops:
-            raise Interrupted(stops[0], SAVED) from None
+            raise Interrupted(stops[0], outcome()) from None
         code = failure.exit_code
         if failure.signal_name is not None:
             cause = f"killed by {failure.signal_name}"
@@ -218,7 +219,7 @@ def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...]) 
         else:
             raise ReportedElsewhere(code) from None
         raise DusaError(
-            f"the process on GPU {gpus[failure.error_index]} was {cause}; the others were stopped; {SAVED}"
+            f"the process on GPU {gpus[failure.error_index]} was {cause}; the others were stopped; {outcome()}"
         ) from None
 
 
