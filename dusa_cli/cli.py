@@ -40,6 +40,14 @@ pretrain_app = typer.Typer(help="Train the embedded benchmark's source models.",
 app.add_typer(pretrain_app, name="pretrain")
 
 
+def local_path(text: str) -> Path:
+    """A path option's value. An empty one (`-o "$OUT"` with OUT unset) is refused: Path("")
+    would be the current directory."""
+    if not text.strip():
+        raise typer.BadParameter("expected a path, got an empty string")
+    return Path(text)
+
+
 class Setting(str, Enum):
     reset_each_shift = "reset_each_shift"
     continual = "continual"
@@ -71,11 +79,11 @@ class Dataset(str, Enum):
 # Flags shared by every run command; each overrides one key of the YAML config.
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML preset from configs/cls (classification) or configs/seg (segmentation). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
+    typer.Option("--config", "-c", parser=local_path, metavar="FILE", help="YAML preset from configs/cls (classification) or configs/seg (segmentation). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
 ]
 ModelOpt = Annotated[Optional[str], typer.Option(help="A timm classifier name (convnext_large.fb_in1k), or segformer for task seg → model.name.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option(help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint.")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(parser=local_path, metavar="PATH", help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
     typer.Option("--corruption", help="Corruption name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable → data.corruptions."),
@@ -84,7 +92,7 @@ SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Se
 NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="A fixed subset of N images per task (e.g. 5000), the same for every --seed → data.num_ex.")]
 SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results directory → run.output.")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Results directory → run.output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config; only output, workers, tracking and profiling may change).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -268,8 +276,8 @@ def root(
 def prepare_data(
     ctx: typer.Context,
     dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/IMAGE beside annotations/ (ade20k-c).")],
-    source: Annotated[Optional[Path], typer.Option(help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/IMAGE beside annotations/ (ade20k-c).")],
+    source: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
     corruption: Annotated[Optional[list[str]], typer.Option("--corruption", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
     severity: Annotated[Optional[list[int]], typer.Option("--severity", help="Severities to write, 1-5, repeatable (default: all 5; ade20k-c: 5).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the corruption noise (and of digits-c's train/test split).")] = 0,
@@ -314,7 +322,7 @@ def prepare_data(
     info(f"wrote {manifest.written} of the {len(manifest['files'])} files in {output} (manifest.json)")
 
 
-DigitsDataOpt = Annotated[Path, typer.Option("--data", help="A digits-c directory (uses its train/ and clean/ splits).")]
+DigitsDataOpt = Annotated[Path, typer.Option("--data", parser=local_path, metavar="DIR", help="A digits-c directory (uses its train/ and clean/ splits).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (without it an existing file is refused, so that weights such as the packaged ones are not lost by mistake).")]
 
 
@@ -330,7 +338,7 @@ def _check_weights_output(output: Path, overwrite: bool) -> None:
 @pretrain_app.command("digits-classifier")
 @stoppable()
 def pretrain_digits_classifier(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     seed: Annotated[int, typer.Option(min=0, help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
@@ -349,7 +357,7 @@ def pretrain_digits_classifier(
 @pretrain_app.command("digits-prior")
 @stoppable()
 def pretrain_digits_prior(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
     seed: Annotated[int, typer.Option(min=0, help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
@@ -372,7 +380,7 @@ def baseline(
     task: Annotated[Optional[Task], typer.Option(help="cls: classification; seg: segmentation (ADE20K-C, SegFormer) → task.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE), CIFAR-10-C's .npy files or, with --task seg, ADE20K-C → data.root.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE), CIFAR-10-C's .npy files or, with --task seg, ADE20K-C → data.root.")] = None,
     corruption: CorruptionOpt = None,
     severity: SeverityOpt = None,
     num_ex: NumExOpt = None,
@@ -397,7 +405,7 @@ def adapt_cls(
     config: ConfigOpt = None,
     method: Annotated[Optional[str], typer.Option(help="dusa | dusa_u → method.name.")] = None,
     prior: Annotated[Optional[str], typer.Option(help="Prior preset (sit_xl_2, dit_xl_2_256, sit_digits, …) → method.prior.")] = None,
-    prior_checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights of the prior → method.prior_checkpoint.")] = None,
+    prior_checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="FILE", help="Local weights of the prior → method.prior_checkpoint.")] = None,
     vae: Annotated[Optional[str], typer.Option(help="Local diffusers VAE directory or weights file, or 'none' → method.vae.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -425,10 +433,10 @@ def adapt_cls(
 def adapt_seg(
     config: ConfigOpt = None,
     method: Annotated[Optional[str], typer.Option(help="dusa_seg → method.name.")] = None,
-    prior: Annotated[Optional[Path], typer.Option(help="Local Stable Diffusion 3 directory (diffusers layout) → method.prior.")] = None,
+    prior: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="Local Stable Diffusion 3 directory (diffusers layout) → method.prior.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Segmenter: segformer → model.name.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Local transformers SegFormer directory → model.checkpoint.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="ADE20K-C root (official or images/validation/<c>_5 layout) → data.root.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="Local transformers SegFormer directory → model.checkpoint.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="ADE20K-C root (official or images/validation/<c>_5 layout) → data.root.")] = None,
     corruption: CorruptionOpt = None,
     severity: SeverityOpt = None,
     num_ex: NumExOpt = None,
@@ -458,7 +466,7 @@ app.add_typer(bench_app, name="bench")
 
 ProfileOpt = Annotated[
     Optional[Path],
-    typer.Option("--profile", metavar="DIR", help="After timing, one more update per recipe under torch.profiler: a trace and an operator table in DIR, the time by kind of work on screen."),
+    typer.Option("--profile", parser=local_path, metavar="DIR", help="After timing, one more update per recipe under torch.profiler: a trace and an operator table in DIR, the time by kind of work on screen."),
 ]
 
 
@@ -498,7 +506,7 @@ def bench_cls_command(
     trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
@@ -603,7 +611,7 @@ def bench_seg_command(
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
@@ -632,7 +640,7 @@ def bench_seg_command(
 @app.command()
 @stoppable()
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="Run directories or directories holding runs (searched for results.json; other tools' files are skipped with a warning).")],
+    paths: Annotated[list[Path], typer.Argument(parser=local_path, metavar="DIR", help="Run directories or directories holding runs (searched for results.json; other tools' files are skipped with a warning).")],
     metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:

@@ -106,9 +106,10 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         # Usage errors from the parser: one line too, not Typer's boxed panel.
         (("baseline", "--foo"), 2, "No such option: --foo (see 'dusa baseline --help')"),
         (("baseline", "--setting", "weekly"), 2, "Invalid value for '--setting': 'weekly' is not one of"),
-        (("report",), 2, "Missing argument 'paths'."),
+        (("report",), 2, "Missing argument 'DIR'."),
         (("nope",), 2, "No such command 'nope'. (see 'dusa --help')"),
         (("bench", "seg", "--tiny", "--gpus", ""), 2, "--gpus takes a comma list of GPU indices (or cpu), got ''"),
+        (("baseline", "-c", PRESET, "-o", ""), 2, "'--output' / '-o': expected a path, got an empty string"),  # -o "$UNSET"
     )
     assert next(out, None) is None and not any(path.exists() for path in outputs)
 
