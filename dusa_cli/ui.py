@@ -60,7 +60,8 @@ class _Bars:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:  # rich's stop() prints a blank line when not on a terminal
+            self.progress.stop()
 
 
 class TaskProgress(_Bars):
@@ -76,7 +77,11 @@ class TaskProgress(_Bars):
             TextColumn("{task.fields[rate]:>6.1f} img/s"),
         )
 
+    def __enter__(self):
+        return self  # shown from the first task on: a run that fails while loading leaves no empty bar
+
     def start_task(self, name: str, total: int) -> None:
+        self.progress.start()  # once: rich starts a display only once
         self.task_id = self.progress.add_task(name, total=total, score=0.0, rate=0.0)
         self.score_read = 0.0
 

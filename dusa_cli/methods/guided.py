@@ -11,6 +11,7 @@ from pydantic import Field, NonNegativeInt, model_validator
 from torch import nn
 
 from dusa_cli.config.schema import MethodConfig
+from dusa_cli.errors import ConfigError
 from dusa_cli.methods.base import TTAMethod, norm_parameters, use_batch_statistics
 from dusa_cli.priors.paths import NoisePath
 
@@ -42,10 +43,14 @@ class GuidedConfig(MethodConfig):
     def check_timestep(self, path: NoisePath) -> None:
         """A DDPM step on a flow path (or the reverse) would run silently at a meaningless noise
         level, and a range past the path's end would fail mid-run: ConfigError."""
-        if self.timestep is not None:
-            path.check_time(self.timestep)
-        elif self.timestep_range is not None:
-            path.check_range(*self.timestep_range)
+        try:
+            if self.timestep is not None:
+                path.check_time(self.timestep)
+            elif self.timestep_range is not None:
+                path.check_range(*self.timestep_range)
+        except ConfigError as error:
+            key = "timestep" if self.timestep is not None else "timestep_range"
+            raise ConfigError(f"method.{key}: {error} (the prior's {path.name} path)") from None
 
 
 def draw_timestep(config: GuidedConfig, path: NoisePath, batch: int, device: torch.device) -> torch.Tensor:
