@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 site=/tmp/dusa-site  # kept while the machine stays warm
 if [ ! -d "$site" ]; then
     [ -d .whl ] || { echo "error: no .whl/ here: run 'make gpu-wheels' and carry .whl" >&2; exit 2; }
+    rm -rf "$site.tmp"  # what an install cut off left: pip would keep its stale copies
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site.tmp" .whl/*.whl
     mv "$site.tmp" "$site"
 fi

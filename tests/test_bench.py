@@ -80,7 +80,7 @@ def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> 
     names = [row["name"] for row in figures["recipes"]]
     assert names == ["baseline", "fast"]
     for row in figures["recipes"]:
-        assert row["seconds_per_window"] > 0 and len(row["peak_memory_gib"]) == 2
+        assert row["seconds_per_window"] > 0 and row["peak_memory_devices"] == ["cpu"] and len(row["peak_memory_gib"]) == 1  # one device, measured once
         assert row["gradient_checkpointing"] and not row["compile_blocks"]  # CPU rows say what ran
         assert set(row["block_devices"]) == {"cpu"} and len(row["block_devices"]) == 2
     assert figures["speedup_fast_over_baseline"] == pytest.approx(
@@ -132,6 +132,50 @@ def test_a_recipe_that_does_not_fit_is_a_row_not_a_crash() -> None:
     console = Console(file=io.StringIO(), width=200)
     console.print(to_rich(result))
     assert "out of memory" in console.file.getvalue()
+
+
+def test_a_recipe_that_fails_is_a_row_and_a_warning_and_the_others_still_run() -> None:
+    from dusa_cli.bench.cls import FAST, FP32, OFFICIAL, run_recipes
+
+    def run(recipe, say) -> dict:
+        if recipe is FAST:
+            raise RuntimeError("Inductor could not lower aten.foo. See the log")
+        return {"name": recipe.name, "images_per_s": 1.0}
+
+    with pytest.warns(UserWarning, match=r"^recipe fast failed: RuntimeError: Inductor could not lower aten.foo$"):
+        result = run_recipes((OFFICIAL, FAST, FP32), run, lambda rows: {"recipes": list(rows)})
+    official, fast, fp32 = result["recipes"]
+    assert fast["failed"] == "RuntimeError: Inductor could not lower aten.foo" and fast["micro_batch"] == 16
+    assert fp32 == {"name": "fp32", "images_per_s": 1.0} and result["complete"]
+
+
+def test_counting_flops_leaves_compiled_networks_compiled() -> None:
+    """Dynamo skips a frame run under FlopCounterMode and remembers the skip: counted first, a
+    compiled prior would have stayed eager for the whole recipe, under a "compiled" label."""
+    import tempfile
+
+    import torch
+
+    from dusa_cli.bench.cls import FP32, TINY, _build, _images, flops_per_image
+
+    graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    with tempfile.TemporaryDirectory() as scratch:
+        from dusa_cli.bench.cls import _random_vae
+
+        adapter = _build(TINY, FP32, _random_vae(Path(scratch), tiny=True), torch.device("cpu"))
+    adapter.method.prior.transformer.compile(backend=counting_backend)
+    images = _images(2, TINY, torch.device("cpu"))
+    try:
+        assert flops_per_image(adapter, images[:1]) > 0 and not graphs
+        adapter.method.forward(images)
+        assert graphs
+    finally:
+        torch.compiler.reset()
 
 
 def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
@@ -222,3 +266,13 @@ def test_a_variant_names_the_levers_it_changes_and_rejects_unknown_ones() -> Non
     ):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             vary(FAST, parse_variant(text))
+
+
+def test_a_row_that_asked_for_compile_and_compiled_nothing_says_it_ran_eager() -> None:
+    from dataclasses import asdict
+
+    from dusa_cli.bench.cls import FAST, OFFICIAL, compiled_label
+
+    assert compiled_label(asdict(FAST) | {"compiled_graphs": 12}) == "prior"
+    assert compiled_label(asdict(FAST) | {"compiled_graphs": 0}) == "prior: ran eager"
+    assert compiled_label(asdict(OFFICIAL) | {"compiled_graphs": 0}) == "no"

@@ -22,12 +22,14 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from dusa_cli.bench.timing import Say, caption, file_stem, ratio, run_recipes, time_updates
+from dusa_cli.bench.timing import (
+    Say, caption, compiled_graphs, file_stem, not_run, ratio, release_compiled_and_memory, run_recipes, time_updates,
+)
 from dusa_cli.config.schema import CompileMode, ModelConfig, OptimConfig
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
-from dusa_cli.engine.runtime import peak_memory, seed_everything
+from dusa_cli.engine.runtime import peak_memory, peak_reserved, seed_everything
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods import get_method
 from dusa_cli.models.classifier import create_classifier
@@ -188,8 +190,9 @@ def _images(count: int, shapes: Shapes, device: torch.device) -> torch.Tensor:
 
 def flops_per_image(adapter: OnlineAdapter, image: torch.Tensor) -> float:
     """Forward + backward FLOPs of DUSA's step on one (1, 3, H, W) image (no optimizer step). The count runs
-    eager and in fp32 (the counter makes torch.compile skip), so one image: a micro-batch of them
-    could run out of memory where the recipe itself fits. The work per image does not depend on
+    eager and in fp32, so one image: a micro-batch of them could run out of memory where the
+    recipe itself fits. Eager by force: Dynamo skips a frame that runs under the counter's mode
+    and remembers the skip, so compiled networks would stay eager for the whole recipe. The work per image does not depend on
     the batch (k + m prior calls per image, no batch statistics in these networks). Checkpointed
     blocks are not recomputed here: a row's TFLOP/s counts the model's work, as for every recipe."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -197,7 +200,7 @@ def flops_per_image(adapter: OnlineAdapter, image: torch.Tensor) -> float:
     transformer = adapter.method.prior.transformer
     recomputed, transformer.checkpointed_blocks = transformer.checkpointed_blocks, 0
     try:
-        with FlopCounterMode(display=False) as counter:
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             adapter.method.forward(image).loss.backward()
     finally:
         transformer.checkpointed_blocks = recomputed
@@ -226,6 +229,7 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Timed updates of one recipe; with `profile` (a folder) one more update under the profiler."""
     say("building the models")
+    graphs_before = compiled_graphs()
     adapter = _build(shapes, recipe, vae, device)
     batch = _images(recipe.micro_batch, shapes, device)
     say("counting FLOPs")
@@ -236,6 +240,7 @@ def run_recipe(
             adapter.step(batch, draws=_draws(recipe, index, 0))
 
     seconds = time_updates(update, warmup=warmup, updates=updates, devices=[device], say=say)
+    graphs = compiled_graphs() - graphs_before
     images_per_s = updates * recipe.accumulation * recipe.micro_batch / seconds
     memory, memory_kind = peak_memory(device)
     tflops = flops * images_per_s / 1e12
@@ -254,6 +259,8 @@ def run_recipe(
         "fraction_of_bf16_peak": tflops / peak if peak else None,
         "peak_memory_gib": memory,
         "memory_kind": memory_kind,
+        "peak_reserved_gib": peak_reserved(device),
+        "compiled_graphs": graphs,
     }
 
 
@@ -354,6 +361,7 @@ def compare_trajectories(
         for recipe in (reference, candidate):
             with ieee_fp32() if recipe.precision == "fp32" else nullcontext():
                 runs.append(run_trajectory(recipe, shapes, updates=updates, device=device, vae=vae, say=say))
+            release_compiled_and_memory()  # the fp32 models and Adam state, before the candidate's
     base, other = runs
     deviations = [abs(b - a) / abs(a) for a, b in zip(base["losses"], other["losses"])]
     return {
@@ -397,6 +405,8 @@ def compiled_label(row: dict[str, Any]) -> str:
     parts = "+".join(name for name, on in (("prior", row["compile_prior"]), ("classifier", row["compile_classifier"])) if on)
     if not parts:
         return "no"
+    if row.get("compiled_graphs") == 0:  # asked for, and nothing compiled: the figures are eager ones
+        return f"{parts}: ran eager"
     return parts if row["compile_mode"] == "default" else f"{parts} ({row['compile_mode']})"
 
 
@@ -419,8 +429,8 @@ def to_rich(result: dict[str, Any]):
             describe(row["gradient_checkpointing"]),
             "yes" if row["channels_last"] else "no",
         ]
-        if row.get("out_of_memory"):
-            table.add_row(*recipe, "out of memory", "", "", "")
+        if not_run(row):
+            table.add_row(*recipe, not_run(row), "", "", "")
             continue
         table.add_row(
             *recipe,

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from dusa_cli.bench.timing import Say, caption, file_stem, ratio, run_recipes, time_updates
+from dusa_cli.bench.timing import Say, caption, compiled_graphs, file_stem, not_run, ratio, run_recipes, time_updates
 from dusa_cli.config.schema import OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
-from dusa_cli.engine.runtime import peak_memory, seed_everything
+from dusa_cli.engine.runtime import peak_memory, peak_reserved, seed_everything
 from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import Segmenter
 from dusa_cli.priors.checkpointing import Checkpointing, describe
@@ -117,6 +117,7 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Timed window updates of one recipe; with `profile` (a folder) one more under the profiler."""
     say("building the models")
+    graphs_before = compiled_graphs()
     adapter = _build(shapes, recipe, devices)
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, shapes.window, shapes.window, generator=generator).to(devices[0])
@@ -125,16 +126,21 @@ def run_recipe(
         adapter.step(image)
 
     seconds = time_updates(update, warmup=warmup, updates=updates, devices=devices, say=say) / updates
-    peaks = [peak_memory(device) for device in devices]
+    graphs = compiled_graphs() - graphs_before
+    measured = list(dict.fromkeys(devices))  # `--gpus 0,0` (the split on one GPU): that GPU's peak once
+    peaks = [peak_memory(device) for device in measured]
     if profile:
         say("profiled update")
     profiled = {"profile": profile_update(update, devices, profile / file_stem(recipe.name))} if profile else {}
     return asdict(recipe) | profiled | {
         "seconds_per_window": seconds,
         "updates": updates,
+        "peak_memory_devices": [str(device) for device in measured],
         "peak_memory_gib": [memory for memory, _ in peaks],
         "memory_kind": peaks[0][1],
+        "peak_reserved_gib": [peak_reserved(device) for device in measured],
         "block_devices": [str(device) for device in adapter.method.prior.block_devices],
+        "compiled_graphs": graphs,
     }
 
 
@@ -184,9 +190,10 @@ def to_rich(result: dict[str, Any]):
     for column in ("recipe", "checkpointing", "compiled", "s / window", "peak GiB per device"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for row in result["recipes"]:
-        recipe = [row["name"], describe(row["gradient_checkpointing"]), "yes" if row["compile_blocks"] else "no"]
-        if row.get("out_of_memory"):
-            table.add_row(*recipe, "out of memory", "")
+        compiled = ("yes: ran eager" if row.get("compiled_graphs") == 0 else "yes") if row["compile_blocks"] else "no"
+        recipe = [row["name"], describe(row["gradient_checkpointing"]), compiled]
+        if not_run(row):
+            table.add_row(*recipe, not_run(row), "")
             continue
         table.add_row(
             *recipe,

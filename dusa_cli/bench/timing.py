@@ -4,32 +4,65 @@ end), timed updates after a warm-up, the ratios and captions of their tables."""
 from __future__ import annotations
 
 import gc
+import os
 import re
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
+from dusa_cli.collectives import first_line
 from dusa_cli.engine.runtime import reset_peak_memory, synchronize
+from dusa_cli.errors import DusaError
 
 
 def unless_out_of_memory(recipe: Any, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A recipe that does not fit is a result (the row says "out of memory"), not the end of the
-    benchmark; its memory and compiled code are released before the next recipe is built. Kept,
-    compiled code would hold CUDA graph pools, and its cache entries would count toward Dynamo's
-    recompile limit (8 per code object, which `nn.Module.compile` shares between modules): past
-    it, a later recipe would run eager under a "compiled" label."""
+    """A recipe that does not fit, or fails otherwise (a compiler error in one variant), is a
+    row that says so, not the end of the benchmark: on a lent GPU the recipes after it still run.
+    Its memory and compiled code are released before the next recipe is built."""
     try:
         return run()
     except torch.OutOfMemoryError:
         return asdict(recipe) | {"out_of_memory": True}
+    except DusaError:  # the options are wrong (a recipe that cannot be built): every recipe would fail
+        raise
+    except Exception as failure:  # said in the row and a warning; --debug prints the traceback
+        if os.environ.get("DUSA_DEBUG") == "1":
+            traceback.print_exc()
+        message = f"{type(failure).__name__}: {first_line(failure)}"
+        warnings.warn(f"recipe {recipe.name} failed: {message}", stacklevel=2)
+        return asdict(recipe) | {"failed": message}
     finally:
-        torch.compiler.reset()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_compiled_and_memory()
+
+
+def release_compiled_and_memory() -> None:
+    """Drop compiled code and cached GPU memory between runs of a benchmark. Kept, compiled code
+    would hold CUDA graph pools, and its cache entries would count toward Dynamo's recompile limit
+    (8 per code object, which `nn.Module.compile` shares between modules): past it, a later recipe
+    would run eager under a "compiled" label. The collection frees models held in reference cycles
+    (an adapter and its method point at each other)."""
+    torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def not_run(row: dict[str, Any]) -> str | None:
+    """Why a recipe has no figures ("out of memory", "failed"), or None."""
+    return "out of memory" if row.get("out_of_memory") else ("failed" if row.get("failed") else None)
+
+
+def compiled_graphs() -> int:
+    """The graphs Dynamo has compiled in this process so far: a recipe that asks for torch.compile
+    and adds none ran eager."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 # Told what a benchmark is doing ("recipe 1/2 official: timed update 3/5"), for a progress line.
@@ -80,7 +113,7 @@ def file_stem(name: str) -> str:
 
 def ratio(rows: list[dict[str, Any]], key: str, numerator: str, denominator: str) -> float | None:
     """rows[numerator][key] / rows[denominator][key], None unless both recipes ran."""
-    by_name = {row["name"]: row for row in rows if not row.get("out_of_memory")}
+    by_name = {row["name"]: row for row in rows if not not_run(row)}
     if not {numerator, denominator} <= by_name.keys():
         return None
     return by_name[numerator][key] / by_name[denominator][key]

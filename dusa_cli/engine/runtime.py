@@ -81,3 +81,9 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     scale = 1 if sys.platform == "darwin" else 1024
     return rss * scale / 2**30, "process_peak_rss"
+
+
+def peak_reserved(device: torch.device) -> float | None:
+    """The caching allocator's peak reservation in GiB (what must fit in the GPU, with the CUDA
+    context besides), or None off CUDA."""
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
