@@ -22,6 +22,8 @@ from dusa_cli.process import is_main_process, process_rank
 from dusa_cli.stopping import SAVED, interrupted, outcome_on_stop, stoppable
 
 if TYPE_CHECKING:
+    import torch
+
     from dusa_cli.config.schema import ExperimentConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
@@ -519,8 +521,9 @@ def bench_cls_command(
         _refuse(_given(ctx, "micro_batch", "compile_classifier", "compile_mode", "checkpointing", "channels_last"), "(they change the fast recipe, which --recipe leaves out)")
     _check_outputs(output, profile)
     from dusa_cli.bench.cls import FAST, OFFICIAL, bench_cls, compare_trajectories, parse_variant, to_rich, trajectory_to_rich, vary
-    from dusa_cli.engine.runtime import resolve_device
     from dusa_cli.ui import StatusLine
+
+    run_on = _bench_device(device, tiny, "--device cpu")
 
     flags = {"micro-batch": micro_batch, "checkpointing": checkpointing, "compile-classifier": compile_classifier,
              "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
@@ -528,7 +531,7 @@ def bench_cls_command(
     if trajectory:
         with StatusLine(enabled=not quiet) as say:
             result = compare_trajectories(
-                tiny=tiny, updates=trajectory, device=resolve_device(device), prior=prior.value, candidate=fast, say=say
+                tiny=tiny, updates=trajectory, device=run_on, prior=prior.value, candidate=fast, say=say
             )  # fmt: skip
         _show_figures(trajectory_to_rich(result), result, output)
         if result["max_relative_loss_deviation"] > tolerance:
@@ -541,10 +544,21 @@ def bench_cls_command(
     chosen += tuple(vary(fast, parse_variant(text)) for text in variant or [])
     with StatusLine(enabled=not quiet) as say:
         result = bench_cls(
-            tiny=tiny, updates=updates, warmup=warmup, device=resolve_device(device), prior=prior.value, recipes=chosen,
+            tiny=tiny, updates=updates, warmup=warmup, device=run_on, prior=prior.value, recipes=chosen,
             on_result=_partial_writer(output), profile=profile, say=say,
         )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
+
+
+def _bench_device(spec: str, tiny: bool, insist: str) -> torch.device:
+    """The device a bench runs on. `auto` on a machine without a GPU is refused at the paper's
+    shapes, where one update takes many minutes on a CPU: `insist` (--device cpu) runs it anyway."""
+    from dusa_cli.engine.runtime import resolve_device
+
+    device = resolve_device(spec)
+    if spec == "auto" and device.type == "cpu" and not tiny:
+        raise DusaError(f"no GPU here: at the paper's shapes one update takes many minutes on a CPU; --tiny runs small shapes ({insist} runs the full ones anyway)")
+    return device
 
 
 def _given(ctx: typer.Context, *names: str) -> list[str]:
@@ -621,10 +635,9 @@ def bench_seg_command(
         _refuse(_given(ctx, "checkpointing"), "(it changes the fast recipe, which --recipe leaves out)")
     _check_outputs(output, profile)
     from dusa_cli.bench.seg import BASELINE, FAST, NO_CHECKPOINTING, bench_seg, to_rich
-    from dusa_cli.engine.runtime import resolve_device
     from dusa_cli.ui import StatusLine
 
-    devices = [resolve_device(spec) for spec in (split_devices(gpus) if gpus is not None else ["auto"])]
+    devices = [_bench_device(spec, tiny, "--gpus cpu") for spec in (split_devices(gpus) if gpus is not None else ["auto"])]
     from dusa_cli.priors.checkpointing import parse_checkpointing
 
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))

@@ -276,3 +276,13 @@ def test_a_row_that_asked_for_compile_and_compiled_nothing_says_it_ran_eager() -
     assert compiled_label(asdict(FAST) | {"compiled_graphs": 12}) == "prior"
     assert compiled_label(asdict(FAST) | {"compiled_graphs": 0}) == "prior: ran eager"
     assert compiled_label(asdict(OFFICIAL) | {"compiled_graphs": 0}) == "no"
+
+
+def test_the_paper_sized_bench_is_not_started_on_a_machine_without_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the bench would run")
+    hint = "one update takes many minutes on a CPU; --tiny runs small shapes"
+    assert_one_line_error(dusa("bench", "cls", "--trajectory", "2", cwd=tmp_path), 1, f"no GPU here: at the paper's shapes {hint} (--device cpu runs")
+    assert_one_line_error(dusa("bench", "seg", cwd=tmp_path), 1, f"{hint} (--gpus cpu runs the full ones anyway)")
