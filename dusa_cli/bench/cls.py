@@ -189,12 +189,13 @@ def _images(count: int, shapes: Shapes, device: torch.device) -> torch.Tensor:
 
 
 def flops_per_image(adapter: OnlineAdapter, image: torch.Tensor) -> float:
-    """Forward + backward FLOPs of DUSA's step on one (1, 3, H, W) image (no optimizer step). The count runs
-    eager and in fp32, so one image: a micro-batch of them could run out of memory where the
-    recipe itself fits. Eager by force: Dynamo skips a frame that runs under the counter's mode
-    and remembers the skip, so compiled networks would stay eager for the whole recipe. The work per image does not depend on
-    the batch (k + m prior calls per image, no batch statistics in these networks). Checkpointed
-    blocks are not recomputed here: a row's TFLOP/s counts the model's work, as for every recipe."""
+    """Forward + backward FLOPs of DUSA's step on one (1, 3, H, W) image (no optimizer step). The
+    count runs eager and in fp32, so one image: a micro-batch of them could run out of memory
+    where the recipe itself fits. Eager by force: Dynamo skips a frame that runs under the
+    counter's mode and remembers the skip, so compiled networks would stay eager for the whole
+    recipe. The work per image does not depend on the batch (k + m prior calls per image, no
+    batch statistics in these networks). Checkpointed blocks are not recomputed here: a row's
+    TFLOP/s counts the model's work, as for every recipe."""
     from torch.utils.flop_counter import FlopCounterMode
 
     transformer = adapter.method.prior.transformer

@@ -39,16 +39,17 @@ def stopped_run_outcome(root: Path) -> str:
     """What a run that a stop ended kept in `root`, from what is on disk (the stop has written
     results.json): the end of its one-line message."""
     results_path = root / RESULTS_FILE
-    if not results_path.is_file():
-        return "no task had started; nothing was written" if not (root / "config.yaml").is_file() else "no task had finished (run it again with --resume)"
-    try:
-        results = read_results(results_path)
-    except DusaError:
-        return f"see {results_path}"
-    done, planned = len(results["tasks"]), len(results["planned_tasks"])
-    if not done:
-        return "no task had finished (run it again with --resume)"
-    return f"{done} of {planned} tasks finished and are saved in {root} (continue with --resume)"
+    if results_path.is_file():
+        try:
+            results = read_results(results_path)
+        except DusaError:
+            return f"see {results_path}"
+        if results["tasks"]:
+            done, planned = len(results["tasks"]), len(results["planned_tasks"])
+            return f"{done} of {planned} tasks finished and are saved in {root} (continue with --resume)"
+    elif not (root / "config.yaml").is_file():
+        return "no task had started; nothing was written"
+    return "no task had finished (run it again with --resume)"
 
 
 class ResultsStore:
