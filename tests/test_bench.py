@@ -156,7 +156,7 @@ def test_counting_flops_leaves_compiled_networks_compiled() -> None:
 
     import torch
 
-    from dusa_cli.bench.cls import FP32, TINY, _build, _images, flops_per_image
+    from dusa_cli.bench.cls import FP32, TINY, _build, _images, _random_vae, flops_per_image
 
     graphs = []
 
@@ -165,8 +165,6 @@ def test_counting_flops_leaves_compiled_networks_compiled() -> None:
         return graph.forward
 
     with tempfile.TemporaryDirectory() as scratch:
-        from dusa_cli.bench.cls import _random_vae
-
         adapter = _build(TINY, FP32, _random_vae(Path(scratch), tiny=True), torch.device("cpu"))
     adapter.method.prior.transformer.compile(backend=counting_backend)
     images = _images(2, TINY, torch.device("cpu"))
