@@ -254,7 +254,7 @@ def _execute(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
 
 def _worker(config: ExperimentConfig, resume: bool, quiet: bool) -> None:
     """One process of a `--gpus` run (started by engine.distributed.launch, which reports a stop)."""
-    _guarded(stoppable(SAVED, report=False)(partial(_execute, config, resume, quiet)))
+    _guarded(stoppable(report=False)(partial(_execute, config, resume, quiet)))  # silent: the launcher reports
 
 
 def _print_version(value: bool) -> None:

@@ -56,8 +56,10 @@ class _Bars:
         return ()
 
     def __enter__(self):
-        self.progress.start()
-        return self
+        return self  # shown from the first report on (show): checks that fail first leave no empty bar
+
+    def show(self) -> None:
+        self.progress.start()  # once: rich starts a display only once
 
     def __exit__(self, *exc) -> None:
         if self.progress.live.is_started:  # rich's stop() prints a blank line when not on a terminal
@@ -77,11 +79,8 @@ class TaskProgress(_Bars):
             TextColumn("{task.fields[rate]:>6.1f} img/s"),
         )
 
-    def __enter__(self):
-        return self  # shown from the first task on: a run that fails while loading leaves no empty bar
-
     def start_task(self, name: str, total: int) -> None:
-        self.progress.start()  # once: rich starts a display only once
+        self.show()
         self.task_id = self.progress.add_task(name, total=total, score=0.0, rate=0.0)
         self.score_read = 0.0
 
@@ -115,13 +114,11 @@ class FileProgress(_Bars):
         return (TimeElapsedColumn(),)
 
     def __enter__(self):
-        # Shown from the first report on: checks that fail before the work leave no empty bar.
         self.task_id = self.progress.add_task(self.description, total=None)
         return self
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.progress.live.is_started:
-            self.progress.start()
+        self.show()
         self.progress.update(self.task_id, completed=done, total=total)
 
 

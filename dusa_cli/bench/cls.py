@@ -430,8 +430,8 @@ def to_rich(result: dict[str, Any]):
             describe(row["gradient_checkpointing"]),
             "yes" if row["channels_last"] else "no",
         ]
-        if not_run(row):
-            table.add_row(*recipe, not_run(row), "", "", "")
+        if why := not_run(row):
+            table.add_row(*recipe, why, "", "", "")
             continue
         table.add_row(
             *recipe,

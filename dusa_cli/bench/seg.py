@@ -192,8 +192,8 @@ def to_rich(result: dict[str, Any]):
     for row in result["recipes"]:
         compiled = ("yes: ran eager" if row.get("compiled_graphs") == 0 else "yes") if row["compile_blocks"] else "no"
         recipe = [row["name"], describe(row["gradient_checkpointing"]), compiled]
-        if not_run(row):
-            table.add_row(*recipe, not_run(row), "")
+        if why := not_run(row):
+            table.add_row(*recipe, why, "")
             continue
         table.add_row(
             *recipe,
