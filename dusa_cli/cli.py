@@ -308,7 +308,9 @@ def prepare_data(
         _refuse(_given(ctx, "limit_per_class", "force"), f"on {dataset.value} (digits-c only)")
     elif source is not None:
         raise ConfigError("digits-c is built from scikit-learn's digits: --source is for imagenet-c and ade20k-c")
-    with FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
+    # imagenet-c and ade20k-c resume an earlier build; digits-c makes every file again (seconds).
+    kept = f"{output} holds part of the build (the same command {'builds it again' if dataset is Dataset.digits_c else 'finishes it'})"
+    with outcome_on_stop(lambda: kept), FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
         if dataset is Dataset.digits_c:
             from dusa_cli.data.digits import build_digits_c
 
@@ -325,6 +327,7 @@ def prepare_data(
 
 
 DigitsDataOpt = Annotated[Path, typer.Option("--data", parser=local_path, metavar="DIR", help="A digits-c directory (uses its train/ and clean/ splits).")]
+NO_WEIGHTS = "no weights were written"  # a stopped training: the weights file is written once, at the end
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (without it an existing file is refused, so that weights such as the packaged ones are not lost by mistake).")]
 
 
@@ -338,7 +341,7 @@ def _check_weights_output(output: Path, overwrite: bool) -> None:
 
 
 @pretrain_app.command("digits-classifier")
-@stoppable()
+@stoppable(NO_WEIGHTS)
 def pretrain_digits_classifier(
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
@@ -357,7 +360,7 @@ def pretrain_digits_classifier(
 
 
 @pretrain_app.command("digits-prior")
-@stoppable()
+@stoppable(NO_WEIGHTS)
 def pretrain_digits_prior(
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
@@ -542,10 +545,11 @@ def bench_cls_command(
         return
     chosen = tuple(r for r in (OFFICIAL, fast) if recipe is None or RecipeName(r.name) in recipe)
     chosen += tuple(vary(fast, parse_variant(text)) for text in variant or [])
-    with StatusLine(enabled=not quiet) as say:
+    figures = _FiguresSoFar(output, len(chosen))
+    with outcome_on_stop(figures.outcome), StatusLine(enabled=not quiet) as say:
         result = bench_cls(
             tiny=tiny, updates=updates, warmup=warmup, device=run_on, prior=prior.value, recipes=chosen,
-            on_result=_partial_writer(output), profile=profile, say=say,
+            on_result=figures.on_result(), profile=profile, say=say,
         )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)
 
@@ -584,12 +588,28 @@ def _check_outputs(figures: Optional[Path], profile: Optional[Path]) -> None:
         check_writable(profile, directory=True)
 
 
-def _partial_writer(output: Optional[Path]) -> Optional[Callable[[dict[str, Any]], None]]:
-    """With --output, the figures so far are written after every recipe (`complete`: false),
-    so a benchmark that is stopped keeps what it measured."""
-    from dusa_cli.writing import write_json_atomic
+class _FiguresSoFar:
+    """With --output, the figures so far are written after every recipe (`complete`: false), so a
+    benchmark that is stopped keeps what it measured; `outcome` says what a stop kept."""
 
-    return None if output is None else partial(write_json_atomic, output)
+    def __init__(self, output: Optional[Path], recipes: int):
+        self.output, self.recipes, self.finished = output, recipes, 0
+
+    def __call__(self, result: dict[str, Any]) -> None:
+        from dusa_cli.writing import write_json_atomic
+
+        write_json_atomic(self.output, result)
+        self.finished = len(result["recipes"])
+
+    def on_result(self) -> Optional[Callable[[dict[str, Any]], None]]:
+        return None if self.output is None else self
+
+    def outcome(self) -> str:
+        if self.output is None:
+            return ""
+        if not self.finished:
+            return f"no recipe had finished; nothing was written to {self.output}"
+        return f"the figures of {self.finished} of the {self.recipes} recipes are in {self.output}"
 
 
 def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], profiled: bool = False) -> None:
@@ -642,9 +662,10 @@ def bench_seg_command(
 
     fast = FAST if checkpointing is None else replace(FAST, gradient_checkpointing=parse_checkpointing(checkpointing))
     chosen = tuple(r for r in (BASELINE, fast, NO_CHECKPOINTING) if SegRecipeName(r.name) in wanted)
-    with StatusLine(enabled=not quiet) as say:
+    figures = _FiguresSoFar(output, len(chosen))
+    with outcome_on_stop(figures.outcome), StatusLine(enabled=not quiet) as say:
         result = bench_seg(
-            tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=_partial_writer(output),
+            tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=figures.on_result(),
             profile=profile, say=say,
         )  # fmt: skip
     _show_figures(to_rich(result), result, output, profiled=profile is not None)

@@ -4,7 +4,9 @@ of the runs that tests start."""
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import dusa_cli._compat  # noqa: F401  (torchvision shim before timm)
 from dusa_cli.data.digits import build_digits_c
@@ -88,3 +90,18 @@ def hooks(tmp_path: Path) -> dict[str, str]:
         "DUSA_DIST_TIMEOUT_S": "20",
         "COLUMNS": "200",
     }
+
+
+@pytest.fixture()
+def imagenet_source(tmp_path: Path) -> Path:
+    """Four small photos-to-be in two wnid folders, as JPEG and PNG, landscape and portrait."""
+    source = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    sizes_per_class = {"n01440764": [(300, 200), (180, 260)], "n15075141": [(256, 256), (500, 240)]}
+    for wnid, sizes in sizes_per_class.items():
+        for number, size in enumerate(sizes):
+            (source / wnid).mkdir(parents=True, exist_ok=True)
+            noise = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            suffix = ".JPEG" if number == 0 else ".png"
+            Image.fromarray(noise).save(source / wnid / f"img{number}{suffix}")
+    return source

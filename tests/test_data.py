@@ -274,21 +274,6 @@ def test_cifar_c_arrays(tmp_path: Path) -> None:
         open_task(tmp_path, "snow", 1)
 
 
-@pytest.fixture()
-def imagenet_source(tmp_path: Path) -> Path:
-    """Four small photos-to-be in two wnid folders, as JPEG and PNG, landscape and portrait."""
-    source = tmp_path / "val"
-    rng = np.random.default_rng(0)
-    sizes_per_class = {"n01440764": [(300, 200), (180, 260)], "n15075141": [(256, 256), (500, 240)]}
-    for wnid, sizes in sizes_per_class.items():
-        for number, size in enumerate(sizes):
-            (source / wnid).mkdir(parents=True, exist_ok=True)
-            noise = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            suffix = ".JPEG" if number == 0 else ".png"
-            Image.fromarray(noise).save(source / wnid / f"img{number}{suffix}")
-    return source
-
-
 def test_prepare_imagenet_c_writes_224px_jpegs_and_resumes(
     imagenet_source: Path, tmp_path: Path
 ) -> None:

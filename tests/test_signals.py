@@ -207,6 +207,47 @@ def test_the_workers_of_a_killed_launcher_stop(digits_c: Path, tmp_path: Path, h
     assert not list(output.glob(".*"))  # rank 0 stopped as at Ctrl-C, not killed
 
 
+def dusa_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dusa_cli", *args, "-q"]
+
+
+def test_a_stopped_data_build_says_the_same_command_finishes_it(imagenet_source: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    output = tmp_path / "imagenet-c"
+    command = dusa_command("prepare-data", "imagenet-c", "--source", str(imagenet_source), "-o", str(output),
+                           "--corruption", "fog", "--severity", "1", "--workers", "1")  # fmt: skip
+    # Writes: the build's settings, its unfinished marker, then one file per image: it hangs in the second.
+    process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang-write:3"})
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGINT)
+    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, f"interrupted; {output} holds part of the build (the same command finishes it)")
+    assert len(list(output.rglob("*.JPEG"))) == 1 and not (output / "manifest.json").exists()
+    finished = subprocess.run(command[:-1], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert f"wrote 3 of the 4 files in {output}" in finished.stderr  # the first one was kept
+
+
+def test_a_stopped_training_says_no_weights_were_written(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    weights = tmp_path / "digits.safetensors"
+    command = dusa_command("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(weights), "--epochs", "1")
+    process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang-write:0"})  # in its one write, at the end
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGINT)
+    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, "interrupted; no weights were written")
+    assert list(tmp_path.glob("*digits.safetensors*")) == []  # nor a temporary file
+
+
+def test_a_stopped_benchmark_says_where_the_finished_recipes_are(tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    figures = tmp_path / "bench.json"
+    command = dusa_command("bench", "cls", "--tiny", "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(figures))
+    # The official recipe's update is 8 micro-batches: it hangs in the fast recipe's first.
+    process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang:8"})
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGINT)
+    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, f"interrupted; the figures of 1 of the 2 recipes are in {figures}")
+    saved = json.loads(figures.read_text())
+    assert [row["name"] for row in saved["recipes"]] == ["official"] and not saved["complete"]
+
+
 def test_a_stop_that_something_swallowed_still_ends_as_a_stop() -> None:
     """Python drops an exception raised in a ctypes callback (numba's compiler runs in one): the
     work then goes on, but the command must still end as stopped, not as a success."""
