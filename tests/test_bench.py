@@ -176,6 +176,23 @@ def test_counting_flops_leaves_compiled_networks_compiled() -> None:
         torch.compiler.reset()
 
 
+def test_flops_include_the_attention_kernel_sdpa_runs_on_a_cpu() -> None:
+    """torch counts its CUDA attention kernels only: a CPU count of DiT would miss attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from dusa_cli.bench.cls import counting_flops
+
+    query, key, value = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    with counting_flops() as fused:
+        F.scaled_dot_product_attention(query, key, value).sum().backward()
+    with torch.no_grad(), counting_flops() as spelled_out:
+        torch.softmax(query @ key.transpose(-1, -2) / 8**0.5, dim=-1) @ value
+    forward = spelled_out.get_total_flops()
+    # The backward as torch counts its CUDA kernels: the scores recomputed, then four products.
+    assert forward > 0 and fused.get_total_flops() == forward + 5 * forward // 2
+
+
 def test_the_fast_recipe_can_be_varied_lever_by_lever(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     args = ["bench", "cls", "--tiny", "--recipe", "fast", "--micro-batch", "32", "--checkpointing", "1", "--prior", "sit"]
