@@ -211,8 +211,8 @@ def flops_per_image(adapter: OnlineAdapter, image: torch.Tensor) -> float:
 
 def counting_flops():
     """torch's FlopCounterMode, which also counts the attention kernel that SDPA runs on a CPU:
-    torch has formulas for the CUDA kernels only, and without one DiT-XL/2's attention (0.15 of
-    its 5.15 TFLOP per image) would be missing from a CPU count."""
+    torch has formulas for the CUDA kernels only, and without one DiT-XL/2's attention (0.18 of
+    the 5.18 TFLOP per image at the paper's shapes) would be missing from a CPU count."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
