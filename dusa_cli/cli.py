@@ -308,9 +308,8 @@ def prepare_data(
         _refuse(_given(ctx, "limit_per_class", "force"), f"on {dataset.value} (digits-c only)")
     elif source is not None:
         raise ConfigError("digits-c is built from scikit-learn's digits: --source is for imagenet-c and ade20k-c")
-    # imagenet-c and ade20k-c resume an earlier build; digits-c makes every file again (seconds).
-    kept = f"{output} holds part of the build (the same command {'builds it again' if dataset is Dataset.digits_c else 'finishes it'})"
-    with outcome_on_stop(lambda: kept), FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
+    kept = partial(_kept_by_a_stopped_build, output, resumes=dataset is not Dataset.digits_c)
+    with outcome_on_stop(kept), FileProgress(f"prepare {dataset.value}", enabled=not quiet) as progress:
         if dataset is Dataset.digits_c:
             from dusa_cli.data.digits import build_digits_c
 
@@ -324,6 +323,14 @@ def prepare_data(
 
             manifest = prepare_imagenet_c(source, output, corruptions=corruptions, severities=severities, seed=seed, workers=workers, progress=progress)
     info(f"wrote {manifest.written} of the {len(manifest['files'])} files in {output} (manifest.json)")
+
+
+def _kept_by_a_stopped_build(output: Path, resumes: bool) -> str:
+    """What a stopped `prepare-data` left: imagenet-c and ade20k-c resume an earlier build,
+    digits-c makes every file again (seconds)."""
+    if not output.is_dir() or not any(output.iterdir()):
+        return "nothing was written"
+    return f"{output} holds part of the build (the same command {'finishes it' if resumes else 'builds it again'})"
 
 
 DigitsDataOpt = Annotated[Path, typer.Option("--data", parser=local_path, metavar="DIR", help="A digits-c directory (uses its train/ and clean/ splits).")]

@@ -211,19 +211,21 @@ def dusa_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dusa_cli", *args, "-q"]
 
 
-def test_a_stopped_data_build_says_the_same_command_finishes_it(imagenet_source: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+# A build writes its settings, its unfinished marker, then one file per image (4 here).
+@pytest.mark.parametrize(("writes", "images"), [(0, 0), (3, 1)], ids=["in-its-first-write", "in-its-second-image"])
+def test_a_stopped_data_build_says_what_the_same_command_finishes(imagenet_source: Path, tmp_path: Path, hooks: dict[str, str], start: Start, writes: int, images: int) -> None:
     output = tmp_path / "imagenet-c"
     command = dusa_command("prepare-data", "imagenet-c", "--source", str(imagenet_source), "-o", str(output),
                            "--corruption", "fog", "--severity", "1", "--workers", "1")  # fmt: skip
-    # Writes: the build's settings, its unfinished marker, then one file per image: it hangs in the second.
-    process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang-write:3"})
+    process = start(command, hooks | {"DUSA_TEST_FAULT": f"0:hang-write:{writes}"})
     wait_for_hang(process, tmp_path / "hangs.log")
     process.send_signal(signal.SIGINT)
-    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, f"interrupted; {output} holds part of the build (the same command finishes it)")
-    assert len(list(output.rglob("*.JPEG"))) == 1 and not (output / "manifest.json").exists()
+    kept = f"{output} holds part of the build (the same command finishes it)" if images else "nothing was written"
+    assert_one_line_error(finish(process), ExitCode.INTERRUPTED, f"interrupted; {kept}")
+    assert len(list(output.rglob("*.JPEG"))) == images and not (output / "manifest.json").exists()
     finished = subprocess.run(command[:-1], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
-    assert f"wrote 3 of the 4 files in {output}" in finished.stderr  # the first one was kept
+    assert f"wrote {4 - images} of the 4 files in {output}" in finished.stderr  # what the stop kept is not made again
 
 
 def test_a_stopped_training_says_no_weights_were_written(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
