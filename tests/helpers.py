@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.CompletedProcess:
-    env = os.environ | {"COLUMNS": str(columns), "DUSA_DEBUG": "0"}
+def dusa(*args: str, cwd: Path | None = None, columns: int = 200, threads: int | None = None) -> subprocess.CompletedProcess:
+    """`dusa ARGS` in a subprocess; `threads`: torch's CPU threads (default: one per core)."""
+    env = os.environ | {"COLUMNS": str(columns), "DUSA_DEBUG": "0"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     return subprocess.run(
         [sys.executable, "-m", "dusa_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
@@ -18,9 +19,14 @@ def dusa(*args: str, cwd: Path | None = None, columns: int = 200) -> subprocess.
 
 def dusa_each(*invocations: Sequence[str], columns: int = 200) -> list[subprocess.CompletedProcess]:
     """`dusa` on each argument list, in order, several at a time: most of a short run is one
-    core importing torch, so independent commands need not wait for each other."""
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda args: dusa(*args, columns=columns), invocations))
+    core importing torch, so independent commands need not wait for each other. The cores are
+    shared out: with a thread per core each, two processes' OpenMP threads spin-wait on cores that
+    the other holds (on 2 cores the two trajectory checks of test_bench took 44 s, not 8 s)."""
+    cores = os.cpu_count() or 1
+    at_once = min(len(invocations), max(2, cores))
+    threads = max(1, cores // at_once)
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(lambda args: dusa(*args, columns=columns, threads=threads), invocations))
 
 
 # Runs the CLI on the arguments after -c, then names the heavy libraries the process imported.
