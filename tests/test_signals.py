@@ -40,10 +40,14 @@ def settings(digits_c: Path, output: Path) -> dict:
     return {"data.root": str(digits_c), "data.corruptions": ["gaussian_noise", "fog"], "run.output": str(output)}
 
 
+def dusa_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dusa_cli", *args]
+
+
 def baseline(digits_c: Path, output: Path, *more: str) -> list[str]:
     """The `dusa baseline` command of those settings."""
-    return [sys.executable, "-m", "dusa_cli", "baseline", "-c", str(PRESET), "--data", str(digits_c),
-            "--corruption", "gaussian_noise,fog", "-o", str(output), "-q", *more]  # fmt: skip
+    return dusa_command("baseline", "-c", str(PRESET), "--data", str(digits_c), "--corruption", "gaussian_noise,fog",
+                        "-o", str(output), "-q", *more)  # fmt: skip
 
 
 def records(output: Path) -> list[list]:
@@ -207,30 +211,26 @@ def test_the_workers_of_a_killed_launcher_stop(digits_c: Path, tmp_path: Path, h
     assert not list(output.glob(".*"))  # rank 0 stopped as at Ctrl-C, not killed
 
 
-def dusa_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dusa_cli", *args, "-q"]
-
-
 # A build writes its settings, its unfinished marker, then one file per image (4 here).
 @pytest.mark.parametrize(("writes", "images"), [(0, 0), (3, 1)], ids=["in-its-first-write", "in-its-second-image"])
 def test_a_stopped_data_build_says_what_the_same_command_finishes(imagenet_source: Path, tmp_path: Path, hooks: dict[str, str], start: Start, writes: int, images: int) -> None:
     output = tmp_path / "imagenet-c"
     command = dusa_command("prepare-data", "imagenet-c", "--source", str(imagenet_source), "-o", str(output),
                            "--corruption", "fog", "--severity", "1", "--workers", "1")  # fmt: skip
-    process = start(command, hooks | {"DUSA_TEST_FAULT": f"0:hang-write:{writes}"})
+    process = start([*command, "-q"], hooks | {"DUSA_TEST_FAULT": f"0:hang-write:{writes}"})
     wait_for_hang(process, tmp_path / "hangs.log")
     process.send_signal(signal.SIGINT)
     kept = f"{output} holds part of the build (the same command finishes it)" if images else "nothing was written"
     assert_one_line_error(finish(process), ExitCode.INTERRUPTED, f"interrupted; {kept}")
     assert len(list(output.rglob("*.JPEG"))) == images and not (output / "manifest.json").exists()
-    finished = subprocess.run(command[:-1], capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert f"wrote {4 - images} of the 4 files in {output}" in finished.stderr  # what the stop kept is not made again
 
 
 def test_a_stopped_training_says_no_weights_were_written(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
     weights = tmp_path / "digits.safetensors"
-    command = dusa_command("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(weights), "--epochs", "1")
+    command = dusa_command("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(weights), "--epochs", "1", "-q")
     process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang-write:0"})  # in its one write, at the end
     wait_for_hang(process, tmp_path / "hangs.log")
     process.send_signal(signal.SIGINT)
@@ -240,7 +240,7 @@ def test_a_stopped_training_says_no_weights_were_written(digits_c: Path, tmp_pat
 
 def test_a_stopped_benchmark_says_where_the_finished_recipes_are(tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
     figures = tmp_path / "bench.json"
-    command = dusa_command("bench", "cls", "--tiny", "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(figures))
+    command = dusa_command("bench", "cls", "--tiny", "--updates", "1", "--warmup", "0", "--device", "cpu", "-o", str(figures), "-q")
     # The official recipe's update is 8 micro-batches: it hangs in the fast recipe's first.
     process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang:8"})
     wait_for_hang(process, tmp_path / "hangs.log")
