@@ -326,6 +326,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd3_dir: Path, setting:
     assert calls == recomputed  # the checkpointed blocks run again in backward, across the split too
 
 
+def test_compiled_blocks_compile_once_whatever_the_number_of_classes(sd3_dir: Path) -> None:
+    from dusa_cli.bench.timing import compiled_graphs
+
+    prior = load_prior(sd3_dir, gradient_checkpointing=True)
+    for block in prior.transformer.transformer_blocks:
+        block.compile(backend="aot_eager")  # as Inductor compiles, without its code generation
+    generator = torch.Generator().manual_seed(0)
+
+    def predict(classes: list[int]) -> None:
+        latents = torch.randn(len(classes), 16, LATENT_SIZE, LATENT_SIZE, generator=generator)
+        prior.predict(latents, torch.rand(len(classes), generator=generator), torch.tensor(classes)).sum().backward()
+
+    before = compiled_graphs()
+    predict([0, 1, 2])
+    first_window = compiled_graphs() - before
+    for classes in ([3, 1], [0, 1, 2, 3], [2, 0]):  # windows with other numbers of classes
+        predict(classes)
+    assert compiled_graphs() - before == first_window > 0
+
+
 def test_train_keeps_the_prior_in_eval_mode(sd3_dir: Path) -> None:
     prior = load_prior(sd3_dir)
     prior.train()

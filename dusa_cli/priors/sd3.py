@@ -53,6 +53,24 @@ def random_prompt_embeddings(
     return PromptEmbeddings(clip, torch.randn(num_prompts, pooled_dim, generator=generator))
 
 
+def _mark_class_batch_dynamic(transformer: nn.Module) -> None:
+    """The blocks' batch holds one row per class of the window, a number that changes from window
+    to window (1 to method.classes_threshold). Dynamo would compile each block for the first
+    window's number, then again with a dynamic batch at the next one: minutes on a GPU. The
+    embedders' outputs, which the blocks take in, are marked dynamic in their batch from the
+    first call, so a compiled block compiles once (a single-class window still gets its own
+    graph: Dynamo specialises sizes 0 and 1). Without compilation the marks do nothing."""
+
+    def mark(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        # diffusers makes pos_embed's output contiguous; already so, it stays this tensor, mark and all.
+        output = output.contiguous()
+        torch._dynamo.maybe_mark_dynamic(output, 0)
+        return output
+
+    for module in (transformer.pos_embed, transformer.time_text_embed, transformer.context_embedder):
+        module.register_forward_hook(mark)
+
+
 def _check_devices(devices: list[torch.device]) -> list[torch.device]:
     if not devices:
         raise ConfigError("the SD3 prior needs at least one device")
@@ -114,6 +132,7 @@ class SD3Prior(nn.Module):
         self.block_devices = place_transformer(
             transformer, self.devices, split, first_extra=module_bytes(self.vae) + prompts.nbytes + reserved_first
         )
+        _mark_class_batch_dynamic(transformer)
         count = checkpointed_blocks(gradient_checkpointing, len(transformer.transformer_blocks))
         if count:
             transformer.enable_gradient_checkpointing(checkpoint_only(transformer.transformer_blocks[:count]))
