@@ -53,9 +53,10 @@ bench: $(STAMP)
 	fi
 
 # The packages dusa needs that the lent GPU machine lacks (device README: Python 3.12 there, no
-# package index), at constraints.txt's versions, as wheels in .whl/ to carry; scripts/on-device.sh
-# installs them there (docs/BENCHMARKS.md, "Paper-sized runs on a GPU").
-GPU_WHEELS := diffusers pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+# package index), and typer, which it has at a version no one has read (dusa needs 0.29), at
+# constraints.txt's versions, as wheels in .whl/ to carry; scripts/on-device.sh installs them
+# there, ahead of the machine's own (docs/BENCHMARKS.md, "Paper-sized runs on a GPU").
+GPU_WHEELS := diffusers pydantic pydantic_core annotated-types typing-inspection typing_extensions typer \
 	importlib_metadata lazy-importer zipp imagecorruptions-imaug
 gpu-wheels:
 	rm -rf .whl
