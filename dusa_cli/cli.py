@@ -83,19 +83,19 @@ ConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", parser=local_path, metavar="FILE", help="YAML preset from configs/cls (classification) or configs/seg (segmentation). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
 ]
-ModelOpt = Annotated[Optional[str], typer.Option(help="A timm classifier name (convnext_large.fb_in1k), or segformer for task seg → model.name.")]
+ModelOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="A timm classifier name (convnext_large.fb_in1k), or segformer for task seg → model.name.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(parser=local_path, metavar="PATH", help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint.")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--corruption", help="Corruption name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable → data.corruptions."),
+    typer.Option("--corruption", metavar="NAMES", help="Corruption name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable → data.corruptions."),
 ]
-SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", help="Severity 1-5, repeatable → data.severities.")]
-NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, help="A fixed subset of N images per task (e.g. 5000), the same for every --seed → data.num_ex.")]
+SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", metavar="1-5", help="Severity 1-5, repeatable → data.severities.")]
+NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, metavar="N", help="A fixed subset of N images per task (e.g. 5000), the same for every --seed → data.num_ex.")]
 SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
+SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Results directory → run.output.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config; only output, workers, tracking and profiling may change).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 class CompilePart(str, Enum):
@@ -123,7 +123,7 @@ RunProfileOpt = Annotated[
 ]
 GpusOpt = Annotated[
     Optional[str],
-    typer.Option("--gpus", help="Data parallelism: one process per listed GPU, e.g. 0,1,2,3 (or start the command under torchrun)."),
+    typer.Option("--gpus", metavar="IDS", help="Data parallelism: one process per listed GPU, e.g. 0,1,2,3 (or start the command under torchrun)."),
 ]
 
 
@@ -280,11 +280,11 @@ def prepare_data(
     dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/IMAGE beside annotations/ (ade20k-c).")],
     source: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
-    corruption: Annotated[Optional[list[str]], typer.Option("--corruption", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
-    severity: Annotated[Optional[list[int]], typer.Option("--severity", help="Severities to write, 1-5, repeatable (default: all 5; ade20k-c: 5).")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the corruption noise (and of digits-c's train/test split).")] = 0,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
-    limit_per_class: Annotated[Optional[int], typer.Option(min=1, help="digits-c only: keep N test images per class (quick trials).")] = None,
+    corruption: Annotated[Optional[list[str]], typer.Option("--corruption", metavar="NAMES", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
+    severity: Annotated[Optional[list[int]], typer.Option("--severity", metavar="1-5", help="Severities to write, 1-5, repeatable (default: all 5; ade20k-c: 5).")] = None,
+    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Seed of the corruption noise (and of digits-c's train/test split).")] = 0,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = max(1, min(8, os.cpu_count() or 1)),
+    limit_per_class: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="digits-c only: keep N test images per class (quick trials).")] = None,
     force: Annotated[bool, typer.Option("--force", help="digits-c only: when rebuilding over an earlier build, delete its files that this build does not make (other corruptions, severities or images).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -352,8 +352,8 @@ def _check_weights_output(output: Path, overwrite: bool) -> None:
 def pretrain_digits_classifier(
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
-    seed: Annotated[int, typer.Option(min=0, help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, metavar="N", help="Training epochs.")] = 30,
+    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -371,8 +371,8 @@ def pretrain_digits_classifier(
 def pretrain_digits_prior(
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 200,
-    seed: Annotated[int, typer.Option(min=0, help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, metavar="N", help="Training epochs.")] = 200,
+    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -388,7 +388,7 @@ def pretrain_digits_prior(
 @app.command()
 def baseline(
     config: ConfigOpt = None,
-    method: Annotated[Optional[str], typer.Option(help="source | norm | tent | cotta, or a method of your own without a prior (docs/DEVELOPING.md) → method.name.")] = None,
+    method: Annotated[Optional[str], typer.Option(metavar="NAME", help="source | norm | tent | cotta, or a method of your own without a prior (docs/DEVELOPING.md) → method.name.")] = None,
     task: Annotated[Optional[Task], typer.Option(help="cls: classification; seg: segmentation (ADE20K-C, SegFormer) → task.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -415,10 +415,10 @@ def baseline(
 @app.command("adapt-cls")
 def adapt_cls(
     config: ConfigOpt = None,
-    method: Annotated[Optional[str], typer.Option(help="dusa | dusa_u → method.name.")] = None,
-    prior: Annotated[Optional[str], typer.Option(help="Prior preset (sit_xl_2, dit_xl_2_256, sit_digits, …) → method.prior.")] = None,
+    method: Annotated[Optional[str], typer.Option(metavar="NAME", help="dusa | dusa_u → method.name.")] = None,
+    prior: Annotated[Optional[str], typer.Option(metavar="NAME", help="Prior preset (sit_xl_2, dit_xl_2_256, sit_digits, …) → method.prior.")] = None,
     prior_checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="FILE", help="Local weights of the prior → method.prior_checkpoint.")] = None,
-    vae: Annotated[Optional[str], typer.Option(help="Local diffusers VAE directory or weights file, or 'none' → method.vae.")] = None,
+    vae: Annotated[Optional[str], typer.Option(metavar="PATH", help="Local diffusers VAE directory or weights file, or 'none' → method.vae.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
@@ -444,9 +444,9 @@ def adapt_cls(
 @app.command("adapt-seg")
 def adapt_seg(
     config: ConfigOpt = None,
-    method: Annotated[Optional[str], typer.Option(help="dusa_seg → method.name.")] = None,
+    method: Annotated[Optional[str], typer.Option(metavar="NAME", help="dusa_seg → method.name.")] = None,
     prior: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="Local Stable Diffusion 3 directory (diffusers layout) → method.prior.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Segmenter: segformer → model.name.")] = None,
+    model: Annotated[Optional[str], typer.Option(metavar="NAME", help="Segmenter: segformer → model.name.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="Local transformers SegFormer directory → model.checkpoint.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="ADE20K-C root (official or images/validation/<c>_5 layout) → data.root.")] = None,
     corruption: CorruptionOpt = None,
@@ -463,7 +463,7 @@ def adapt_seg(
     quiet: QuietOpt = False,
     gpus: Annotated[
         Optional[str],
-        typer.Option("--gpus", help="Model parallelism: split the SD3 transformer's blocks over these devices, e.g. 0,1 (or cpu,cpu) → run.split_devices."),
+        typer.Option("--gpus", metavar="DEVICES", help="Model parallelism: split the SD3 transformer's blocks over these devices, e.g. 0,1 (or cpu,cpu) → run.split_devices."),
     ] = None,
 ) -> None:
     """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
@@ -504,19 +504,19 @@ class BenchPrior(str, Enum):
 def bench_cls_command(
     ctx: typer.Context,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
-    updates: Annotated[int, typer.Option(min=1, help="Timed updates per recipe (64 images each).")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
+    updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed updates per recipe (64 images each).")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, metavar="N", help="Untimed updates first (compilation, autotuning).")] = 2,
     recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")] = "auto",
     prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
-    micro_batch: Annotated[Optional[int], typer.Option(min=1, help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
     compile_mode: Annotated[CompileModeName, typer.Option(help="The fast recipe's torch.compile mode (reduce-overhead / max-autotune: CUDA graphs too).")] = CompileModeName.default,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", metavar="LEVER=VALUE,...", help="One more recipe: the fast one with these levers changed (micro-batch, checkpointing, compile-classifier, channels-last, compile-mode), e.g. micro-batch=32,checkpointing=8; repeatable, timed in the same run.")] = None,
-    trajectory: Annotated[int, typer.Option(min=0, help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
-    tolerance: Annotated[float, typer.Option(min=0, help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
+    trajectory: Annotated[int, typer.Option(min=0, metavar="N", help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
+    tolerance: Annotated[float, typer.Option(min=0, metavar="FRACTION", help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
@@ -646,10 +646,10 @@ class SegRecipeName(str, Enum):
 def bench_seg_command(
     ctx: typer.Context,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
-    updates: Annotated[int, typer.Option(min=1, help="Timed window updates per recipe.")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed updates first (compilation, autotuning).")] = 2,
+    updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed window updates per recipe.")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, metavar="N", help="Untimed updates first (compilation, autotuning).")] = 2,
     recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
-    gpus: Annotated[Optional[str], typer.Option("--gpus", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
+    gpus: Annotated[Optional[str], typer.Option("--gpus", metavar="DEVICES", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")] = None,

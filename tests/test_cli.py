@@ -231,3 +231,24 @@ def test_a_classifier_released_under_its_authors_layer_names_loads(tmp_path: Pat
     loaded = create_classifier(ModelConfig(name="convnext_atto", num_classes=10, checkpoint=path)).backbone.state_dict()
     assert loaded.keys() == timm_state.keys()
     assert all(torch.equal(loaded[key], timm_state[key]) for key in timm_state)
+
+
+def test_every_option_names_what_it_takes() -> None:
+    """Help shows a value's meaning (N, NAME, KEY=VALUE, DIR, …) or its choices, never a bare
+    type such as <str> or <list[int]>; flags alone show <bool>, as --help itself does."""
+    import re
+
+    import typer
+
+    from dusa_cli.cli import app
+
+    def paths(command, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+        children = getattr(command, "commands", {})
+        return [path, *(p for name, child in children.items() for p in paths(child, (*path, name)))]
+
+    commands = paths(typer.main.get_command(app))
+    assert ("bench", "cls") in commands and ("prepare-data",) in commands
+    bare_type = re.compile(r"<(str|int|float|path)( range)?>|<list\[(str|int|float)\]>")
+    for path, shown in zip(commands, dusa_each(*((*path, "--help") for path in commands), columns=250)):
+        assert shown.returncode == 0, (path, shown.stderr)
+        assert not bare_type.findall(shown.stdout), (path, bare_type.findall(shown.stdout))
