@@ -480,6 +480,9 @@ ProfileOpt = Annotated[
     Optional[Path],
     typer.Option("--profile", parser=local_path, metavar="DIR", help="After timing, one more update per recipe under torch.profiler: a trace and an operator table in DIR, the time by kind of work on screen."),
 ]
+WarmupOpt = Annotated[int, typer.Option(min=0, metavar="N", help="Untimed updates first (compilation, autotuning).")]
+FiguresOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")]
+StatusQuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")]
 
 
 class RecipeName(str, Enum):
@@ -505,7 +508,7 @@ def bench_cls_command(
     ctx: typer.Context,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed updates per recipe (64 images each).")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, metavar="N", help="Untimed updates first (compilation, autotuning).")] = 2,
+    warmup: WarmupOpt = 2,
     recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")] = "auto",
     prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
@@ -518,8 +521,8 @@ def bench_cls_command(
     trajectory: Annotated[int, typer.Option(min=0, metavar="N", help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, metavar="FRACTION", help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
+    output: FiguresOpt = None,
+    quiet: StatusQuietOpt = False,
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
     the fast one in the same run, images/s, TFLOP/s, fraction of the bf16 peak, peak memory."""
@@ -539,7 +542,7 @@ def bench_cls_command(
              "channels-last": channels_last, "compile-mode": compile_mode.value}  # fmt: skip
     fast = vary(FAST, {lever: str(v).lower() for lever, v in flags.items() if v not in (None, False, "default")}, "fast")
     if trajectory:
-        with StatusLine(enabled=not quiet) as say:
+        with outcome_on_stop(lambda: f"nothing was written to {output}" if output else ""), StatusLine(enabled=not quiet) as say:
             result = compare_trajectories(
                 tiny=tiny, updates=trajectory, device=run_on, prior=prior.value, candidate=fast, say=say
             )  # fmt: skip
@@ -647,13 +650,13 @@ def bench_seg_command(
     ctx: typer.Context,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed window updates per recipe.")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, metavar="N", help="Untimed updates first (compilation, autotuning).")] = 2,
+    warmup: WarmupOpt = 2,
     recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", metavar="DEVICES", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Also write the figures as JSON.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")] = False,
+    output: FiguresOpt = None,
+    quiet: StatusQuietOpt = False,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
     window with 20 classes and each device's peak memory, for two recipes in the same run."""

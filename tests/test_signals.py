@@ -250,6 +250,16 @@ def test_a_stopped_benchmark_says_where_the_finished_recipes_are(tmp_path: Path,
     assert [row["name"] for row in saved["recipes"]] == ["official"] and not saved["complete"]
 
 
+def test_a_stopped_trajectory_check_says_nothing_was_written(tmp_path: Path, hooks: dict[str, str], start: Start) -> None:
+    figures = tmp_path / "trajectory.json"
+    command = dusa_command("bench", "cls", "--tiny", "--trajectory", "1", "--device", "cpu", "-o", str(figures), "-q")
+    process = start(command, hooks | {"DUSA_TEST_FAULT": "0:hang:0"})
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGTERM)
+    assert_one_line_error(finish(process), 128 + signal.SIGTERM, f"stopped by SIGTERM; nothing was written to {figures}")
+    assert list(tmp_path.glob("*trajectory.json*")) == []
+
+
 def test_a_stop_that_something_swallowed_still_ends_as_a_stop() -> None:
     """Python drops an exception raised in a ctypes callback (numba's compiler runs in one): the
     work then goes on, but the command must still end as stopped, not as a success."""
