@@ -116,7 +116,11 @@ class Dusa(GuidedMethod):
         )
         return predictions.float().view(batch, k, *predictions.shape[1:])
 
-    def loss(self, noisy, t, target, classes, weights) -> torch.Tensor:
+    def loss(
+        self, noisy: torch.Tensor, t: torch.Tensor, target: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The objective for noisy latents (B, C, H, W) at times t (B,), against the path's target,
+        over each image's candidate classes (B, K) and their weights (B, K)."""
         predictions = self.conditional_predictions(noisy, t, classes)
         return prediction_loss(mix(predictions, weights), target, self.config.loss_weights)
 

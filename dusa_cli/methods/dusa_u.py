@@ -20,7 +20,9 @@ from dusa_cli.objective import mix, prediction_loss
 class DusaU(Dusa):
     name = "dusa_u"
 
-    def loss(self, noisy, t, target, classes, weights) -> torch.Tensor:
+    def loss(
+        self, noisy: torch.Tensor, t: torch.Tensor, target: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         null = torch.full((noisy.shape[0],), self.prior.null_class, device=noisy.device, dtype=torch.long)
         unconditional = self.prior.predict(noisy, t, self.prior.class_embeddings(null)).float()
         with torch.no_grad():
