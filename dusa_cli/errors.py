@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import signal
+from collections.abc import Iterable
 from enum import IntEnum
 
 
@@ -45,3 +47,9 @@ class Interrupted(DusaError):
         message = f"{what}; {outcome}" if outcome else what
         super().__init__("" if silent else message)
         self.exit_code = 128 + number  # type: ignore[assignment]
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`, did you mean 'x'?` for the choice closest to a mistyped name; empty if none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f", did you mean '{close[0]}'?" if close else ""

@@ -1,5 +1,6 @@
 """Config parsing: presets validate, unknown keys and bad values fail naming key and file."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,29 @@ def test_unknown_method_and_method_option(tmp_path: Path) -> None:
         load_config(write(tmp_path, BASE.replace("tent", "tentt")), {})
     with pytest.raises(ConfigError, match=r"method\.alpha: unknown key"):
         load_config(write(tmp_path, BASE.replace("{name: tent}", "{name: tent, alpha: 1}")), {})
+
+
+@pytest.mark.parametrize(("assignment", "problem"), [
+    ("optim.lrr=0.1", "optim.lrr: unknown key, did you mean 'lr'?"),
+    ("data.batchsize=8", "data.batchsize: unknown key, did you mean 'batch_size'?"),  # the data section's own schema
+    ("method.topkk=3", "method.topkk: unknown key, did you mean 'topk'?"),
+    ("method.loss_weights.mze=1", "method.loss_weights.mze: unknown key, did you mean 'mse'?"),
+    ("tsk=seg", "tsk: unknown key, did you mean 'task'?"),
+    ("method.name=tnet", "method: unknown method 'tnet', did you mean 'tent'? (available: cotta, "),
+    ("data.corruptions=gausian_noise", "data.corruptions: unknown corruption 'gausian_noise', did you mean 'gaussian_noise'? (choose from: all, "),
+    ("run.compile.x=model", "run.compile.0: Input should be"),  # blamed on the command line, as set there
+])  # fmt: skip
+def test_a_mistyped_name_is_answered_with_the_closest_one(tmp_path: Path, assignment: str, problem: str) -> None:
+    dusa = BASE.replace("{name: tent}", "{name: dusa, prior: sit_tiny, prior_random_init: true}")  # DUSA's options
+    with pytest.raises(ConfigError, match=f"^command line: {re.escape(problem)}"):
+        load_config(write(tmp_path, dusa if assignment.startswith("method.") else BASE), {}, [assignment])
+
+
+def test_a_name_close_to_none_gets_no_guess(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^command line: optim\.zzz: unknown key$"):
+        load_config(write(tmp_path, BASE), {}, ["optim.zzz=1"])
+    with pytest.raises(ConfigError, match=r"^command line: method: unknown method 'xyz' \(available: "):
+        load_config(write(tmp_path, BASE), {}, ["method.name=xyz"])
 
 
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:

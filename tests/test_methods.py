@@ -9,6 +9,7 @@ from torch import nn
 
 from dusa_cli.config.schema import MethodConfig, ModelConfig, OptimConfig
 from dusa_cli.engine.adapter import OnlineAdapter
+from dusa_cli.errors import ConfigError
 from dusa_cli.methods import available_methods, get_method
 from dusa_cli.methods.tent import softmax_entropy
 from dusa_cli.models.classifier import create_classifier
@@ -26,6 +27,12 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_registry_lists_the_baselines() -> None:
     assert {"source", "norm", "tent"} <= set(available_methods())
+
+
+def test_an_unknown_timm_model_names_the_closest_ones() -> None:
+    for typed, closest in (("resnet18x", "resnet18"), ("convnxt_large.fb_in1k", "convnext_large")):
+        with pytest.raises(ConfigError, match=rf"unknown timm model '{typed}' \(similar: {closest},"):
+            create_classifier(ModelConfig(name=typed))
 
 
 def test_source_changes_nothing() -> None:

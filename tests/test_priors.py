@@ -107,7 +107,9 @@ def test_all_presets_build_and_run() -> None:
 def test_unknown_prior_and_bad_override_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown prior 'sit_xxl'.*sit_xl_2"):
         create_prior_transformer("sit_xxl")
-    with pytest.raises(ConfigError, match="hidden_sise: unknown key"):
+    with pytest.raises(ConfigError, match="unknown prior 'sit_digit', did you mean 'sit_digits'"):
+        create_prior_transformer("sit_digit")
+    with pytest.raises(ConfigError, match="hidden_sise: unknown key, did you mean 'hidden_size'"):
         create_prior_transformer("sit_tiny", hidden_sise=64)
     with pytest.raises(ConfigError, match="not a multiple of num_heads"):
         create_prior_transformer("sit_tiny", hidden_size=36, num_heads=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def load_config(
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        problems = validation_problems(error)
+        problems = validation_problems(error, ExperimentConfig)
         given = set(overrides) | {dotted for dotted, _ in assigned}
         message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}"
         if path is None and any("required" in text for _, text in problems):
@@ -124,9 +125,10 @@ def load_config(
 
 def _blame(path: Path | None, locations: list[str], given: set[str]) -> str:
     """Where the bad values came from: the preset file, the command line or both."""
+    sections = [re.sub(r"(\.\d+)+$", "", location) for location in locations]  # run.compile.0: the list itself
     from_command_line = [
-        any(location == key or location.startswith(f"{key}.") or key.startswith(f"{location}.") for key in given)
-        for location in locations
+        any(location == key or location.startswith(f"{key}.") or key.startswith(f"{section}.") for key in given)
+        for location, section in zip(locations, sections)
     ]
     if path is None or all(from_command_line):
         return "command line"

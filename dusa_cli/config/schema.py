@@ -27,18 +27,22 @@ from pydantic import (
 
 from dusa_cli.data.corruptions import check_severities, resolve_corruptions
 from dusa_cli.data.files import absolute_path
-from dusa_cli.errors import ConfigError
+from dusa_cli.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
 
-def validation_problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    """(location, message) per pydantic error. Errors that a nested config re-raised as text
-    (data, method) already carry their location: it is taken from the text."""
+def validation_problems(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """(location, message) per pydantic error of validating `model`. Errors that a nested config
+    re-raised as text (data, method) already carry their location: it is taken from the text."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":  # a typo, most likely: the closest key of its section
+            *section, key = item["loc"]
+            message = "unknown key" + did_you_mean(str(key), _keys_of(model, section))
+        else:
+            message = item["msg"].removeprefix("Value error, ")
         if location and message.startswith((f"{location}.", f"{location}: ")):
             location, _, message = message.partition(": ")
         problems.append((location, message))
@@ -50,8 +54,19 @@ def format_problems(problems: list[tuple[str, str]]) -> str:
     return "; ".join(f"{location}: {message}" if location else message for location, message in problems)
 
 
-def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    return format_problems(validation_problems(error, prefix))
+def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    return format_problems(validation_problems(error, model, prefix))
+
+
+def _keys_of(model: type[BaseModel], section: list[Any]) -> list[str]:
+    """The keys of `model`'s section at `section` (a path of field names); none if it is no model."""
+    for part in section:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        nested = [t for t in _alternatives(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)] if field else []
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
 
 
 def _not_empty(value: Any) -> Any:
@@ -279,7 +294,7 @@ class ExperimentConfig(StrictModel):
         try:
             return schema.model_validate(value)
         except ValidationError as error:
-            raise ValueError(format_validation_error(error, prefix="data")) from None
+            raise ValueError(format_validation_error(error, schema, prefix="data")) from None
 
     @model_validator(mode="after")
     def _method_serves_task(self) -> ExperimentConfig:
@@ -302,6 +317,7 @@ class ExperimentConfig(StrictModel):
         if not isinstance(value, dict) or "name" not in value:
             raise ValueError("expected a method name or a mapping with one, e.g. {name: tent}")
         try:
-            return get_method(value["name"]).Config.model_validate(value)
+            schema = get_method(value["name"]).Config
+            return schema.model_validate(value)
         except ValidationError as error:  # re-raised flat so the location names the method key
-            raise ValueError(format_validation_error(error, prefix="method")) from None
+            raise ValueError(format_validation_error(error, schema, prefix="method")) from None

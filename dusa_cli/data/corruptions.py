@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dusa_cli.errors import ConfigError
+from dusa_cli.errors import ConfigError, did_you_mean
 
 # The 15 benchmark corruptions in the paper's order (research/dusa_official.md §4).
 CORRUPTIONS: tuple[str, ...] = (
@@ -73,4 +73,5 @@ def check_task(corruption: str, severity: int) -> None:
 
 
 def _unknown(name: str, groups: str = "") -> ConfigError:
-    return ConfigError(f"unknown corruption '{name}'; choose from: {groups}" + ", ".join(ALL_CORRUPTIONS))
+    choices = ", ".join(ALL_CORRUPTIONS)
+    return ConfigError(f"unknown corruption '{name}'{did_you_mean(name, ALL_CORRUPTIONS)} (choose from: {groups}{choices})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from dusa_cli.errors import did_you_mean
 from dusa_cli.methods.base import StepOutput, TTAMethod
 
 _REGISTRY: dict[str, type[TTAMethod]] = {}
@@ -28,7 +29,7 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> type[TTAMethod]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method '{name}' (available: {', '.join(available_methods())})")
+        raise ValueError(f"unknown method '{name}'{did_you_mean(name, _REGISTRY)} (available: {', '.join(available_methods())})")
     return _REGISTRY[name]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def create_classifier(config: ModelConfig) -> NormalizedClassifier:
     if config.name in SEGMENTERS:
         raise ConfigError(f"'{config.name}' is a segmentation model: run it with task seg (--task seg, or dusa adapt-seg)")
     if not timm.is_model(config.name):
-        close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:5]
+        architecture = config.name.split(".")[0]
+        # Names containing the typed one (resnet → resnet18, ...), else the closest spellings.
+        close = timm.list_models(f"*{architecture[:12]}*")[:5] or difflib.get_close_matches(architecture, timm.list_models(), n=3)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown timm model '{config.name}'{hint}")
     try:

@@ -11,7 +11,7 @@ from torch import nn
 
 from dusa_cli.config.schema import ModelConfig
 from dusa_cli.data.files import require_directory
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, did_you_mean
 
 SEGMENTERS = ("segformer",)
 # The mean/std of every NVIDIA SegFormer checkpoint and of mmseg's (research/peers.md §E.1).
@@ -76,7 +76,7 @@ def create_segmenter(config: ModelConfig) -> Segmenter:
     from transformers import SegformerForSemanticSegmentation
 
     if config.name not in SEGMENTERS:
-        raise ConfigError(f"unknown segmenter '{config.name}' (available: {', '.join(SEGMENTERS)})")
+        raise ConfigError(f"unknown segmenter '{config.name}'{did_you_mean(config.name, SEGMENTERS)} (available: {', '.join(SEGMENTERS)})")
     directory = config.checkpoint
     if directory is None:
         raise ConfigError(

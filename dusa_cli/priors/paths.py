@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from dusa_cli.errors import ConfigError
+from dusa_cli.errors import ConfigError, did_you_mean
 
 
 def _per_sample(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -137,5 +137,5 @@ PATHS: dict[str, type[NoisePath]] = {path.name: path for path in (DDPMPath, Line
 
 def create_path(name: str) -> NoisePath:
     if name not in PATHS:
-        raise ConfigError(f"unknown noise path '{name}' (available: {', '.join(PATHS)})")
+        raise ConfigError(f"unknown noise path '{name}'{did_you_mean(name, PATHS)} (available: {', '.join(PATHS)})")
     return PATHS[name]()

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from dusa_cli.config.schema import format_validation_error
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, did_you_mean
 from dusa_cli.models.checkpoint import load_strict, read_state_dict
 from dusa_cli.priors.transformer import DiffusionTransformer, TransformerConfig
 
@@ -73,7 +73,7 @@ def available_priors() -> list[str]:
 
 def get_preset(name: str) -> PriorPreset:
     if name not in _PRESETS:
-        raise ConfigError(f"unknown prior '{name}' (available: {', '.join(_PRESETS)})")
+        raise ConfigError(f"unknown prior '{name}'{did_you_mean(name, _PRESETS)} (available: {', '.join(_PRESETS)})")
     return _PRESETS[name]
 
 
@@ -93,7 +93,7 @@ def create_prior_transformer(name: str, checkpoint: Path | None = None, **overri
     try:
         config = TransformerConfig(**{**config.model_dump(), **overrides})
     except ValidationError as error:
-        raise ConfigError(f"prior {name}: {format_validation_error(error)}") from None
+        raise ConfigError(f"prior {name}: {format_validation_error(error, TransformerConfig)}") from None
     if checkpoint is None:
         return DiffusionTransformer(config)
     state = read_state_dict(checkpoint)
