@@ -44,11 +44,14 @@ def test_unknown_method_and_method_option(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("assignment", "problem"), [
-    ("optim.lrr=0.1", "optim.lrr: unknown key, did you mean 'lr'?"),
-    ("data.batchsize=8", "data.batchsize: unknown key, did you mean 'batch_size'?"),  # the data section's own schema
-    ("method.topkk=3", "method.topkk: unknown key, did you mean 'topk'?"),
-    ("method.loss_weights.mze=1", "method.loss_weights.mze: unknown key, did you mean 'mse'?"),
+    ("optim.lrr=0.1", "optim.lrr: unknown key, did you mean 'optim.lr'?"),
+    ("data.batchsize=8", "data.batchsize: unknown key, did you mean 'data.batch_size'?"),  # the data section's own schema
+    ("method.topkk=3", "method.topkk: unknown key, did you mean 'method.topk'?"),
+    ("method.loss_weights.mze=1", "method.loss_weights.mze: unknown key, did you mean 'method.loss_weights.mse'?"),
     ("tsk=seg", "tsk: unknown key, did you mean 'task'?"),
+    ("seed=3", "seed: unknown key, did you mean 'run.seed'?"),  # no close key here: the same key elsewhere
+    ("run.lr=0.1", "run.lr: unknown key, did you mean 'optim.lr'?"),
+    ("method.loss_weights.topk=3", "method.loss_weights.topk: unknown key, did you mean 'method.topk'?"),
     ("method.name=tnet", "method: unknown method 'tnet', did you mean 'tent'? (available: cotta, "),
     ("data.corruptions=gausian_noise", "data.corruptions: unknown corruption 'gausian_noise', did you mean 'gaussian_noise'? (choose from: all, "),
     ("run.compile.x=model", "run.compile.0: Input should be"),  # blamed on the command line, as set there

@@ -7,6 +7,7 @@ class, looked up in the method registry (the schema knows no method by name).
 
 from __future__ import annotations
 
+import difflib
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import (
 
 from dusa_cli.data.corruptions import check_severities, resolve_corruptions
 from dusa_cli.data.files import absolute_path
-from dusa_cli.errors import ConfigError, did_you_mean
+from dusa_cli.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -38,9 +39,8 @@ def validation_problems(error: ValidationError, model: type[BaseModel], prefix: 
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
-        if item["type"] == "extra_forbidden":  # a typo, most likely: the closest key of its section
-            *section, key = item["loc"]
-            message = "unknown key" + did_you_mean(str(key), _keys_of(model, section))
+        if item["type"] == "extra_forbidden":
+            message = "unknown key" + _guess_key(model, item["loc"], prefix)
         else:
             message = item["msg"].removeprefix("Value error, ")
         if location and message.startswith((f"{location}.", f"{location}: ")):
@@ -58,15 +58,28 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], pref
     return format_problems(validation_problems(error, model, prefix))
 
 
-def _keys_of(model: type[BaseModel], section: list[Any]) -> list[str]:
-    """The keys of `model`'s section at `section` (a path of field names); none if it is no model."""
-    for part in section:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        nested = [t for t in _alternatives(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)] if field else []
-        if not nested:
-            return []
-        model = nested[0]
-    return list(model.model_fields)
+def _guess_key(model: type[BaseModel], location: tuple[int | str, ...], prefix: str) -> str:
+    """`, did you mean 'optim.lr'?` for an unknown key of `model`: the closest key of its section
+    (a typo), else the same key in another section (`seed` → `run.seed`); empty if neither."""
+    *section, key = (str(part) for part in location)
+    keys = _dotted_keys(model)
+    here = ".".join(section)
+    siblings = {dotted.rpartition(".")[2]: dotted for dotted in keys if dotted.rpartition(".")[0] == here}
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    guess = siblings[close[0]] if close else next((dotted for dotted in keys if dotted.rpartition(".")[2] == key), None)
+    return f", did you mean '{'.'.join(filter(None, (prefix, guess)))}'?" if guess else ""
+
+
+def _dotted_keys(model: type[BaseModel], section: str = "") -> list[str]:
+    """Every key of the model's tree, sections included: `optim`, `optim.lr`, …"""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{section}{name}"
+        keys.append(dotted)
+        for nested in _alternatives(field.annotation):
+            if isinstance(nested, type) and issubclass(nested, BaseModel):
+                keys += _dotted_keys(nested, f"{dotted}.")
+    return keys
 
 
 def _not_empty(value: Any) -> Any:
