@@ -336,6 +336,8 @@ def _kept_by_a_stopped_build(output: Path, resumes: bool) -> str:
 DigitsDataOpt = Annotated[Path, typer.Option("--data", parser=local_path, metavar="DIR", help="A digits-c directory (uses its train/ and clean/ splits).")]
 NO_WEIGHTS = "no weights were written"  # a stopped training: the weights file is written once, at the end
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (without it an existing file is refused, so that weights such as the packaged ones are not lost by mistake).")]
+EpochsOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Training epochs.")]
+TrainingSeedOpt = Annotated[int, typer.Option(min=0, metavar="N", help="Random seed of the training (initialisation, batch order, random draws).")]
 
 
 def _check_weights_output(output: Path, overwrite: bool) -> None:
@@ -352,8 +354,8 @@ def _check_weights_output(output: Path, overwrite: bool) -> None:
 def pretrain_digits_classifier(
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits presets use, is dusa_cli/assets/digits_resnet.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
-    epochs: Annotated[int, typer.Option(min=1, metavar="N", help="Training epochs.")] = 30,
-    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
+    epochs: EpochsOpt = 30,
+    seed: TrainingSeedOpt = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -371,8 +373,8 @@ def pretrain_digits_classifier(
 def pretrain_digits_prior(
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="FILE", help="Weights file to write (.safetensors). The packaged one, which the digits DUSA preset uses, is dusa_cli/assets/sit_digits.safetensors.")],
     data: DigitsDataOpt = Path("data/digits-c"),
-    epochs: Annotated[int, typer.Option(min=1, metavar="N", help="Training epochs.")] = 200,
-    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Random seed of the training (initialisation, batch order, random draws).")] = 0,
+    epochs: EpochsOpt = 200,
+    seed: TrainingSeedOpt = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
