@@ -121,6 +121,17 @@ def test_the_environment_records_the_input_files_by_sha256(digits_c: Path, tmp_p
     assert inputs["data.root/manifest.json"]["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
+def test_every_missing_input_is_named_at_once_before_anything_is_written(tmp_path: Path) -> None:
+    dusa = Path(__file__).parents[1] / "configs" / "cls" / "dusa_digits.yaml"
+    missing = {"model.checkpoint": tmp_path / "resnet.pth", "data.root": tmp_path / "digits-c", "method.prior_checkpoint": tmp_path / "sit.pt"}
+    config = load_config(dusa, {key: str(path) for key, path in missing.items()} | {"run.output": str(tmp_path / "run")})
+    with pytest.raises(DusaError) as error:
+        run_experiment(config)
+    named = ", ".join(f"{key} {path}" for key, path in missing.items())
+    assert str(error.value) == f"not found: {named} (`dusa prepare-data` builds digits-c, ImageNet-C and ADE20K-C)"
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_other_weights_under_the_same_path_and_says_rebuilt_data(digits_c: Path, tmp_path: Path) -> None:
     from dusa_cli.models.digits_resnet import digits_weights_path
 
@@ -264,7 +275,7 @@ def test_output_directory_guards(digits_c: Path, tmp_path: Path) -> None:
     run_experiment(config)
     with pytest.raises(DusaError, match="holds another run"):
         run_experiment(config)
-    # The output is checked before the model loads: the missing checkpoint is never reached.
+    # The output is checked first, before the inputs and the model: the missing checkpoint is not reached.
     unloadable = config_for(digits_c, tmp_path / "run", method="source", **{"model.checkpoint": str(tmp_path / "missing.pth")})
     with pytest.raises(DusaError, match="holds another run"):
         run_experiment(unloadable)

@@ -376,7 +376,7 @@ def test_segmentation_errors_are_one_line(models: dict[str, Path], ade_c: Path, 
         (("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--set", "model.checkpoint=null", "-o", str(tmp_path / "e")),
          2, "needs model.checkpoint"),
         (("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--checkpoint", str(tmp_path / "none"), "-o", str(tmp_path / "g")),
-         1, f"SegFormer directory not found: {tmp_path / 'none'}"),
+         1, f"not found: model.checkpoint {tmp_path / 'none'}"),
         # before any GPU is looked for
         (("baseline", "--task", "seg", "--method", "source", *seg_args(models, ade_c, tmp_path / "f"), "--gpus", "0,1"),
          2, "segmentation baselines run on one device"),

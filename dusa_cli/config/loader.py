@@ -146,5 +146,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Config values naming paths that a run writes, not reads (the prompt cache is written if missing).
+OUTPUT_KEYS = frozenset({"run.output", "method.prompt_cache"})
+
+
+def input_paths(config: ExperimentConfig) -> dict[str, Path]:
+    """The local paths a run reads, by config key: weights, model and prior folders, the data.
+    (Other string values, such as a prior preset's name or a VAE of `none`, are not paths.)"""
+    values = flatten(config.model_dump(mode="json")).items()
+    named = {key: Path(value) for key, value in values if isinstance(value, str) and key not in OUTPUT_KEYS}
+    return {key: path for key, path in named.items() if path.is_absolute()}
+
+
 def dump_config(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

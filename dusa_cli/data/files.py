@@ -31,13 +31,14 @@ def require_directory(path: Path, what: str) -> None:
 
 # Lies in a `dusa prepare-data` output from its first image until its manifest.json is written.
 UNFINISHED_MARKER = ".dusa-unfinished"
+PREPARE_HINT = "`dusa prepare-data` builds digits-c, ImageNet-C and ADE20K-C"  # for a missing data root
 
 
 def require_data_root(root: Path) -> None:
     """A dataset root must exist, and a build of `dusa prepare-data` must have finished (an
     interrupted one holds some images of a task only); the errors say what to do."""
     if not root.exists():
-        raise DusaError(f"data directory not found: {root} (`dusa prepare-data` builds digits-c, ImageNet-C and ADE20K-C)")
+        raise DusaError(f"data directory not found: {root} ({PREPARE_HINT})")
     require_directory(root, "data directory")
     if (root / UNFINISHED_MARKER).exists():
         raise DusaError(f"{root} is an unfinished build of `dusa prepare-data`: run the same command again to complete it")

@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from dusa_cli.collectives import agree, broadcast_from_main, gather_to_main
+from dusa_cli.config.loader import input_paths
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
-from dusa_cli.data.files import usable_cores
+from dusa_cli.data.files import PREPARE_HINT, usable_cores
 from dusa_cli.draws import task_key
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.classification import CLASSIFICATION
@@ -110,8 +111,10 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         datasets = [kind.open_dataset(config.data, c, s, model.num_classes) for c, s in tasks]
         return adapter, datasets
 
-    # The output is checked before minutes of model loading, and opened after it.
+    # The output and the inputs (on every node) are checked before minutes of model loading; the
+    # output is opened after it.
     agree(lambda: ResultsStore.check(config.run.output, config, resume) if world.is_main else None)
+    agree(lambda: check_inputs(config))
     if resume and world.is_main and not (config.run.output / RESULTS_FILE).is_file():  # a mistyped -o?
         warnings.warn(f"--resume: nothing to resume in {config.run.output} (no {RESULTS_FILE}); the run starts from its first task", stacklevel=2)
     adapter, datasets = agree(setup)
@@ -159,6 +162,15 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
                 tracker.log_task(store.results["tasks"], plan)
         store.complete(kind.summarize(store.results["tasks"]))
     return store
+
+
+def check_inputs(config: ExperimentConfig) -> None:
+    """Every path the run reads exists, or one error names all that do not: a new preset's
+    weights, prior and data are found missing at once, not one per attempt."""
+    missing = {key: path for key, path in input_paths(config).items() if not path.exists()}
+    if missing:
+        hint = f" ({PREPARE_HINT})" if "data.root" in missing else ""
+        raise DusaError(f"not found: {', '.join(f'{key} {path}' for key, path in missing.items())}{hint}")
 
 
 @contextmanager

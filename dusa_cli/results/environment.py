@@ -14,7 +14,7 @@ import torch
 
 from dusa_cli import __version__
 from dusa_cli._compat import TORCHVISION_STATUS
-from dusa_cli.config.loader import flatten
+from dusa_cli.config.loader import input_paths
 from dusa_cli.config.schema import ExperimentConfig
 from dusa_cli.data.files import file_sha256, head_tail_sha256
 from dusa_cli.results.store import DATA_MANIFEST
@@ -60,10 +60,6 @@ def git_commit(root: Path = CHECKOUT) -> str | None:
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
-# Folders that config values name but that are not what a run's results were computed from: the
-# data (its manifest.json, with a sha256 per image, stands for it), the run's own output, and the
-# prompt cache (derived from method.prior, which is recorded).
-NOT_INPUTS = frozenset({"data.root", "run.output", "method.prompt_cache"})
 FULL_HASH_LIMIT = 64 << 20  # configs, tokenizers, small weights: hashed whole
 SAMPLE_BYTES = 4 << 20
 # The key says what was hashed, so that nobody takes it for a sha256 of the whole file.
@@ -92,13 +88,10 @@ def input_files(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     one naming a folder (a SegFormer or SD3 directory, a VAE, label maps) with `folder_files`, and
     the data's manifest.json (written by prepare-data, with a sha256 per image), so that rebuilt
     data or other weights show in the record. Packaged weights are fixed by the dusa version."""
-    values = flatten(config.model_dump(mode="json")).items()
-    named = {key: Path(value) for key, value in values if isinstance(value, str) and key not in NOT_INPUTS}
-    named[DATA_MANIFEST] = config.data.root / "manifest.json"
+    named = input_paths(config)
+    named[DATA_MANIFEST] = named.pop("data.root") / "manifest.json"  # a sha256 per image: the data's record
     records: dict[str, dict[str, Any]] = {}
     for key, path in named.items():
-        if not path.is_absolute():  # a name, such as a prior preset or `none`
-            continue
         if path.is_file():
             records[key] = {"path": str(path), "sha256": file_sha256(path)}
         elif path.is_dir():
