@@ -85,8 +85,8 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     assert_one_line_errors(
         (("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", next(out)), 1, "none"),
         (("baseline", "-c", PRESET, "--corruption", "fgo", "-o", next(out)), 2, "unknown corruption 'fgo'"),
-        (("baseline", "-c", PRESET, "--model", "resnet_nope", "-o", next(out)), 2, "unknown timm model"),
-        (("baseline", "-c", PRESET, "--model", "segformer", "-o", next(out)), 2, "'segformer' is a segmentation model: run it with task seg"),
+        (("baseline", "-c", PRESET, "--model", "resnet_nope", "--data", str(digits_c), "-o", next(out)), 2, "unknown timm model"),
+        (("baseline", "-c", PRESET, "--model", "segformer", "--data", str(digits_c), "-o", next(out)), 2, "'segformer' is a segmentation model: run it with task seg"),
         # A preset of the other task: its method has no --prior, but the task is what is wrong.
         (("adapt-seg", "-c", PRESET, "--prior", "sd3", "-o", next(out)), 2, "`dusa adapt-seg` runs task seg, but the config's task is cls"),
         (("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(tmp_path / "w.pth")), 2, "must end in .safetensors"),
