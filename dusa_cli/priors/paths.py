@@ -101,8 +101,8 @@ class LinearFlowPath(NoisePath):
     ε − x0, continuous t fed to the model unscaled (research/peers.md §C)."""
 
     name = "linear"
-    # [A] The same signal-to-noise ratio as DDPM t=100 (x_t ≈ 0.946·x0 + 0.324·ε, §1.2):
-    # t/(1−t) = 0.324/0.946 gives t ≈ 0.255.
+    # [A] About the signal-to-noise ratio of DDPM t=100 (x_t ≈ 0.946·x0 + 0.324·ε, §1.2):
+    # t/(1−t) = 0.324/0.946 gives t ≈ 0.255; the round 0.25 is 3 % less noise per unit signal.
     default_timestep = 0.25
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -123,7 +123,7 @@ class SD3FlowPath(LinearFlowPath):
     but the transformer is fed 1000·σ (research/peers.md §D)."""
 
     name = "sd3_flow"
-    # [A] σ with the SNR of DDPM t=100, the fixed timestep of the official DUSA-seg on SD 1.5
+    # [A] σ with about the SNR of DDPM t=100, the fixed timestep of the official DUSA-seg on SD 1.5
     # (research/dusa_official.md §3.5); see LinearFlowPath for the arithmetic. Used as σ directly:
     # the scheduler's `shift` maps sampling steps to σ, and DUSA samples no steps.
     default_timestep = 0.25
