@@ -157,17 +157,27 @@ def test_resume_refuses_other_weights_under_the_same_path_and_says_rebuilt_data(
         assert run_experiment(config, resume=True).results["status"] == "complete"
 
 
-def test_resume_names_the_changed_file_of_a_folder_and_another_process_count(tmp_path: Path) -> None:
-    from dusa_cli.results.environment import folder_files
+def test_resume_names_the_changed_file_of_a_folder_and_another_process_count(tmp_path: Path, monkeypatch) -> None:
+    from dusa_cli.results import environment
+    from dusa_cli.results.environment import folder_record
     from dusa_cli.results.store import _check_same_inputs, _say_other_process_count
 
     folder = tmp_path / "segformer"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    before = {"model.checkpoint": {"path": str(folder), "files": folder_files(folder)}}
+    before = {"model.checkpoint": {"path": str(folder)} | folder_record(folder)}
     (folder / "config.json").write_text('{"num_labels": 3}')
-    now = {"model.checkpoint": {"path": str(folder), "files": folder_files(folder)}}
+    now = {"model.checkpoint": {"path": str(folder)} | folder_record(folder)}
     with pytest.raises(DusaError, match=f"model.checkpoint \\({folder}\\) is not what its first session read \\(its file config.json differs\\)"):
+        _check_same_inputs(tmp_path, {"inputs": before}, {"inputs": now})
+    # An image set (EATA's Fisher data) over the limit is recorded by the names and sizes of its files.
+    monkeypatch.setattr(environment, "LISTED_FILES_LIMIT", 1)
+    (folder / "weights.bin").write_bytes(b"1")
+    before = {"method.fisher_data": {"path": str(folder)} | folder_record(folder)}
+    assert before["method.fisher_data"]["file_count"] == 2 and "files" not in before["method.fisher_data"]
+    (folder / "weights.bin").write_bytes(b"12")
+    now = {"method.fisher_data": {"path": str(folder)} | folder_record(folder)}
+    with pytest.raises(DusaError, match=r"method.fisher_data .* \(its file names or sizes differ\)"):
         _check_same_inputs(tmp_path, {"inputs": before}, {"inputs": now})
     with pytest.warns(UserWarning, match="records no inputs"):  # runs recorded before inputs were: no check
         _check_same_inputs(tmp_path, {}, {"inputs": now})

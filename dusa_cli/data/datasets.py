@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +61,19 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.transpose(2, 0, 1).copy())
 
 
-class ImageFolderTask(Dataset[Item]):
-    """`root/<class>/<image>`: one ImageNet-C (corruption, severity) folder, or a clean split."""
+def read_stored(path: Path) -> np.ndarray:
+    """An image file as an H×W×3 uint8 array at its stored size."""
+    return np.asarray(read_rgb(path))
 
-    def __init__(self, root: Path) -> None:
+
+class ImageFolderTask(Dataset[Item]):
+    """`root/<class>/<image>`: one ImageNet-C (corruption, severity) folder, or a clean split.
+    `read` turns a file into its H×W×3 uint8 array (default: as stored)."""
+
+    def __init__(self, root: Path, read: Callable[[Path], np.ndarray] = read_stored) -> None:
         folders = class_folders(root)
         self.root = root
+        self.read = read
         self.class_to_index, self.named_indices = class_index([folder.name for folder in folders])
         self.samples = [
             (path, self.class_to_index[folder.name])
@@ -81,7 +88,7 @@ class ImageFolderTask(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
-        return image_tensor(np.asarray(read_rgb(path))), label
+        return image_tensor(self.read(path)), label
 
 
 def _load_array(path: Path) -> np.ndarray:

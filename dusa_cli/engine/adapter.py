@@ -49,6 +49,7 @@ class OnlineAdapter:
         self.loss_factor = 1.0
         self.profiler: Any = None  # a torch.profiler stepped after every micro-batch (run.profile)
         method.backward = self.backward
+        method.restart_optimizer = self.restart_optimizer
 
     def step(self, images: torch.Tensor, share: float = 1.0, draws: Draws | None = None) -> StepOutput:
         """`share`: the images' fraction of the whole micro-batch (1 in a single process). A
@@ -90,6 +91,11 @@ class OnlineAdapter:
             return
         with torch.autocast(self.device.type, enabled=False):
             self.scaler.scale(loss * self.loss_factor).backward()
+
+    def restart_optimizer(self) -> None:
+        """The optimizer's state as built: no moments, no step count."""
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
 
     def skip(self) -> None:
         """A micro-batch with no image for this process: it still takes part in the update."""

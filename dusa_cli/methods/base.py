@@ -45,6 +45,9 @@ class TTAMethod:
         # The engine's loss back-propagation (loss scaling, accumulation, shard share). A method
         # whose loss is too big for one graph calls it once per part and returns `backpropagated`.
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+        # Empties the engine's optimizer state (moments), for a method that puts its weights back
+        # to the source mid-task (SAR's recovery).
+        self.restart_optimizer: Callable[[], None] = lambda: None
         # Where random draws come from; the engine sets per-image streams for each step (dusa_cli/draws.py).
         self.draws: Draws = Draws()
         self.configure_model()

@@ -16,7 +16,7 @@ from dusa_cli import __version__
 from dusa_cli._compat import TORCHVISION_STATUS
 from dusa_cli.config.loader import input_paths
 from dusa_cli.config.schema import ExperimentConfig
-from dusa_cli.data.files import file_sha256, head_tail_sha256
+from dusa_cli.data.files import file_sha256, head_tail_sha256, sha256_hex
 from dusa_cli.results.store import DATA_MANIFEST
 
 PACKAGES = (
@@ -66,26 +66,34 @@ SAMPLE_BYTES = 4 << 20
 SAMPLED_SHA256 = f"sha256_of_size_first_and_last_{SAMPLE_BYTES >> 20}MiB"
 
 
-def folder_files(folder: Path) -> dict[str, dict[str, int | str]]:
-    """Every file under `folder` by relative path (hidden ones such as .git skipped): its size and
-    sha256, or, over FULL_HASH_LIMIT, the sha256 of its size and first and last SAMPLE_BYTES, so
-    that a 15 GB SD3 folder costs a few tens of MiB of reading, not minutes."""
+# A folder of more files than this (an image set such as ImageNet's val, EATA's Fisher data) is
+# recorded by its listing, not file by file: 50,000 hashes would read gigabytes at every start.
+LISTED_FILES_LIMIT = 10_000
+
+
+def folder_record(folder: Path) -> dict[str, Any]:
+    """`files`: every file under `folder` by relative path (hidden ones such as .git skipped), its
+    size and sha256, or, over FULL_HASH_LIMIT, the sha256 of its size and first and last
+    SAMPLE_BYTES, so that a 15 GB SD3 folder costs a few tens of MiB of reading, not minutes.
+    Over LISTED_FILES_LIMIT files: `file_count` and `listing_sha256`, of their names and sizes."""
+    listed = [(path, path.relative_to(folder)) for path in sorted(folder.rglob("*"))]
+    paths = [(path, relative) for path, relative in listed if not any(part.startswith(".") for part in relative.parts) and path.is_file()]
+    if len(paths) > LISTED_FILES_LIMIT:
+        listing = "".join(f"{relative.as_posix()}\t{path.stat().st_size}\n" for path, relative in paths)
+        return {"file_count": len(paths), "listing_sha256": sha256_hex(listing.encode())}
     files: dict[str, dict[str, int | str]] = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
+    for path, relative in paths:
         size = path.stat().st_size
         if size <= FULL_HASH_LIMIT:
             files[relative.as_posix()] = {"size": size, "sha256": file_sha256(path)}
         else:
             files[relative.as_posix()] = {"size": size, SAMPLED_SHA256: head_tail_sha256(path, SAMPLE_BYTES)}
-    return files
+    return {"files": files}
 
 
 def input_files(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """What a run read by path: every config value naming a file (weights) with its sha256, every
-    one naming a folder (a SegFormer or SD3 directory, a VAE, label maps) with `folder_files`, and
+    one naming a folder (a SegFormer or SD3 directory, a VAE, label maps) with `folder_record`, and
     the data's manifest.json (written by prepare-data, with a sha256 per image), so that rebuilt
     data or other weights show in the record. Packaged weights are fixed by the dusa version."""
     named = input_paths(config)
@@ -95,7 +103,7 @@ def input_files(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
         if path.is_file():
             records[key] = {"path": str(path), "sha256": file_sha256(path)}
         elif path.is_dir():
-            records[key] = {"path": str(path), "files": folder_files(path)}
+            records[key] = {"path": str(path)} | folder_record(path)
     return records
 
 

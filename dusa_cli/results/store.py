@@ -292,7 +292,10 @@ def _check_same_inputs(root: Path, recorded: dict[str, Any], environment: dict[s
 
 
 def _difference(before: dict[str, Any], now: dict[str, Any]) -> str:
-    """The first difference between two input records: a file's hash, or a file in a folder."""
+    """The first difference between two input records: a file's hash, a file in a folder, or a
+    large folder's listing."""
+    if "listing_sha256" in before or "listing_sha256" in now:
+        return "its file names or sizes differ"
     if "files" not in before or "files" not in now:
         return "its sha256 differs"
     old, new = before["files"], now["files"]
