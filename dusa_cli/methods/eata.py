@@ -48,10 +48,15 @@ def entropy_margin(factor: float, num_classes: int) -> float:
     return factor * math.log(num_classes)
 
 
-class EataConfig(MethodConfig):
+class ReliableSamplesConfig(MethodConfig):
+    """The options of a method that learns from reliable samples only (EATA, SAR)."""
+
     entropy_margin: float = Field(
         default=0.4, gt=0, description="reliable samples have an entropy below this × ln(classes) (E0)"
     )
+
+
+class EataConfig(ReliableSamplesConfig):
     redundancy_margin: float = Field(
         default=0.05,
         ge=0,

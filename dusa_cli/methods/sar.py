@@ -34,17 +34,13 @@ from pydantic import Field
 from torch import nn
 
 from dusa_cli.collectives import all_reduce_
-from dusa_cli.config.schema import MethodConfig
 from dusa_cli.methods import register_method
 from dusa_cli.methods.base import StepOutput, norm_parameters
-from dusa_cli.methods.eata import entropy_margin
+from dusa_cli.methods.eata import ReliableSamplesConfig, entropy_margin
 from dusa_cli.methods.tent import Tent, softmax_entropy
 
 
-class SarConfig(MethodConfig):
-    entropy_margin: float = Field(
-        default=0.4, gt=0, description="reliable samples have an entropy below this × ln(classes) (E0)"
-    )
+class SarConfig(ReliableSamplesConfig):
     rho: float = Field(default=0.05, gt=0, description="radius of the sharpness-aware ascent step")
     reset_threshold: float = Field(
         default=0.2, ge=0, description="the model goes back to the source when the loss average falls below this"
