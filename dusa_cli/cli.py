@@ -78,13 +78,21 @@ class Dataset(str, Enum):
     ade20k_c = "ade20k-c"
 
 
-# Flags shared by every run command; each overrides one key of the YAML config.
-ConfigOpt = Annotated[
-    Optional[Path],
-    typer.Option("--config", "-c", parser=local_path, metavar="FILE", help="YAML preset from configs/cls (classification) or configs/seg (segmentation). Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
-]
+def config_option(presets: str) -> Any:
+    """--config, its help naming the presets of the command's task(s)."""
+    return Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", parser=local_path, metavar="FILE", help=f"YAML preset from {presets}. Each flag below overrides one of its keys (→ KEY); flags not given keep the preset's values."),
+    ]
+
+
+# Flags shared by the run commands; each overrides one key of the YAML config. Where a command
+# runs one task only, its help speaks of that task's models and data alone.
+ConfigOpt = config_option("configs/cls (classification) or configs/seg (segmentation)")
 ModelOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="A timm classifier name (convnext_large.fb_in1k), or segformer for task seg → model.name.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(parser=local_path, metavar="PATH", help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint.")]
+ClassifierOpt = Annotated[Optional[str], typer.Option("--model", metavar="NAME", help="A timm classifier name (convnext_large.fb_in1k) → model.name.")]
+ClassifierCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", parser=local_path, metavar="FILE", help="Local weights: a .pth/.safetensors file → model.checkpoint.")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
@@ -96,17 +104,22 @@ SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source
 SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Results directory → run.output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config; only output, workers, tracking and profiling may change).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config, by default its own config.yaml; only output, workers, tracking and profiling may change).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-class CompilePart(str, Enum):
+
+
+class CompilePart(str, Enum):  # run.compile
     model = "model"
     prior = "prior"
 
 
-CompileOpt = Annotated[
-    Optional[list[CompilePart]],
-    typer.Option("--compile", help="torch.compile the classifier/segmenter (model) or the prior's transformer and VAE encoder (prior); repeatable → run.compile."),
-]
+def compile_option(what: str, offered: str = "model|prior") -> Any:
+    """--compile, its help offering the networks the command runs. (A baseline parses `prior`
+    too, to refuse it with the reason: the method has no prior.)"""
+    return Annotated[Optional[list[CompilePart]], typer.Option("--compile", metavar=offered, help=f"torch.compile {what} → run.compile.")]
+
+
+PRIOR_PARTS = "the prior's transformer and VAE encoder (prior); repeatable"
 
 
 class Tracker(str, Enum):  # run.track
@@ -194,8 +207,12 @@ def split_devices(text: str) -> list[str]:
 
 @stoppable(SAVED)
 def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str]) -> None:
-    from dusa_cli.config.loader import load_config, read_preset
+    from dusa_cli.config.loader import load_config, read_preset, saved_run_config
 
+    if resume and config_path is None:  # the run's own config is where a resume starts; flags override it
+        config_path = saved_run_config(overrides, assignments)
+    if config_path is None and command == "adapt-seg":  # flags alone describe a segmentation run
+        overrides = {"task": "seg", "method.name": "dusa_seg"} | overrides
     if command == "adapt-seg" and gpus is not None:  # model parallelism within one process
         assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
         gpus = None
@@ -341,12 +358,13 @@ TrainingSeedOpt = Annotated[int, typer.Option(min=0, metavar="N", help="Random s
 
 
 def _check_weights_output(output: Path, overwrite: bool) -> None:
-    """Before any training: the weights file can be written, and is not replaced unasked."""
+    """Before any training: the weights file can be written (a folder never can, --overwrite or
+    not: said first), and is not replaced unasked. Exit 1 either way, an output's problem."""
     from dusa_cli.writing import check_writable
 
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; pass --overwrite to replace it")
     check_writable(output)
+    if output.exists() and not overwrite:
+        raise DusaError(f"{output} exists; pass --overwrite to replace it")
 
 
 @pretrain_app.command("digits-classifier")
@@ -401,7 +419,7 @@ def baseline(
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
-    compile_: CompileOpt = None,
+    compile_: compile_option("the classifier or segmenter (model)", offered="model") = None,
     profile: RunProfileOpt = None,
     track: TrackOpt = None,
     set_: SetOpt = None,
@@ -416,13 +434,13 @@ def baseline(
 
 @app.command("adapt-cls")
 def adapt_cls(
-    config: ConfigOpt = None,
+    config: config_option("configs/cls") = None,
     method: Annotated[Optional[str], typer.Option(metavar="NAME", help="dusa | dusa_u → method.name.")] = None,
     prior: Annotated[Optional[str], typer.Option(metavar="NAME", help="Prior preset (sit_xl_2, dit_xl_2_256, sit_digits, …) → method.prior.")] = None,
     prior_checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="FILE", help="Local weights of the prior → method.prior_checkpoint.")] = None,
     vae: Annotated[Optional[str], typer.Option(metavar="PATH", help="Local diffusers VAE directory or weights file, or 'none' → method.vae.")] = None,
-    model: ModelOpt = None,
-    checkpoint: CheckpointOpt = None,
+    model: ClassifierOpt = None,
+    checkpoint: ClassifierCheckpointOpt = None,
     data: DataOpt = None,
     corruption: CorruptionOpt = None,
     severity: SeverityOpt = None,
@@ -430,7 +448,7 @@ def adapt_cls(
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
-    compile_: CompileOpt = None,
+    compile_: compile_option(f"the classifier (model) or {PRIOR_PARTS}") = None,
     profile: RunProfileOpt = None,
     track: TrackOpt = None,
     set_: SetOpt = None,
@@ -445,19 +463,19 @@ def adapt_cls(
 
 @app.command("adapt-seg")
 def adapt_seg(
-    config: ConfigOpt = None,
+    config: config_option("configs/seg") = None,
     method: Annotated[Optional[str], typer.Option(metavar="NAME", help="dusa_seg → method.name.")] = None,
     prior: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="Local Stable Diffusion 3 directory (diffusers layout) → method.prior.")] = None,
     model: Annotated[Optional[str], typer.Option(metavar="NAME", help="Segmenter: segformer → model.name.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="Local transformers SegFormer directory → model.checkpoint.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="ADE20K-C root (official or images/validation/<c>_5 layout) → data.root.")] = None,
-    corruption: CorruptionOpt = None,
+    corruption: Annotated[Optional[list[str]], typer.Option("--corruption", metavar="NAMES", help="Corruption name, comma list or 'all' (ADE20K-C's 15); repeatable → data.corruptions.")] = None,
     severity: SeverityOpt = None,
     num_ex: NumExOpt = None,
     setting: SettingOpt = None,
     seed: SeedOpt = None,
     output: OutputOpt = None,
-    compile_: CompileOpt = None,
+    compile_: compile_option(f"the segmenter (model) or {PRIOR_PARTS}") = None,
     profile: RunProfileOpt = None,
     track: TrackOpt = None,
     set_: SetOpt = None,
@@ -469,8 +487,7 @@ def adapt_seg(
     ] = None,
 ) -> None:
     """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
-    # Without a preset the flags describe a segmentation run; a preset must say task: seg itself.
-    overrides = _overrides(task=Task.seg if config is None else None, method=method or (None if config else "dusa_seg"), prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
+    overrides = _overrides(method=method, prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
     _run("adapt-seg", config, overrides, set_, resume, quiet, gpus)
 
 
@@ -520,7 +537,7 @@ def bench_cls_command(
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", metavar="LEVER=VALUE,...", help="One more recipe: the fast one with these levers changed (micro-batch, checkpointing, compile-classifier, channels-last, compile-mode), e.g. micro-batch=32,checkpointing=8; repeatable, timed in the same run.")] = None,
-    trajectory: Annotated[int, typer.Option(min=0, metavar="N", help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (20 for issue 6's check).")] = 0,
+    trajectory: Annotated[int, typer.Option(min=0, metavar="N", help="Instead of timing: N updates of the fast recipe against an fp32 run on the same images and draws (e.g. 20): the losses and predictions side by side.")] = 0,
     tolerance: Annotated[float, typer.Option(min=0, metavar="FRACTION", help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
     output: FiguresOpt = None,
@@ -625,8 +642,8 @@ class _FiguresSoFar:
 
 
 def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], profiled: bool = False) -> None:
-    """A benchmark's table on stdout (and where its time went, when profiled) and, if asked,
-    its figures as JSON."""
+    """A benchmark's table on stdout (and where its time went, when profiled, with the profiles'
+    files named on stderr) and, if asked, its figures as JSON."""
     from dusa_cli.engine.profiling import profile_to_rich
     from dusa_cli.writing import write_json_atomic
     from dusa_cli.ui import info, wide_stdout
@@ -634,7 +651,12 @@ def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], pr
     console = wide_stdout()
     console.print(table)
     if profiled:
-        console.print(profile_to_rich("Where one update's time goes", result["recipes"]))
+        breakdown = profile_to_rich("Where one update's time goes", result["recipes"])
+        breakdown.caption = None  # its paths as a caption wrap mid-name to the table's width: whole lines below
+        console.print(breakdown)
+        for row in result["recipes"]:
+            if row.get("profile"):
+                info(f"profile of {row['name']}: {row['profile']['trace']}, {row['profile']['ops']}")
     if output is not None:
         write_json_atomic(output, result)
         info(f"figures written to {output}")

@@ -76,6 +76,8 @@ def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> 
         assert "aten::" in Path(profile["ops"]).read_text()
         assert profile["ms_by_kind"]["matmul"] > 0 and profile["wall_ms"] > 0
         assert profile["busy_fraction"] is None  # a GPU measure
+        # Whole paths, one line per recipe (as a table caption they wrapped mid-name).
+        assert f"profile of {row['name']}: {profile['trace']}, {profile['ops']}" in result.stderr.splitlines()
     assert figures["devices"] == ["cpu", "cpu"] and figures["classes"] == 20
     names = [row["name"] for row in figures["recipes"]]
     assert names == ["baseline", "fast"]

@@ -99,7 +99,8 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         (("baseline", "-c", str(tmp_path / "[/odd].yaml")), 2, "[/odd].yaml"),  # rich markup characters in a message stay text
         (("baseline", "-c", str(bad)), 2, "invalid YAML"),
         (("baseline", "-c", str(weights)), 2, "not a YAML file (not UTF-8 text)"),
-        (("baseline", "--data", str(digits_c)), 2, "start from a preset: -c configs/cls/digits.yaml"),
+        (("baseline", "--data", str(digits_c)), 2, "model.name is required (--model); method.name is required (--method); or start from a preset: -c configs/cls/digits.yaml"),
+        (("baseline", "-c", PRESET, "--set", "optim=3"), 2, "optim: expected a section (a mapping of its keys), got 3"),
         (("baseline", "-c", PRESET, "--set", "data.corruptions=[fog"), 2, "--set data.corruptions=[fog: invalid YAML"),
         (("baseline", "-c", PRESET, *not_weights, "-o", next(out)), 1, "not a torch or safetensors file"),
         (("baseline", "-c", PRESET, *not_weights[:-1], str(tmp_path), "-o", next(out)), 1, f"checkpoint {tmp_path} is a folder: name the weights file in it"),
@@ -127,6 +128,15 @@ def test_a_run_without_a_preset_says_its_recipe_is_the_built_in_defaults(tmp_pat
     assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [f"{warned} (presets in configs/cls and configs/seg)"]
     assert chosen.returncode == 0 and "warning" not in chosen.stderr
     assert untrained.returncode == 0 and "warning" not in untrained.stderr
+
+
+def test_a_subset_larger_than_a_task_is_said_once(tmp_path: Path, digits_c: Path) -> None:
+    result = dusa("baseline", "-c", PRESET, "--method", "source", "--data", str(digits_c), "--corruption", "gaussian_noise,fog", "--num-ex", "100000",
+                  "-o", str(tmp_path / "out"), "-q")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warned = "warning: data.num_ex=100000 is more than the images of gaussian_noise/5 (40 images), fog/5 (40 images): each of them runs whole"
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [warned]
+    assert [task["num_samples"] for task in json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]] == [40, 40]
 
 
 def test_a_data_worker_error_is_one_line_too(tmp_path: Path, digits_c: Path) -> None:
@@ -185,8 +195,9 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
 
     load_strict(dusa_digits_resnet(), read_state_dict(weights), "trained weights")
     assert_one_line_errors(
-        *((("pretrain", command, "--data", str(data), "-o", str(weights)), 2, f"{weights} exists; pass --overwrite to replace it")
+        *((("pretrain", command, "--data", str(data), "-o", str(weights)), 1, f"{weights} exists; pass --overwrite to replace it")
           for command in ("digits-classifier", "digits-prior")),  # trained weights are not replaced unasked
+        (("pretrain", "digits-classifier", "--data", str(data), "-o", str(data)), 1, f"cannot write {data}: it is a directory"),
         (("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 2, "--source"),
     )  # fmt: skip
 
@@ -231,6 +242,16 @@ def test_a_classifier_released_under_its_authors_layer_names_loads(tmp_path: Pat
     loaded = create_classifier(ModelConfig(name="convnext_atto", num_classes=10, checkpoint=path)).backbone.state_dict()
     assert loaded.keys() == timm_state.keys()
     assert all(torch.equal(loaded[key], timm_state[key]) for key in timm_state)
+
+
+def test_each_run_command_s_help_speaks_of_what_it_runs() -> None:
+    """Options shared by the commands are worded for each one's task and networks."""
+    baseline, cls, seg, bench = dusa_each(("baseline", "--help"), ("adapt-cls", "--help"), ("adapt-seg", "--help"), ("bench", "cls", "--help"), columns=250)
+    compile_line = next(line for line in baseline.stdout.splitlines() if "--compile" in line)
+    assert "(model)" in compile_line and "prior" not in compile_line  # a baseline has no prior
+    assert "segformer" not in cls.stdout.lower() and "configs/seg" not in cls.stdout and "configs/cls" in cls.stdout
+    assert "'extra'" not in seg.stdout and "all19" not in seg.stdout and "configs/cls" not in seg.stdout and "ADE20K-C's 15" in seg.stdout
+    assert "issue" not in bench.stdout  # no internal references
 
 
 def test_every_option_names_what_it_takes() -> None:

@@ -155,7 +155,9 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("optim.momentum=2", "optim.momentum: Input should be less than 1"),
     ("run.output=''", "run.output: expected a path, got an empty one"),
     ("data.root=", "data.root: expected a path, got an empty one"),  # YAML's null
-    ("data=3", "data: Input should be a valid dictionary"),  # the location said once
+    ("data=3", r"data: expected a section \(a mapping of its keys\), got 3$"),  # the location said once
+    ("optim=3", r"optim: expected a section \(a mapping of its keys\), got 3$"),  # no class name
+    ("method={}", r"method\.name is required \(--method\)$"),
     ("method=3", "method: expected a method name or a mapping with one"),
     ("data.severities=[5,true]", "data.severities: expected a number, not true"),  # in a list too
     ("optim.betas=[0.9,yes]", "optim.betas: expected a number, not true"),
@@ -168,6 +170,15 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
 def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"^command line: {problem}"):
         load_config(write(tmp_path, BASE), {}, [assignment])
+
+
+def test_a_missing_key_is_named_with_the_flag_that_gives_it(tmp_path: Path) -> None:
+    """A missing section is named by the keys it lacks, in words, not pydantic's `Field required`."""
+    with pytest.raises(ConfigError, match=r"^command line: model\.name is required \(--model\); data\.root is required \(--data\); "
+                                          r"or start from a preset: -c configs/cls/digits\.yaml \(more in configs/\)$"):
+        load_config(None, {"method.name": "source"})
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.root is required \(--data\)$"):  # a preset: no preset to suggest
+        load_config(write(tmp_path, "model: {name: resnet18}\ndata: {batch_size: 8}\nmethod: {name: tent}\n"), {})
 
 
 def test_a_single_value_where_a_list_fits_is_a_list_of_one(tmp_path: Path) -> None:

@@ -175,8 +175,8 @@ def test_gpus_launcher_matches_one_process_and_reports_failures(digits_c: Path, 
     assert result.returncode == 0, result.stderr
     assert_same_results(output, reference)
     assert writers(tmp_path / "writes.log") == {"0"}
-    # Failing in every process (the output holds a run): one line, from rank 0.
-    assert_one_line_error(launch(digits_c, output, hooks), 1, "holds another run")
+    # Failing in every process (the output holds this run, complete): one line, from rank 0.
+    assert_one_line_error(launch(digits_c, output, hooks), 1, "holds a complete run of this config")
     killed = launch(digits_c, tmp_path / "killed", hooks | {"DUSA_TEST_FAULT": "1:kill:2"})
     assert killed.returncode == 1 and "Traceback" not in killed.stderr
     last = killed.stderr.splitlines()[-1]  # killed in the first task

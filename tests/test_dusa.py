@@ -199,7 +199,7 @@ def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path)
         (("baseline", *common, "--method", "dusa", "-o", str(refused[0])), 2, "adapt-cls"),
         (("adapt-cls", *common, "--method", "tent", "-o", str(refused[1])), 2, "baseline"),
         (("baseline", *common, "--method", "tent", "--compile", "prior", "-o", str(refused[2])), 2, "method tent has no prior to compile"),
-        (("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(refused[3])), 2, "ships no weights"),
+        (("adapt-cls", *common, "--prior", "sit_xl_2", "-o", str(refused[3])), 2, "ships no weights (packaged: sit_digits): pass --prior-checkpoint FILE"),
         (("adapt-cls", *common, "--prior-checkpoint", str(wrong), "-o", str(refused[4])), 1, "does not fit sit_digits"),
         (("adapt-cls", *common, "--set", "method.prior_pretrained=false", "-o", str(refused[5])), 2, "prior 'sit_digits' has no weights"),
     )

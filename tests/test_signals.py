@@ -17,7 +17,7 @@ from dusa_cli.config.loader import load_config
 from dusa_cli.engine.loop import run_experiment
 from dusa_cli.errors import ExitCode
 from dusa_cli.results.store import stopped_run_outcome
-from helpers import LAUNCH_ENV, assert_one_line_error, launch_command
+from helpers import LAUNCH_ENV, assert_one_line_error, dusa, dusa_each, launch_command
 
 PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
 KEYS = ("corruption", "top1", "top5", "mean_loss", "num_samples")
@@ -114,6 +114,30 @@ def test_a_stopped_run_says_so_in_one_line_and_resumes(digits_c: Path, tmp_path:
     resumed = subprocess.run(baseline(digits_c, output, "--resume"), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert records(output) == reference
+
+
+def test_the_same_command_again_says_what_its_output_holds_and_resume_needs_no_preset(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list]) -> None:
+    output = tmp_path / "run"
+    command = baseline(digits_c, output)
+    process = start(command, hooks | STALL)
+    wait_for_hang(process, tmp_path / "hangs.log")
+    process.send_signal(signal.SIGINT)
+    assert finish(process).returncode == ExitCode.INTERRUPTED
+    again, other = dusa_each(command[3:], (*command[3:], "--method", "norm", "--set", "data.batch_size=16", "--set", "data.shuffle=false",
+                                           "--set", "data.num_ex=5", "--resume"))  # fmt: skip
+    assert_one_line_error(again, 1, f"{output} holds a stopped run of this config; pass --resume to continue it")
+    # What decides what runs is named first, not lost among the keys before it alphabetically.
+    assert_one_line_error(other, 1, "differs from its config.yaml in method.name ('tent' → 'norm'), data.batch_size (64 → 16)")
+    # --resume alone: the run's config.yaml is where it starts (flags still override what a resume may change).
+    resumed = dusa("baseline", "--resume", "-o", str(output), "--set", "data.num_workers=1", "-q")
+    assert resumed.returncode == 0 and "warning" not in resumed.stderr, resumed.stderr
+    assert records(output) == reference
+    again, nothing_left = dusa_each(command[3:], (*command[3:], "--resume"))
+    assert_one_line_error(again, 1, f"{output} holds a complete run of this config: nothing is left to run")
+    assert nothing_left.returncode == 0, nothing_left.stderr
+    assert [line for line in nothing_left.stderr.splitlines() if line.startswith("warning")] == [
+        f"warning: --resume: every task of the run in {output} is finished; nothing is left to run"
+    ]
 
 
 def test_a_run_stopped_before_its_first_task_finished_says_so(digits_c: Path, tmp_path: Path, hooks: dict[str, str], start: Start, reference: list[list]) -> None:

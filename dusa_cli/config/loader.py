@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dusa_cli.config.schema import ExperimentConfig, format_problems, validation_problems
+from dusa_cli.config.schema import REQUIRED, ExperimentConfig, format_problems, validation_problems
 from dusa_cli.errors import ConfigError
 
 
@@ -116,11 +116,34 @@ def load_config(
     except ValidationError as error:
         problems = validation_problems(error, ExperimentConfig)
         given = set(overrides) | {dotted for dotted, _ in assigned}
-        message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(problems)}"
-        if path is None and any("required" in text for _, text in problems):
+        shown = [("", _required(location)) if text == REQUIRED else (location, text) for location, text in problems]
+        message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(shown)}"
+        if path is None and any(text == REQUIRED for _, text in problems):
             example = "seg/ade20k_c_segformer_b5.yaml" if data.get("task") == "seg" else "cls/digits.yaml"
-            message += f" (start from a preset: -c configs/{example}, or see configs/)"
+            message += f"; or start from a preset: -c configs/{example} (more in configs/)"
         raise ConfigError(message) from None
+
+
+# The keys without a default, and the flag of every run command that gives each.
+REQUIRED_FLAGS = {"model.name": "--model", "data.root": "--data", "method.name": "--method"}
+
+
+def _required(key: str) -> str:
+    flag = REQUIRED_FLAGS.get(key)
+    return f"{key} is required" + (f" ({flag})" if flag else "")
+
+
+def saved_run_config(overrides: dict[str, Any], assignments: list[str] | None = None) -> Path | None:
+    """The config.yaml of the run in the output these settings name (`--set run.output` wins
+    over `-o`, as in load_config; else the default output), if it holds one."""
+    from dusa_cli.config.schema import RunConfig
+    from dusa_cli.data.files import absolute_path
+
+    settings = [*overrides.items(), *(parse_assignment(assignment) for assignment in assignments or [])]
+    outputs = [value for key, value in settings if key == "run.output" and value not in (None, "")]
+    output = Path(str(outputs[-1])) if outputs else RunConfig.model_fields["output"].default
+    saved = absolute_path(output) / "config.yaml"
+    return saved if saved.is_file() else None
 
 
 def _blame(path: Path | None, locations: list[str], given: set[str]) -> str:

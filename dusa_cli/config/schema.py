@@ -33,14 +33,24 @@ from dusa_cli.errors import ConfigError
 T = TypeVar("T")
 
 
+REQUIRED = "required"  # a missing key's message: the command line names what gives it (config/loader.py)
+
+
 def validation_problems(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
     """(location, message) per pydantic error of validating `model`. Errors that a nested config
-    re-raised as text (data, method) already carry their location: it is taken from the text."""
+    re-raised as text (data, method) already carry their location: it is taken from the text.
+    A missing section is named by the keys it lacks (`model` → `model.name`), and a section
+    given a value by what it takes, not by pydantic's class names."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        if item["type"] == "missing":
+            problems += [(".".join(filter(None, (prefix, key))), REQUIRED) for key in _required_keys(model, item["loc"])]
+            continue
         if item["type"] == "extra_forbidden":
             message = "unknown key" + _guess_key(model, item["loc"], prefix)
+        elif item["type"] == "model_type":
+            message = f"expected a section (a mapping of its keys), got {item['input']!r}"
         else:
             message = item["msg"].removeprefix("Value error, ")
         if location and message.startswith((f"{location}.", f"{location}: ")):
@@ -68,6 +78,19 @@ def _guess_key(model: type[BaseModel], location: tuple[int | str, ...], prefix: 
     close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
     guess = siblings[close[0]] if close else next((dotted for dotted in keys if dotted.rpartition(".")[2] == key), None)
     return f", did you mean '{'.'.join(filter(None, (prefix, guess)))}'?" if guess else ""
+
+
+def _required_keys(model: type[BaseModel], location: tuple[int | str, ...]) -> list[str]:
+    """The keys that a missing `location` of `model` lacks: itself, or for a section the
+    required keys in it."""
+    section: type[BaseModel] | None = model
+    for part in location:
+        field = section.model_fields.get(str(part)) if section is not None else None
+        section = next((m for m in _alternatives(field.annotation) if isinstance(m, type) and issubclass(m, BaseModel)), None) if field else None
+    inside = [] if section is None else [
+        key for name, field in section.model_fields.items() if field.is_required() for key in _required_keys(model, (*location, name))
+    ]  # fmt: skip
+    return inside or [".".join(str(part) for part in location)]
 
 
 def _dotted_keys(model: type[BaseModel], section: str = "") -> list[str]:
@@ -327,7 +350,9 @@ class ExperimentConfig(StrictModel):
             return value
         if isinstance(value, str):
             value = {"name": value}
-        if not isinstance(value, dict) or "name" not in value:
+        if isinstance(value, dict) and "name" not in value:  # `--set method.lr=…` alone
+            raise ValueError(f"method.name: {REQUIRED}")
+        if not isinstance(value, dict):
             raise ValueError("expected a method name or a mapping with one, e.g. {name: tent}")
         try:
             schema = get_method(value["name"]).Config

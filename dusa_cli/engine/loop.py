@@ -118,6 +118,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
     if resume and world.is_main and not (config.run.output / RESULTS_FILE).is_file():  # a mistyped -o?
         warnings.warn(f"--resume: nothing to resume in {config.run.output} (no {RESULTS_FILE}); the run starts from its first task", stacklevel=2)
     adapter, datasets = agree(setup)
+    if world.is_main and config.data.num_ex is not None:
+        _say_whole_tasks(config.data.num_ex, {task_id(c, s): len(d) for (c, s), d in zip(tasks, datasets)})
     initial = None if continual else _to_cpu(adapter.state_dict())  # what each reset restores
     if not world.is_main:  # its own random stream from here; rank 0 goes on with the single-process one
         seed_everything(world.process_seed(seed))
@@ -133,6 +135,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
         # run.profile: the first task this process runs (rank 0 alone with several processes).
         profiling = config.run.profile and world.is_main
         plan = [task_id(corruption, severity) for corruption, severity in tasks]
+        if resume and world.is_main and done >= set(plan):
+            warnings.warn(f"--resume: every task of the run in {config.run.output} is finished; nothing is left to run", stacklevel=2)
         trackers = [opened.enter_context(closing(t)) for t in open_trackers(tracked, config.run.output, store.results["tasks"], plan)]
         for index, ((corruption, severity), dataset) in enumerate(zip(tasks, datasets)):
             name = task_id(corruption, severity)
@@ -162,6 +166,16 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
                 tracker.log_task(store.results["tasks"], plan)
         store.complete(kind.summarize(store.results["tasks"]))
     return store
+
+
+def _say_whole_tasks(num_ex: int, sizes: dict[str, int]) -> None:
+    """A data.num_ex above a task's size runs the whole task: said once, not taken silently for
+    the number of images each task scored."""
+    short = [f"{name} ({size} images)" for name, size in sizes.items() if size < num_ex]
+    if short:
+        named = ", ".join(short[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
+        whole = "the whole task runs" if len(short) == 1 else "each of them runs whole"
+        warnings.warn(f"data.num_ex={num_ex} is more than the images of {named}: {whole}", stacklevel=3)
 
 
 def check_inputs(config: ExperimentConfig) -> None:

@@ -82,7 +82,10 @@ def packaged_weights(name: str) -> Path:
     preset = get_preset(name)
     if preset.packaged is None:
         shipped = [other for other, p in _PRESETS.items() if p.packaged]
-        raise ConfigError(f"prior {name} ships no weights (packaged: {', '.join(shipped)}): pass a checkpoint")
+        raise ConfigError(
+            f"prior {name} ships no weights (packaged: {', '.join(shipped)}): pass --prior-checkpoint FILE (local "
+            "weights), or for a smoke run method.prior_pretrained=false with method.prior_random_init=true"
+        )
     return Path(str(resources.files("dusa_cli") / "assets" / preset.packaged))
 
 

@@ -65,9 +65,7 @@ class ResultsStore:
             raise DusaError(f"output {root} is a file, not a directory")
         if (root / RESULTS_FILE).is_file() or (root / "config.yaml").is_file():
             if not resume:
-                raise DusaError(
-                    f"{root} holds another run; pass --resume to continue it or choose another --output"
-                )
+                raise DusaError(_held_run(root, dump_config(config)))
             _check_same_config(root, dump_config(config))
             if (root / RESULTS_FILE).is_file():
                 try:
@@ -226,22 +224,58 @@ def _record_problem(record: Any) -> str | None:
     return f"{record['corruption']}/{record['severity']}: {wrong[0]} is {json.dumps(record[wrong[0]])}" if wrong else None
 
 
+def _held_run(root: Path, config_text: str) -> str:
+    """Why a new run may not start in `root`, which holds a run: the same config's, stopped or
+    complete (said as such: the same command run again), or another's."""
+    try:
+        same = not _config_changes(root, config_text)
+    except DusaError:  # no config.yaml, or an unreadable one: not known to be this run
+        same = False
+    if not same:
+        return f"{root} holds another run; pass --resume to continue it or choose another --output"
+    if _all_finished(root):
+        return f"{root} holds a complete run of this config: nothing is left to run (choose another --output to run it again)"
+    return f"{root} holds a stopped run of this config; pass --resume to continue it"
+
+
+def _all_finished(root: Path) -> bool:
+    """Whether the run in `root` has a record for each of its planned tasks."""
+    try:
+        results = read_results(root / RESULTS_FILE)
+    except DusaError:  # missing (stopped before its first results) or damaged
+        return False
+    finished = {task_id(t["corruption"], t["severity"]) for t in results["tasks"]}
+    return {task_id(t["corruption"], t["severity"]) for t in results["planned_tasks"]} <= finished
+
+
 def _check_same_config(root: Path, config_text: str) -> None:
     """A resumed run must compute what the first session computed; the error names what differs."""
-    saved_path = root / "config.yaml"
-    if not saved_path.is_file():
+    if not (root / "config.yaml").is_file():
         raise DusaError(f"cannot resume {root}: its config.yaml is missing")
     try:
-        saved = read_run_config(saved_path)
+        changed = _config_changes(root, config_text)
     except DusaError as error:
         raise DusaError(f"cannot resume: {error}; move the folder away to run every task afresh") from None
-    current = flatten(yaml.safe_load(config_text))
-    changed = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
-    changed = [key for key in changed if key not in RESUMABLE_CHANGES]
     if changed:
-        shown = ", ".join(f"{key} ({saved.get(key)!r} → {current.get(key)!r})" for key in changed[:3])
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        keys = sorted(changed, key=_weight)
+        shown = ", ".join(f"{key} ({changed[key][0]!r} → {changed[key][1]!r})" for key in keys[:3])
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
         raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {shown}{more}")
+
+
+def _config_changes(root: Path, config_text: str) -> dict[str, tuple[Any, Any]]:
+    """The keys (other than RESUMABLE_CHANGES) in which `config_text` differs from the run's
+    config.yaml, with their values there and in `config_text`; empty: the same run."""
+    saved = read_run_config(root / "config.yaml")
+    current = flatten(yaml.safe_load(config_text))
+    keys = (saved.keys() | current.keys()) - RESUMABLE_CHANGES
+    return {key: (saved.get(key), current.get(key)) for key in keys if saved.get(key) != current.get(key)}
+
+
+def _weight(key: str) -> tuple[bool, bool, str]:
+    """The order in which differing keys are named: the task, then what runs (method.name,
+    model.name, optim.name), then the rest by name. Those come first where a long list is cut."""
+    return key != "task", not key.endswith(".name"), key
 
 
 def read_run_config(path: Path) -> dict[str, Any]:
