@@ -65,7 +65,7 @@ def test_report_formats_pool_seeds(runs: Path) -> None:
 def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c: Path) -> None:
     args = ("baseline", "-c", PRESET, "--method", "source", "--data", str(digits_c),
             "--corruption", "gaussian_noise,fog", "--seed", "1", "--output", str(runs / "source-1"), "-q")
-    assert_one_line_error(dusa(*args), 1, "holds another run")
+    assert_one_line_error(dusa(*args), 1, "holds a complete run of this config: nothing is left to run")
     assert dusa(*args, "--resume").returncode == 0
     # Profiling may change on --resume; here no task is left to profile, and --no-profile undoes --profile.
     assert "profile: nothing recorded" in dusa(*args, "--resume", "--profile").stderr

@@ -283,7 +283,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(digits_c: Path, t
 def test_output_directory_guards(digits_c: Path, tmp_path: Path) -> None:
     config = config_for(digits_c, tmp_path / "run", method="source")
     run_experiment(config)
-    with pytest.raises(DusaError, match="holds another run"):
+    with pytest.raises(DusaError, match="holds a complete run of this config: nothing is left to run"):
         run_experiment(config)
     # The output is checked first, before the inputs and the model: the missing checkpoint is not reached.
     unloadable = config_for(digits_c, tmp_path / "run", method="source", **{"model.checkpoint": str(tmp_path / "missing.pth")})
@@ -320,7 +320,7 @@ def test_resume_takes_a_moved_run_cleans_killed_writes_and_records_each_session(
     early = tmp_path / "early"
     early.mkdir()
     shutil.copy(moved / "config.yaml", early / "config.yaml")
-    with pytest.raises(DusaError, match="holds another run"):
+    with pytest.raises(DusaError, match="holds a stopped run of this config; pass --resume"):
         run_experiment(config_for(digits_c, early, method="source"))
     with pytest.warns(UserWarning, match="nothing to resume"):
         assert len(run_experiment(config_for(digits_c, early, method="source"), resume=True).results["tasks"]) == 2
