@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dusa_cli.collectives import all_reduce_
 from dusa_cli.config.schema import MethodConfig
 from dusa_cli.draws import Draws
 from dusa_cli.errors import ConfigError
@@ -139,3 +140,30 @@ def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
         module.running_mean = None
         module.running_var = None
     return norms
+
+
+class UpdateTotals:
+    """Per-sample values a method sums over an update's micro-batches, with their count, read in
+    `after_step` summed over every process. That is the place for the collective: every process
+    calls `after_step`, while one without images in a micro-batch never calls `forward`."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.sums: torch.Tensor | None = None  # the values' sums, then their count
+
+    def add(self, values: torch.Tensor) -> None:
+        """This process's samples of a micro-batch: (N, width)."""
+        if self.sums is None:
+            self.sums = values.new_zeros(self.width + 1)
+        self.sums[:-1] += values.sum(dim=0)
+        self.sums[-1] += len(values)
+
+    def take(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """The sums and the count over every process's samples since the last take."""
+        sums = self.sums if self.sums is not None else torch.zeros(self.width + 1, device=device)
+        self.sums = None
+        all_reduce_(sums)
+        return sums[:-1], float(sums[-1])
+
+    def clear(self) -> None:
+        self.sums = None

@@ -33,13 +33,12 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dusa_cli.collectives import all_reduce_
 from dusa_cli.config.schema import LocalPath, MethodConfig
 from dusa_cli.data.datasets import ImageFolderTask, fixed_subset, read_stored
 from dusa_cli.data.imagenet_c import load_center_crop
 from dusa_cli.errors import DusaError
 from dusa_cli.methods import register_method
-from dusa_cli.methods.base import StepOutput
+from dusa_cli.methods.base import StepOutput, UpdateTotals
 from dusa_cli.methods.tent import Tent, softmax_entropy
 
 
@@ -92,7 +91,7 @@ class Eata(Tent):
         super().__init__(model, config)
         self.margin = entropy_margin(config.entropy_margin, model.num_classes)
         self.mean_probs: torch.Tensor | None = None  # the moving average of kept predictions
-        self.kept: torch.Tensor | None = None  # this update's kept softmax sum, then their count
+        self.kept = UpdateTotals(model.num_classes)  # this update's kept predictions
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
 
@@ -135,7 +134,7 @@ class Eata(Tent):
         kept = entropy.detach() < self.margin
         if self.mean_probs is not None:
             kept &= F.cosine_similarity(self.mean_probs[None], probs, dim=1).abs() < self.config.redundancy_margin
-        self._add_kept(probs[kept])
+        self.kept.add(probs[kept])
         if not kept.any():
             return StepOutput(logits=logits.detach())
         chosen = entropy[kept]
@@ -148,22 +147,13 @@ class Eata(Tent):
             ((fisher * (params[name] - self.anchor[name]).square()).sum() for name, fisher in self.fisher.items()), 0.0
         )
 
-    def _add_kept(self, probs: torch.Tensor) -> None:
-        if self.kept is None:
-            self.kept = probs.new_zeros(probs.shape[1] + 1)
-        self.kept[:-1] += probs.sum(dim=0)
-        self.kept[-1] += len(probs)
-
     def after_step(self) -> None:
         """The moving average of predictions takes the mean of this update's kept ones (every
         process's); a process that kept none still joins the sum."""
-        if self.kept is None:
-            self.kept = torch.zeros(self.model.num_classes + 1, device=next(self.model.parameters()).device)
-        totals, self.kept = all_reduce_(self.kept), None
-        count = float(totals[-1])
+        totals, count = self.kept.take(next(self.model.parameters()).device)
         if count == 0:
             return
-        mean = totals[:-1] / count
+        mean = totals / count
         ema = self.config.prediction_ema
         self.mean_probs = mean if self.mean_probs is None else ema * self.mean_probs + (1 - ema) * mean
 
@@ -174,4 +164,4 @@ class Eata(Tent):
         super().load_state_dict(state)
         mean_probs = state["mean_probs"]
         self.mean_probs = None if mean_probs is None else mean_probs.to(next(self.model.parameters()).device)
-        self.kept = None
+        self.kept.clear()

@@ -33,9 +33,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from dusa_cli.collectives import all_reduce_
 from dusa_cli.methods import register_method
-from dusa_cli.methods.base import StepOutput, norm_parameters
+from dusa_cli.methods.base import StepOutput, UpdateTotals, norm_parameters
 from dusa_cli.methods.eata import ReliableSamplesConfig, entropy_margin
 from dusa_cli.methods.tent import Tent, softmax_entropy
 
@@ -68,7 +67,7 @@ class Sar(Tent):
         super().__init__(model, config)
         self.margin = entropy_margin(config.entropy_margin, model.num_classes)
         self.loss_average: float | None = None
-        self.second_losses: torch.Tensor | None = None  # this update's sum of kept second-pass entropies, then their count
+        self.second_losses = UpdateTotals(1)  # this update's kept second-pass entropies
         self.source = {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
 
     def configure_model(self) -> None:
@@ -100,7 +99,7 @@ class Sar(Tent):
         # The whole batch again, as the official: BatchNorm normalises with the same images.
         entropy = softmax_entropy(self.model(images))[reliable]
         kept = entropy.detach() < self.margin
-        self._add_second(entropy.detach()[kept])
+        self.second_losses.add(entropy.detach()[kept, None])
         loss = entropy[kept].mean() if kept.any() else None
         if loss is not None:
             self.backward(loss)
@@ -122,21 +121,14 @@ class Sar(Tent):
             param.grad = None
         return ascent
 
-    def _add_second(self, entropy: torch.Tensor) -> None:
-        if self.second_losses is None:
-            self.second_losses = entropy.new_zeros(2)
-        self.second_losses += torch.stack([entropy.sum(), entropy.new_tensor(len(entropy))])
-
     def after_step(self) -> None:
         """Update the loss average with this update's second-pass loss (every process's kept
         samples), and go back to the source on a collapse."""
-        if self.second_losses is None:
-            self.second_losses = torch.zeros(2, device=next(self.model.parameters()).device)
-        (total, count), self.second_losses = all_reduce_(self.second_losses).tolist(), None
+        total, count = self.second_losses.take(next(self.model.parameters()).device)
         if count == 0:
             return
         ema = self.config.loss_ema
-        loss = total / count
+        loss = float(total) / count
         self.loss_average = loss if self.loss_average is None else ema * self.loss_average + (1 - ema) * loss
         if self.loss_average < self.config.reset_threshold:
             with torch.no_grad():
@@ -152,4 +144,4 @@ class Sar(Tent):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.loss_average = state["loss_average"]
-        self.second_losses = None
+        self.second_losses.clear()
