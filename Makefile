@@ -32,11 +32,11 @@ demo: $(STAMP) $(DIGITS)/manifest.json
 	for method in source norm tent; do \
 		$(BIN)/dusa baseline --config configs/cls/digits.yaml --method $$method --output $(DEMO)/$$method --quiet > /dev/null || exit 1; \
 	done
-	for method in eata sar; do \
+	for method in eata sar rotta; do \
 		$(BIN)/dusa baseline --config configs/cls/$${method}_digits.yaml --output $(DEMO)/$$method --quiet > /dev/null || exit 1; \
 	done
 	$(BIN)/dusa adapt-cls --config configs/cls/dusa_digits.yaml --output $(DEMO)/dusa > /dev/null
-	$(BIN)/dusa report $(DEMO)/source $(DEMO)/norm $(DEMO)/tent $(DEMO)/eata $(DEMO)/sar $(DEMO)/dusa
+	$(BIN)/dusa report $(DEMO)/source $(DEMO)/norm $(DEMO)/tent $(DEMO)/eata $(DEMO)/sar $(DEMO)/rotta $(DEMO)/dusa
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

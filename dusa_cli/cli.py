@@ -408,7 +408,7 @@ def pretrain_digits_prior(
 @app.command()
 def baseline(
     config: ConfigOpt = None,
-    method: Annotated[Optional[str], typer.Option(metavar="NAME", help="source | norm | tent | eata | sar | cotta, or a method of your own without a prior (docs/DEVELOPING.md) → method.name.")] = None,
+    method: Annotated[Optional[str], typer.Option(metavar="NAME", help="source | norm | tent | eata | sar | rotta | cotta, or a method of your own without a prior (docs/DEVELOPING.md) → method.name.")] = None,
     task: Annotated[Optional[Task], typer.Option(help="cls: classification; seg: segmentation (ADE20K-C, SegFormer) → task.")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -427,7 +427,7 @@ def baseline(
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
-    """Run a method without a generative prior (source, norm, tent, eata, sar, cotta) online over the corruptions (--task seg: segmentation)."""
+    """Run a method without a generative prior (source, norm, tent, eata, sar, rotta, cotta) online over the corruptions (--task seg: segmentation)."""
     overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
     _run("baseline", config, overrides, set_, resume, quiet, gpus)
 

@@ -152,7 +152,7 @@ def test_confident_anchor_keeps_the_plain_teacher_prediction() -> None:
     output = method.forward(x)
     with torch.no_grad():
         assert torch.equal(output.logits, method.teacher(x))
-        assert torch.allclose(output.loss, soft_cross_entropy(method.model(x), output.logits))
+        assert torch.allclose(output.loss, soft_cross_entropy(method.model(x), output.logits).mean())
 
 
 def test_unsure_anchor_averages_the_augmented_teacher_views() -> None:
@@ -194,7 +194,7 @@ def test_segmentation_mixes_plain_and_multi_scale_teacher_per_pixel() -> None:
         assert output.logits.shape == (1, 5, 32, 48)  # at the image's resolution
         assert torch.allclose(output.logits, expected, atol=1e-5)
         # Soft cross-entropy of the student's logits resized to the image against the mixture.
-        assert torch.allclose(output.loss, soft_cross_entropy(to_image(method.model(x), x), expected), atol=1e-5)
+        assert torch.allclose(output.loss, soft_cross_entropy(to_image(method.model(x), x), expected).mean(), atol=1e-5)
     assert not torch.allclose(plain, averaged, atol=1e-4)
 
 

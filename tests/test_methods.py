@@ -14,6 +14,8 @@ from dusa_cli.methods import available_methods, get_method
 from dusa_cli.methods.tent import softmax_entropy
 from dusa_cli.models.classifier import create_classifier
 
+from helpers import dusa
+
 
 def make(method: str, model: str = "dusa_digits_resnet"):
     torch.manual_seed(0)
@@ -25,8 +27,13 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_registry_lists_the_baselines() -> None:
-    assert {"source", "norm", "tent"} <= set(available_methods())
+def test_baseline_help_names_every_built_in_method_without_a_prior() -> None:
+    """`--help` answers without importing torch, so the names are written out in cli.py."""
+    built_in = [m for m in available_methods() if get_method(m).__module__.startswith("dusa_cli.methods.")]
+    baselines = [m for m in built_in if not get_method(m).uses_prior]
+    assert {"source", "norm", "tent", "eata", "sar", "rotta", "cotta"} <= set(baselines)
+    method_help = dusa("baseline", "--help").stdout.split("--method", 1)[1].split("--", 1)[0]
+    assert set(re.findall(r"[a-z_]+", method_help)) >= set(baselines)
 
 
 def test_an_unknown_timm_model_names_the_closest_ones() -> None:

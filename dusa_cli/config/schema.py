@@ -333,12 +333,17 @@ class ExperimentConfig(StrictModel):
             raise ValueError(format_validation_error(error, schema, prefix="data")) from None
 
     @model_validator(mode="after")
-    def _method_serves_task(self) -> ExperimentConfig:
+    def _method_fits_experiment(self) -> ExperimentConfig:
         from dusa_cli.methods import get_method
 
-        tasks = get_method(self.method.name).tasks
-        if self.task not in tasks:
-            raise ValueError(f"method '{self.method.name}' serves task {'/'.join(sorted(tasks))}, not {self.task}")
+        method = get_method(self.method.name)
+        if self.task not in method.tasks:
+            raise ValueError(f"method '{self.method.name}' serves task {'/'.join(sorted(method.tasks))}, not {self.task}")
+        if not method.accumulates and self.optim.accumulation > 1:
+            raise ValueError(
+                f"optim.accumulation: method '{self.method.name}' learns from whole batches, so it must be 1 "
+                f"(got {self.optim.accumulation}); set data.batch_size instead"
+            )
         return self
 
     @field_validator("method", mode="before")

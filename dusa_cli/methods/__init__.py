@@ -33,6 +33,6 @@ def get_method(name: str) -> type[TTAMethod]:
     return _REGISTRY[name]
 
 
-from dusa_cli.methods import cotta, dusa, dusa_seg, dusa_u, eata, norm, sar, source, tent  # noqa: E402,F401  (register the methods)
+from dusa_cli.methods import cotta, dusa, dusa_seg, dusa_u, eata, norm, rotta, sar, source, tent  # noqa: E402,F401  (register the methods)
 
 __all__ = ["StepOutput", "TTAMethod", "available_methods", "get_method", "register_method"]

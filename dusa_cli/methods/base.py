@@ -38,6 +38,9 @@ class TTAMethod:
     uses_prior: ClassVar[bool] = False  # adapt-cls/adapt-seg run methods with a generative prior, baseline the rest
     trains: ClassVar[bool] = True  # False: gradient-free (the optimizer settings do not apply)
     tasks: ClassVar[frozenset[str]] = frozenset({"cls", "seg"})  # "cls": logits (B, C); "seg": (B, C, h, w)
+    # False: the loss does not split over a batch's micro-batches (RoTTA learns from its memory
+    # bank), so `optim.accumulation` must be 1.
+    accumulates: ClassVar[bool] = True
     captures_cudagraphs: bool = False  # compiled in a mode that records CUDA graphs (see `compile`)
 
     def __init__(self, model: nn.Module, config: MethodConfig):
@@ -116,12 +119,12 @@ class TTAMethod:
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
-def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+def norm_parameters(model: nn.Module, layers: tuple[type[nn.Module], ...] = NORM_LAYERS) -> list[nn.Parameter]:
     """Affine parameters of BatchNorm, LayerNorm (incl. timm's LayerNorm2d) and GroupNorm layers."""
     return [
         param
         for module in model.modules()
-        if isinstance(module, NORM_LAYERS)
+        if isinstance(module, layers)
         for param in (module.weight, module.bias)
         if param is not None
     ]

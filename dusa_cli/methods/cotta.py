@@ -87,7 +87,15 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+    """Per sample (per pixel): the cross-entropy of the student to the teacher's softmax."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, ema: float) -> None:
+    """teacher = ema·teacher + (1 − ema)·student, parameter by parameter (CoTTA, RoTTA)."""
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
+        teacher_param.mul_(ema).add_(student_param, alpha=1 - ema)
 
 
 def to_image(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -218,7 +226,7 @@ class Cotta(TTAMethod):
             student_logits, teacher = self.model(images).float(), self.teacher_classification
         with torch.no_grad():
             teacher_logits = teacher(images)
-        return StepOutput(logits=teacher_logits, loss=soft_cross_entropy(student_logits, teacher_logits))
+        return StepOutput(logits=teacher_logits, loss=soft_cross_entropy(student_logits, teacher_logits).mean())
 
     def teacher_classification(self, images: torch.Tensor) -> torch.Tensor:
         confidence = self.anchor(images).float().softmax(dim=1).amax(dim=1).mean()
@@ -261,9 +269,7 @@ class Cotta(TTAMethod):
     @torch.no_grad()
     def after_step(self) -> None:
         """EMA teacher update, then the stochastic restore of the student (official order)."""
-        ema = self.config.ema
-        for teacher_param, student_param in zip(self.teacher.parameters(), self.model.parameters()):
-            teacher_param.mul_(ema).add_(student_param, alpha=1 - ema)
+        ema_update(self.teacher, self.model, self.config.ema)
         # Every replica must reset the same elements: rank 0's seed and probability for all.
         seed, probability = broadcast_from_main((int(torch.randint(2**62, ()).item()), self.restore_prob()))
         generator: torch.Generator | None = None
