@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dusa_cli.config.loader import load_config
+from dusa_cli.engine.classification import OnlineMetrics
 from dusa_cli.engine.loop import run_experiment
 from dusa_cli.errors import DusaError
 from dusa_cli.models.classifier import create_classifier
@@ -45,11 +46,13 @@ def test_records_match_an_independent_evaluation(digits_c: Path, tmp_path: Path)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))]).float() / 255
         labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
         with torch.no_grad():
-            accuracy = (model(images).argmax(1) == labels).float().mean().item()
+            logits = model(images)
+        accuracy = (logits.argmax(1) == labels).float().mean().item()
         assert task["num_samples"] == len(dataset) == 40
         assert task["top1"] == pytest.approx(accuracy)
         assert task["error"] == pytest.approx(1 - accuracy)
-        assert task["top5"] >= task["top1"]
+        assert task["top5"] == pytest.approx((logits.topk(5).indices == labels[:, None]).any(1).float().mean().item())
+        assert task["top20"] == 1.0  # 10 classes
         assert task["images_per_s"] > 0 and task["peak_memory_gib"] > 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved == results
@@ -352,6 +355,19 @@ def test_profiled_run_records_micro_batches_three_to_five_of_its_first_task(digi
     assert steps == {"ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"}
     assert summary["steps_recorded"] == 3, summary
     assert "aten::" in (profile / "steps.ops.txt").read_text()
+
+
+def test_top_k_accuracies_over_micro_batches_with_more_classes_than_twenty() -> None:
+    torch.manual_seed(0)
+    metrics = OnlineMetrics(torch.device("cpu"))
+    logits, labels = torch.randn(2, 16, 50), torch.randint(50, (2, 16))
+    for batch_logits, batch_labels in zip(logits, labels):
+        metrics.update(batch_logits, batch_labels, None, 1.0, 16)
+    record = metrics.record()
+    for k in (1, 5, 20):
+        hits = (logits.flatten(0, 1).topk(k).indices == labels.flatten()[:, None]).any(dim=1)
+        assert record[f"top{k}"] == pytest.approx(hits.float().mean().item())
+    assert record["top1"] < record["top5"] < record["top20"] < 1
 
 
 def test_online_curve_keeps_evenly_spaced_points_and_interval_losses() -> None:

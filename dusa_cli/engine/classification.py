@@ -30,6 +30,7 @@ class OnlineMetrics:
     device: torch.device
     top1: torch.Tensor = field(init=False)
     top5: torch.Tensor = field(init=False)
+    top20: torch.Tensor = field(init=False)  # the DUSA configs' evaluator reports top-1/5/20 (research §1.10)
     count: int = 0
     loss_batches: float = 0.0  # micro-batches with a loss; a shard counts as its share of one
     sizes: list[int] = field(default_factory=list)  # each micro-batch's images over all processes
@@ -37,14 +38,15 @@ class OnlineMetrics:
     batch_losses: list[torch.Tensor] = field(default_factory=list)  # each one's share-weighted loss
 
     def __post_init__(self) -> None:
-        self.top1, self.top5 = (torch.zeros((), device=self.device) for _ in range(2))
+        self.top1, self.top5, self.top20 = (torch.zeros((), device=self.device) for _ in range(3))
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None, share: float, size: int) -> None:
         """This process's shard of a micro-batch of `size` images (`share` of it)."""
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        ranked = logits.topk(min(20, logits.shape[1]), dim=1).indices
         hits = ranked == labels[:, None]
         self.top1 += hits[:, 0].sum()
-        self.top5 += hits.any(dim=1).sum()
+        self.top5 += hits[:, :5].any(dim=1).sum()
+        self.top20 += hits.any(dim=1).sum()
         self.count += labels.numel()
         self.sizes.append(size)
         self.batch_hits.append(hits[:, 0].sum())
@@ -67,8 +69,8 @@ class OnlineMetrics:
     def record(self) -> dict[str, Any]:
         """The task's metrics and online curve over every process's shards."""
         counts = torch.tensor([self.count, self.loss_batches], dtype=torch.float64, device=self.device)
-        totals = all_reduce_(torch.cat([torch.stack([self.top1, self.top5]).double(), counts]))
-        hits, top5, count, loss_batches = totals.tolist()
+        totals = all_reduce_(torch.cat([torch.stack([self.top1, self.top5, self.top20]).double(), counts]))
+        hits, top5, top20, count, loss_batches = totals.tolist()
         batches = all_reduce_(torch.stack([torch.stack(self.batch_hits), torch.stack(self.batch_losses)]).double())
         batch_hits, batch_losses = batches.tolist()
         images = list(accumulate(self.sizes))
@@ -78,6 +80,7 @@ class OnlineMetrics:
             "num_samples": round(count),
             "top1": top1,
             "top5": top5 / count,
+            "top20": top20 / count,
             "error": 1.0 - top1,
             "mean_loss": sum(batch_losses) / loss_batches if loss_batches else None,
             "curve": online_curve(images, "online_top1", running, batch_losses if loss_batches else None),

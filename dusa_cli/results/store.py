@@ -211,7 +211,7 @@ def read_results(file: Path) -> dict[str, Any]:
 
 
 # A task record's scores: numbers (or null) where it has them; report and summaries compute with them.
-SCORES = ("top1", "top5", "error", "miou", "pixel_accuracy", "mean_loss")
+SCORES = ("top1", "top5", "top20", "error", "miou", "pixel_accuracy", "mean_loss")
 
 
 def _record_problem(record: Any) -> str | None:
