@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from dusa_cli.config.schema import ExperimentConfig
+    from dusa_cli.methods.base import TTAMethod
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the progress shown is dusa's own
@@ -90,9 +91,9 @@ def config_option(presets: str) -> Any:
 # runs one task only, its help speaks of that task's models and data alone.
 ConfigOpt = config_option("configs/cls (classification) or configs/seg (segmentation)")
 ModelOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="A timm classifier name (convnext_large.fb_in1k), or segformer for task seg → model.name.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option(parser=local_path, metavar="PATH", help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(parser=local_path, metavar="PATH", help="Local weights: a .pth/.safetensors file, or a SegFormer directory → model.checkpoint (used instead of a preset's packaged weights: model.pretrained false).")]
 ClassifierOpt = Annotated[Optional[str], typer.Option("--model", metavar="NAME", help="A timm classifier name (convnext_large.fb_in1k) → model.name.")]
-ClassifierCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", parser=local_path, metavar="FILE", help="Local weights: a .pth/.safetensors file → model.checkpoint.")]
+ClassifierCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", parser=local_path, metavar="FILE", help="Local weights: a .pth/.safetensors file → model.checkpoint (used instead of a preset's packaged weights: model.pretrained false).")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", parser=local_path, metavar="DIR", help="Dataset root: the ImageNet-C layout (CORRUPTION/SEVERITY/CLASS/IMAGE, e.g. data/digits-c) or CIFAR-10-C's .npy files → data.root.")]
 CorruptionOpt = Annotated[
     Optional[list[str]],
@@ -128,7 +129,7 @@ class Tracker(str, Enum):  # run.track
 
 TrackOpt = Annotated[
     Optional[list[Tracker]],
-    typer.Option("--track", help="Experiment tracker: tensorboard (scores and online curves in OUTPUT/tensorboard; W&B imports them with wandb sync --sync-tensorboard) → run.track."),
+    typer.Option("--track", metavar="tensorboard", help="Experiment tracker: tensorboard (scores and online curves in OUTPUT/tensorboard; W&B imports them with wandb sync --sync-tensorboard) → run.track."),
 ]
 RunProfileOpt = Annotated[
     Optional[bool],
@@ -141,31 +142,10 @@ GpusOpt = Annotated[
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
-    keys = {
-        "task": "task",
-        "model": "model.name",
-        "checkpoint": "model.checkpoint",
-        "data": "data.root",
-        "corruption": "data.corruptions",
-        "severity": "data.severities",
-        "num_ex": "data.num_ex",
-        "setting": "run.setting",
-        "seed": "run.seed",
-        "output": "run.output",
-        "method": "method.name",
-        "prior": "method.prior",
-        "prior_checkpoint": "method.prior_checkpoint",
-        "vae": "method.vae",
-        "compile": "run.compile",
-        "profile": "run.profile",
-        "track": "run.track",
-    }
-    overrides = {}
-    for flag, value in flags.items():
-        if value is None or value == []:
-            continue
-        overrides[keys[flag]] = _plain(value)
-    return overrides
+    """The config keys that the given flags override (`num_ex` → data.num_ex), with their values."""
+    from dusa_cli.config.loader import FLAG_KEYS
+
+    return {FLAG_KEYS[f"--{flag.replace('_', '-')}"]: _plain(value) for flag, value in flags.items() if value not in (None, [])}
 
 
 def _plain(value: Any) -> Any:
@@ -179,15 +159,22 @@ def _plain(value: Any) -> Any:
 COMMANDS = {"adapt-cls": (True, "cls"), "adapt-seg": (True, "seg"), "baseline": (False, None)}
 
 
-def _check_command(command: str, config: ExperimentConfig) -> None:
-    from dusa_cli.methods import available_methods, get_method
+def _runs(command: str, method: type[TTAMethod]) -> bool:
+    """Whether `dusa COMMAND` runs `method` (for some task): the methods it offers come from the
+    registry, a new one included."""
+    with_prior, task = COMMANDS[command]
+    return method.uses_prior == with_prior and (task is None or task in method.tasks)
 
-    with_prior, _ = COMMANDS[command]
+
+def _check_command(command: str, config: ExperimentConfig) -> None:
+    from dusa_cli.config.schema import fitting_methods
+    from dusa_cli.methods import get_method
+
     method = get_method(config.method.name)
     _check_task(command, config.task)
-    if method.uses_prior != with_prior:
+    if not _runs(command, method):
         there = f"adapt-{config.task}" if method.uses_prior else "baseline"
-        fitting = [m for m in available_methods() if get_method(m).uses_prior == with_prior and config.task in get_method(m).tasks]
+        fitting = fitting_methods(config.task, partial(_runs, command))
         raise ConfigError(f"method '{config.method.name}' runs with `dusa {there}`; `dusa {command}` runs {', '.join(fitting)}")
 
 
@@ -217,7 +204,7 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
         assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
         gpus = None
     try:
-        config = load_config(config_path, overrides, assignments)
+        config = load_config(config_path, overrides, assignments, runs=partial(_runs, command))
     except ConfigError:
         if config_path is not None:  # a preset of the other task: its options fail first, the task says why
             _check_task(command, read_preset(config_path).get("task", "cls"))
@@ -437,7 +424,7 @@ def adapt_cls(
     config: config_option("configs/cls") = None,
     method: Annotated[Optional[str], typer.Option(metavar="NAME", help="dusa | dusa_u → method.name.")] = None,
     prior: Annotated[Optional[str], typer.Option(metavar="NAME", help="Prior preset (sit_xl_2, dit_xl_2_256, sit_digits, …) → method.prior.")] = None,
-    prior_checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="FILE", help="Local weights of the prior → method.prior_checkpoint.")] = None,
+    prior_checkpoint: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="FILE", help="Local weights of the prior → method.prior_checkpoint (used instead of a preset's packaged weights: method.prior_pretrained false).")] = None,
     vae: Annotated[Optional[str], typer.Option(metavar="PATH", help="Local diffusers VAE directory or weights file, or 'none' → method.vae.")] = None,
     model: ClassifierOpt = None,
     checkpoint: ClassifierCheckpointOpt = None,
@@ -528,7 +515,7 @@ def bench_cls_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models (ConvNeXt-atto + DiT-tiny) that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed updates per recipe (64 images each).")] = 5,
     warmup: WarmupOpt = 2,
-    recipe: Annotated[Optional[list[RecipeName]], typer.Option(help="Recipes to run (default: both, side by side).")] = None,
+    recipe: Annotated[Optional[list[RecipeName]], typer.Option(metavar="official|fast", help="Recipes to run, repeatable (default: both, side by side).")] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")] = "auto",
     prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
     micro_batch: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
@@ -675,7 +662,7 @@ def bench_seg_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed window updates per recipe.")] = 5,
     warmup: WarmupOpt = 2,
-    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(help="Recipes to run (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
+    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(metavar="baseline|fast|no-checkpointing", help="Recipes to run, repeatable (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", metavar="DEVICES", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
@@ -715,9 +702,13 @@ def report(
     """Tables over results: rows = experiments (mean ± std over seeds), columns = corruptions + mean.
 
     Runs whose config.yaml differ only in run.seed or in how they ran (device, compile, workers,
-    output) are seeds of one experiment; a rerun of the same seed counts once. Rows of one method
-    are labelled by the settings that differ, e.g. `tent · optim.lr=0.01`; a note under the table
-    names any model, data or setting key in which rows differ otherwise (not like for like)."""
+    output) are seeds of one experiment; a rerun of the same seed counts once, and so does a run
+    given twice. Rows of one method are labelled by the fewest settings that tell them apart, a
+    key by its last part where that is unambiguous (`tent · lr=0.01`); notes under the table give
+    each row's other settings in which they differ, and any model, data or setting key in which
+    rows differ otherwise (not like for like). --format table puts the corruptions in columns
+    when they fit the terminal's width (COLUMNS), else the narrower way round: corruptions as
+    rows, a column per experiment; md and csv always put the corruptions in columns."""
     from dusa_cli.results.report import build_table, find_runs, to_csv, to_markdown, to_rich
     from dusa_cli.ui import stdout, warn
 
@@ -737,11 +728,34 @@ def main() -> None:
     _guarded(_parse_and_dispatch)
 
 
+def command() -> typer.core.TyperGroup:
+    """The app as a Click command. Its help's second column says what each option takes, and
+    Typer 0.29 fills it from the type where no metavar is set: every flag, --help too, showed
+    `<bool>`, as if it took a value, and `report`'s directories `<list[Path]>`. Here a flag shows
+    nothing and an argument of several values its metavar with `...` (`DIR...`)."""
+    root = typer.main.get_command(app)
+    help_names = root.context_settings["help_option_names"]
+
+    def plain(node: Any) -> None:
+        # A command makes its help option on first request and keeps it: made here, it can be changed.
+        help_option = node.get_help_option(typer.Context(node, help_option_names=help_names))
+        for param in [*node.params, help_option]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # shown in place of the type
+            elif isinstance(param, typer.core.TyperArgument) and param.nargs != 1:  # Typer ignores an argument's metavar there
+                param.display_type_rich = lambda ctx, shown=f"{param.metavar}...": shown
+        for child in getattr(node, "commands", {}).values():
+            plain(child)
+
+    plain(root)
+    return root
+
+
 def _parse_and_dispatch() -> None:
     """The app, with usage errors (unknown option, value out of range, bad choice) as one error
     line and exit 2, like a bad config: Typer would box them in a multi-line panel."""
     try:
-        code = typer.main.get_command(app).main(prog_name="dusa", standalone_mode=False)
+        code = command().main(prog_name="dusa", standalone_mode=False)
     except typer.TyperException as failure:  # Typer's own Click: UsageError and its kin
         context = getattr(failure, "ctx", None)
         if type(failure).__name__ == "NoArgsIsHelpError":  # `dusa` alone: the help is printed already

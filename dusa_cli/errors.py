@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
 
 
@@ -47,6 +47,12 @@ class Interrupted(DusaError):
         message = f"{what}; {outcome}" if outcome else what
         super().__init__("" if silent else message)
         self.exit_code = 128 + number  # type: ignore[assignment]
+
+
+def listed(names: Sequence[str], limit: int = 4) -> str:
+    """`a, b, c, d and 3 more`: names in one line, the first `limit` of them."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

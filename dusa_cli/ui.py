@@ -21,6 +21,7 @@ from rich.progress import (
 stdout = Console()
 stderr = Console(stderr=True)
 SCORE_PERIOD_S = 0.5  # how often a progress bar reads the running score
+NOT_YET = "–"  # a task's score and speed before it has scored an image (0.0 % would read as a result)
 
 
 def wide_stdout(width: int = 160) -> Console:
@@ -74,14 +75,11 @@ class TaskProgress(_Bars):
         super().__init__(TextColumn("[bold]{task.description:<24}"), enabled=enabled)
 
     def extra_columns(self) -> tuple[ProgressColumn, ...]:
-        return (
-            TextColumn(self.score + " {task.fields[score]:6.1%}"),
-            TextColumn("{task.fields[rate]:>6.1f} img/s"),
-        )
+        return (TextColumn(self.score + " {task.fields[score]:>6}"), TextColumn("{task.fields[rate]:>6} img/s"))
 
     def start_task(self, name: str, total: int) -> None:
         self.show()
-        self.task_id = self.progress.add_task(name, total=total, score=0.0, rate=0.0)
+        self.task_id = self.progress.add_task(name, total=total, score=NOT_YET, rate=NOT_YET)
         self.score_read = 0.0
 
     def advance(self, images: int, score: Callable[[], float]) -> None:
@@ -90,16 +88,16 @@ class TaskProgress(_Bars):
         task = self.progress.tasks[-1]
         now = time.monotonic()
         if not self.progress.disable and (now - self.score_read >= SCORE_PERIOD_S or task.finished):
-            self.progress.update(self.task_id, score=score())
+            self.progress.update(self.task_id, score=f"{score():.1%}")
             self.score_read = now
         # rich estimates the speed from two reports on; a task of one batch gets its average.
         speed = task.speed or (task.completed / task.elapsed if task.finished and task.elapsed else None)
         if speed:
-            self.progress.update(self.task_id, rate=speed)
+            self.progress.update(self.task_id, rate=f"{speed:.1f}")
 
     def end_task(self, score: float) -> None:
         """The bar keeps the task's score over every process (what results.json records)."""
-        self.progress.update(self.task_id, score=score)
+        self.progress.update(self.task_id, score=f"{score:.1%}")
         self.task_id = None
 
 

@@ -80,13 +80,13 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: x\n")
     weights = Path(dusa_cli.__file__).parent / "assets" / "sit_digits.safetensors"
-    untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c))
+    untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c), "--corruption", "fog")
     not_weights = ("--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(bad))
     assert_one_line_errors(
         (("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", next(out)), 1, "none"),
         (("baseline", "-c", PRESET, "--corruption", "fgo", "-o", next(out)), 2, "unknown corruption 'fgo'"),
-        (("baseline", "-c", PRESET, "--model", "resnet_nope", "--data", str(digits_c), "-o", next(out)), 2, "unknown timm model"),
-        (("baseline", "-c", PRESET, "--model", "segformer", "--data", str(digits_c), "-o", next(out)), 2, "'segformer' is a segmentation model: run it with task seg"),
+        (("baseline", "-c", PRESET, "--model", "resnet_nope", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2, "unknown timm model"),
+        (("baseline", "-c", PRESET, "--model", "segformer", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2, "'segformer' is a segmentation model: run it with task seg"),
         # A preset of the other task: its method has no --prior, but the task is what is wrong.
         (("adapt-seg", "-c", PRESET, "--prior", "sd3", "-o", next(out)), 2, "`dusa adapt-seg` runs task seg, but the config's task is cls"),
         (("pretrain", "digits-classifier", "--data", str(digits_c), "-o", str(tmp_path / "w.pth")), 2, "must end in .safetensors"),
@@ -156,10 +156,10 @@ def test_checkpoint_that_does_not_fit_is_reported(tmp_path: Path, digits_c: Path
 
     wrong = tmp_path / "wrong.pth"
     torch.save({"state_dict": timm.create_model("resnet10t", num_classes=10).state_dict()}, wrong)
-    result = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"))
+    result = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(wrong), "-o", str(tmp_path / "o"))
     assert_one_line_error(result, 1, "does not fit")
-    assert "missing" in result.stderr and "unexpected" in result.stderr
-    debug = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--checkpoint", str(wrong), "-o", str(tmp_path / "o"), "--debug")
+    assert "missing from the file: " in result.stderr and "not in the model: " in result.stderr
+    debug = dusa("baseline", "-c", PRESET, "--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(wrong), "-o", str(tmp_path / "o"), "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug adds the traceback, keeps the code
     assert debug.stderr.splitlines()[-1].startswith("error: checkpoint") and "does not fit" in debug.stderr
     usage = dusa("--debug", "baseline", "-c", PRESET, "--set", "optim.lrr=1")
@@ -200,6 +200,48 @@ def test_prepare_data_and_pretrain_commands(tmp_path: Path) -> None:
         (("pretrain", "digits-classifier", "--data", str(data), "-o", str(data)), 1, f"cannot write {data}: it is a directory"),
         (("prepare-data", "imagenet-c", "-o", str(tmp_path / "inc")), 2, "--source"),
     )  # fmt: skip
+
+
+def test_what_the_command_line_got_wrong_is_said_as_such(tmp_path: Path, digits_c: Path) -> None:
+    """A flag that makes the preset wrong is named beside it; a bad number says what it takes; a
+    mistyped method is answered from the methods the command runs (the registry's); tasks that
+    the data lacks are named together, before the model is built (its weights, here no weights,
+    would fail first otherwise)."""
+    from dusa_cli.methods import available_methods, get_method
+
+    runs_without_prior = ", ".join(m for m in available_methods() if not get_method(m).uses_prior and "cls" in get_method(m).tasks)
+    not_weights = tmp_path / "weights.pth"
+    not_weights.write_text("not weights")
+    partial = ("--data", str(digits_c), "--corruption", "fog,snow,frost", "--severity", "3", "--severity", "5", "--checkpoint", str(not_weights))
+    assert_one_line_errors(
+        (("baseline", "-c", PRESET, "--task", "seg"), 2, f"error: {PRESET} with --task seg: data.batch_size: Input should be 1"),
+        (("baseline", "-c", PRESET, "--set", "data.num_ex=yes"), 2, "command line: data.num_ex: expected an integer, got the boolean true"),
+        (("baseline", "-c", PRESET, "--method", "sourc"), 2, f"unknown method 'sourc', did you mean 'source'? (available: {runs_without_prior})"),
+        (("baseline", "-c", PRESET, *partial, "-o", str(tmp_path / "out")), 1,
+         f"no data in {digits_c} for 3 of the 3 corruptions: fog/3, snow/{{3,5}}, frost/{{3,5}} (expected ImageNet-C's"),
+    )  # fmt: skip
+    assert "dusa" not in runs_without_prior.split(", ") and not (tmp_path / "out").exists()
+
+
+def test_progress_shows_no_score_before_a_task_has_scored_an_image() -> None:
+    """`acc 0.0%` on a bar whose first batch is still running (minutes, compiling) would read as
+    a result: the score and the speed show – until there is one."""
+    from rich.console import Console
+
+    from dusa_cli.ui import TaskProgress
+
+    def shown(bars: TaskProgress) -> str:
+        console = Console(width=150, record=True, file=io.StringIO())
+        console.print(bars.progress.make_tasks_table(bars.progress.tasks))
+        return console.export_text()
+
+    with TaskProgress(score="acc") as bars:
+        bars.start_task("fog/5", 64)
+        assert "acc      –      – img/s" in shown(bars) and "%" not in shown(bars)
+        bars.advance(16, lambda: 0.8125)
+        assert "acc  81.2%" in shown(bars)
+        bars.end_task(0.75)  # the task's score over every process
+        assert "acc  75.0%" in shown(bars)
 
 
 def test_help_and_version() -> None:
@@ -256,20 +298,22 @@ def test_each_run_command_s_help_speaks_of_what_it_runs() -> None:
 
 def test_every_option_names_what_it_takes() -> None:
     """Help shows a value's meaning (N, NAME, KEY=VALUE, DIR, …) or its choices, never a bare
-    type such as <str> or <list[int]>; flags alone show <bool>, as --help itself does."""
+    type such as <str>, <list[int]> or <list[Path]>; a flag, --help too, shows nothing: it takes
+    no value (Typer would show <bool>)."""
     import re
 
-    import typer
-
-    from dusa_cli.cli import app
+    from dusa_cli.cli import command
 
     def paths(command, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
         children = getattr(command, "commands", {})
         return [path, *(p for name, child in children.items() for p in paths(child, (*path, name)))]
 
-    commands = paths(typer.main.get_command(app))
+    commands = paths(command())
     assert ("bench", "cls") in commands and ("prepare-data",) in commands
-    bare_type = re.compile(r"<(str|int|float|path)( range)?>|<list\[(str|int|float)\]>")
+    bare_type = re.compile(r"<(str|int|float|path|bool)( range)?>|<list\[[^]]*\]>")
     for path, shown in zip(commands, dusa_each(*((*path, "--help") for path in commands), columns=250)):
         assert shown.returncode == 0, (path, shown.stderr)
         assert not bare_type.findall(shown.stdout), (path, bare_type.findall(shown.stdout))
+        assert re.search(r"--help +-h +Show this message", shown.stdout), path  # nothing between: no <bool>
+    report = next(shown for path, shown in zip(commands, dusa_each(("report", "--help"), columns=250)))
+    assert re.search(r"\* +DIR +DIR\.\.\. +Run directories", report.stdout)

@@ -62,6 +62,35 @@ def test_a_mistyped_name_is_answered_with_the_closest_one(tmp_path: Path, assign
         load_config(write(tmp_path, dusa if assignment.startswith("method.") else BASE), {}, [assignment])
 
 
+def test_an_unknown_method_is_answered_with_the_methods_the_caller_runs(tmp_path: Path) -> None:
+    """`dusa baseline --method sourc`: the guess and the list come from the registry, the
+    methods with a prior (adapt-cls/adapt-seg) and those of another task left out."""
+    from dusa_cli.methods import available_methods, get_method
+
+    without_prior = [name for name in available_methods() if not get_method(name).uses_prior and "cls" in get_method(name).tasks]
+    assert {"source", "tent"} <= set(without_prior) and "dusa" not in without_prior
+    with pytest.raises(ConfigError, match=rf"^command line: method: unknown method 'sourc', did you mean 'source'\? \(available: {', '.join(without_prior)}\)$"):
+        load_config(write(tmp_path, BASE), {"method.name": "sourc"}, runs=lambda method: not method.uses_prior)
+    with pytest.raises(ConfigError, match=r"unknown method 'dus' \(available: "):  # dusa is adapt-cls's: no guess
+        load_config(write(tmp_path, BASE), {"method.name": "dus"}, runs=lambda method: not method.uses_prior)
+    with pytest.raises(ConfigError, match=r"unknown method 'tnet' \(available: dusa, dusa_u\)$"):  # a classification config
+        load_config(write(tmp_path, BASE), {"method.name": "tnet"}, runs=lambda method: method.uses_prior)
+
+
+def test_a_weights_file_from_the_command_line_replaces_the_presets_packaged_weights(tmp_path: Path) -> None:
+    """--prior-checkpoint beside a preset's prior_pretrained: true (and --checkpoint beside
+    model.pretrained: true): the file is what loads, and the run's config says so."""
+    preset = Path(__file__).parents[1] / "configs" / "cls" / "dusa_digits.yaml"
+    alone = load_config(preset, {})
+    assert alone.method.prior_pretrained and alone.model.pretrained  # the preset's packaged weights
+    given = load_config(preset, {"method.prior_checkpoint": "sit.pt", "model.checkpoint": "resnet.pth"})
+    assert (given.method.prior_pretrained, given.method.prior_checkpoint.name) == (False, "sit.pt")
+    assert (given.model.pretrained, given.model.checkpoint.name) == (False, "resnet.pth")
+    assert not load_config(preset, {}, ["method.prior_checkpoint=sit.pt"]).method.prior_pretrained  # by --set too
+    with pytest.raises(ConfigError, match=r"^--prior-checkpoint sit\.pt and --set method\.prior_pretrained=true both choose the weights: give one of them$"):
+        load_config(preset, {"method.prior_checkpoint": "sit.pt"}, ["method.prior_pretrained=true"])
+
+
 def test_a_name_close_to_none_gets_no_guess(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^command line: optim\.zzz: unknown key$"):
         load_config(write(tmp_path, BASE), {}, ["optim.zzz=1"])
@@ -140,17 +169,38 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "optim: {lr: -1}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: optim\.lr"):
         load_config(path, {"run.seed": 3})
-    with pytest.raises(ConfigError, match=r"c\.yaml and command line: optim\.lr: .*; run\.seed"):
+    with pytest.raises(ConfigError, match=r"c\.yaml with --seed -3: optim\.lr: .*; run\.seed"):
         load_config(path, {"run.seed": -3})
+
+
+def test_an_error_that_a_flag_brings_about_in_the_file_names_the_flag(tmp_path: Path) -> None:
+    """`--task seg` on a classification preset: the file's batch size is wrong only for
+    segmentation, so the message names the file with the flag, not the file alone."""
+    path = write(tmp_path, BASE + "data: {root: d, batch_size: 64}\nrun: {output: o}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))} with --task seg: data\.batch_size: Input should be 1$"):
+        load_config(path, {"task": "seg", "run.output": "elsewhere"})  # --output has nothing to do with it: not named
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))} with --set task=seg: data\.batch_size"):
+        load_config(path, {}, ["task=seg"])
+    eata = write(tmp_path, BASE.replace("tent", "eata"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(eata))} with --task seg: method 'eata' serves task cls, not seg"):
+        load_config(eata, {"task": "seg"})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: optim\.lrr: unknown key"):  # the file alone
+        load_config(write(tmp_path, BASE + "optim: {lrr: 1}\n"), {"run.seed": 3})
+    rotta = write(tmp_path, BASE.replace("tent", "rotta"))  # a whole-config check that names its key
+    with pytest.raises(ConfigError, match=r"^command line: optim\.accumulation: method 'rotta' learns from whole batches"):
+        load_config(rotta, {}, ["optim.accumulation=2"])
 
 
 @pytest.mark.parametrize(("assignment", "problem"), [
     ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
     ("optim.lr=nan", "optim.lr: Input should be a finite number"),
     ("optim.betas=[0.9,2.0]", "optim.betas.1: Input should be less than 1"),
-    ("optim.lr=yes", "optim.lr: expected a number, not true"),  # YAML's yes is a boolean, not 1.0
-    ("data.batch_size=true", "data.batch_size: expected a number, not true"),
-    ("model.num_classes=false", "model.num_classes: expected a number, not false"),
+    ("optim.lr=yes", "optim.lr: expected a number, got the boolean true \\(YAML reads yes/no and on/off as booleans too\\)$"),
+    ("data.batch_size=true", "data.batch_size: expected an integer, got the boolean true"),  # YAML's yes is a boolean, not 1
+    ("data.num_ex=yes", "data.num_ex: expected an integer, got the boolean true"),
+    ("data.num_ex=abc", "data.num_ex: expected an integer, got 'abc'$"),
+    ("data.num_ex=1.5", "data.num_ex: expected an integer, got 1.5$"),
+    ("model.num_classes=false", "model.num_classes: expected an integer, got the boolean false"),
     ("model.num_classes=0", "model.num_classes: Input should be greater than or equal to 1"),
     ("optim.momentum=2", "optim.momentum: Input should be less than 1"),
     ("run.output=''", "run.output: expected a path, got an empty one"),
@@ -159,13 +209,13 @@ def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
     ("optim=3", r"optim: expected a section \(a mapping of its keys\), got 3$"),  # no class name
     ("method={}", r"method\.name is required \(--method\)$"),
     ("method=3", "method: expected a method name or a mapping with one"),
-    ("data.severities=[5,true]", "data.severities: expected a number, not true"),  # in a list too
-    ("optim.betas=[0.9,yes]", "optim.betas: expected a number, not true"),
+    ("data.severities=[5,true]", "data.severities: expected an integer, got the boolean true"),  # in a list too
+    ("optim.betas=[0.9,yes]", "optim.betas: expected a number, got the boolean true"),
     ("data.severities=[]", "data.severities: no severity selected"),
     ("data.severities=[6]", "data.severities: severity must be one of 1..5, got 6"),
     ("data.corruptions=null", "data.corruptions: expected a corruption name or a list of them"),
     ("data.corruptions=5", "data.corruptions: unknown corruption '5'"),
-    ("optim.lr=!!float abc", "optim.lr: Input should be a valid number"),  # taken as the text written
+    ("optim.lr=!!float abc", "optim.lr: expected a number, got '!!float abc'$"),  # taken as the text written
 ])  # fmt: skip
 def test_values_no_optimizer_takes_are_config_errors(tmp_path: Path, assignment: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"^command line: {problem}"):

@@ -19,17 +19,20 @@ from PIL import Image
 import dusa_cli._compat  # noqa: F401  (installs the torchvision shim before anything imports timm)
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.data.datasets import (
+    TASK_LAYOUT,
     ImageFolderTask,
     check_labels,
     class_index,
     imagenet_wnids,
     open_split,
     open_task,
+    task_source,
 )
 from dusa_cli.data.digits import PNG, build_digits_c, digit_images
-from dusa_cli.data.files import UNFINISHED_MARKER
+from dusa_cli.data.files import UNFINISHED_MARKER, require_tasks
 from dusa_cli.data.generate import Job, Plan, corrupt_image, run_jobs
 from dusa_cli.data.imagenet_c import prepare_imagenet_c
+from dusa_cli.data.segmentation import SEG_TASK_LAYOUT, seg_task_images
 from dusa_cli.errors import ConfigError, DusaError, Stopped
 
 CORRUPTIONS = ("gaussian_noise", "impulse_noise", "glass_blur", "frost")
@@ -380,13 +383,35 @@ def test_prepare_imagenet_c_reports_an_unreadable_source_image_from_a_worker(
         )
 
 
+def test_every_task_without_data_is_named_at_once(tmp_path: Path) -> None:
+    """A dataset built with some corruptions or severities only: one line names each corruption
+    that lacks data, with the severities it lacks (the first five corruptions, then a count)."""
+    for folder in ("fog/3", "fog/5", "snow/5"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "frost.npy").touch()  # CIFAR-C layout: every severity in one file
+    require_tasks(tmp_path, ["fog", "frost"], [3, 5], task_source, TASK_LAYOUT)  # all there
+    with pytest.raises(DusaError) as caught:
+        require_tasks(tmp_path, ALL_CORRUPTIONS, [3, 5], task_source, TASK_LAYOUT)
+    absent = ", ".join(f"{name}/{{3,5}}" for name in ALL_CORRUPTIONS[:5])
+    assert str(caught.value) == (
+        f"no data in {tmp_path} for 17 of the 19 corruptions: {absent} and 12 more (expected {TASK_LAYOUT}); "
+        "pick others with --corruption/--severity, or build them with `dusa prepare-data`"
+    )
+    with pytest.raises(DusaError, match=rf"^no data in {re.escape(str(tmp_path))} for snow/3 \(expected "):
+        require_tasks(tmp_path, ["snow"], [3, 5], task_source, TASK_LAYOUT)
+    (tmp_path / "images" / "validation" / "snow_5").mkdir(parents=True)  # segmentation: either layout
+    (tmp_path / "fog" / "5" / "validation").mkdir()
+    with pytest.raises(DusaError, match=r"for 1 of the 3 corruptions: frost/5 \(expected ADE20K-C's "):
+        require_tasks(tmp_path, ["fog", "snow", "frost"], [5], seg_task_images, SEG_TASK_LAYOUT)
+
+
 def test_missing_and_empty_inputs_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(DusaError, match=re.escape(f"not found: {missing} (`dusa prepare-data` builds") + ".*ImageNet-C"):
         open_task(missing, "fog", 1)
     with pytest.raises(DusaError, match=re.escape(f"not found: {missing}") + "$"):
         prepare_imagenet_c(missing, tmp_path / "out", corruptions=["fog"], severities=[1])
-    with pytest.raises(DusaError, match=re.escape(f"no 'fog' data in {tmp_path}")):
+    with pytest.raises(DusaError, match=re.escape(f"no 'fog' severity 1 data in {tmp_path}: expected folder {tmp_path / 'fog' / '1'}")):
         open_task(tmp_path, "fog", 1)
     (tmp_path / "fog" / "1").mkdir(parents=True)
     with pytest.raises(DusaError, match=re.escape(f"no class folders in {tmp_path / 'fog' / '1'}")):
@@ -394,7 +419,7 @@ def test_missing_and_empty_inputs_name_the_path(tmp_path: Path) -> None:
     (tmp_path / "fog" / "1" / "n01440764").mkdir()
     with pytest.raises(DusaError, match=re.escape(f"no images in {tmp_path / 'fog' / '1'}")):
         open_task(tmp_path, "fog", 1)
-    with pytest.raises(DusaError, match=re.escape(f"not found: {tmp_path / 'fog' / '2'}")):
+    with pytest.raises(DusaError, match=re.escape(f"no 'fog' severity 2 data in {tmp_path}: expected folder {tmp_path / 'fog' / '2'}")):
         open_task(tmp_path, "fog", 2)
     with pytest.raises(DusaError, match=re.escape(f"not found: {tmp_path / 'train'}")):
         open_split(tmp_path, "train")

@@ -177,19 +177,23 @@ def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
 
 
 def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path) -> None:
+    from dusa_cli.priors.registry import packaged_weights
+
     common = ("-c", str(PRESET), "--data", str(digits_c), "--corruption", "fog", "--num-ex", "16")
-    runs = {"dusa": "dusa", "dusa_u": "dusa_u", "again": "dusa"}  # output folder: method
+    # output folder: method and flags; "again" names the preset's packaged prior as a file
+    runs = {"dusa": ("dusa",), "dusa_u": ("dusa_u",), "again": ("dusa", "--prior-checkpoint", str(packaged_weights("sit_digits")))}
     finished = dusa_each(*(
-        ("adapt-cls", *common, "--method", method, "--set", "data.batch_size=8", "-o", str(tmp_path / folder), "-q")
-        for folder, method in runs.items()
+        ("adapt-cls", *common, "--method", *flags, "--set", "data.batch_size=8", "-o", str(tmp_path / folder), "-q")
+        for folder, flags in runs.items()
     ))  # fmt: skip
-    for (folder, method), result in zip(runs.items(), finished):
+    for (folder, (method, *_)), result in zip(runs.items(), finished):
         assert result.returncode == 0, result.stderr
         results = json.loads((tmp_path / folder / "results.json").read_text())
         assert results["method"] == method and results["tasks"][0]["num_samples"] == 16
         assert results["tasks"][0]["mean_loss"] > 0
     first, second = (json.loads((tmp_path / d / "results.json").read_text())["tasks"][0] for d in ("dusa", "again"))
-    assert (first["top1"], first["mean_loss"]) == (second["top1"], second["mean_loss"])  # same seed → same run
+    assert (first["top1"], first["mean_loss"]) == (second["top1"], second["mean_loss"])  # same seed and weights → same run
+    assert "prior_pretrained: false" in (tmp_path / "again" / "config.yaml").read_text()  # the file given replaced them
     wrong = tmp_path / "wrong.pt"
     from dusa_cli.priors.registry import create_prior_transformer
 

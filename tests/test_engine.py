@@ -317,7 +317,8 @@ def test_resume_takes_a_moved_run_cleans_killed_writes_and_records_each_session(
     assert environment["device"] == "cpu" and len(environment["resumed"]) == 1
     (moved / "environment.json").unlink()  # what the inputs are checked against
     with pytest.warns(UserWarning, match="environment.json records no inputs \\(missing or unreadable\\)"):
-        run_experiment(config_for(digits_c, moved, method="source"), resume=True)
+        with pytest.warns(UserWarning, match="every task of the run .* is finished; nothing is left to run"):
+            run_experiment(config_for(digits_c, moved, method="source"), resume=True)
 
     # Killed between config.yaml and its first results: --resume starts it afresh.
     early = tmp_path / "early"

@@ -103,7 +103,7 @@ def test_loss_weights_leave_something_to_learn() -> None:
     assert LossWeights(mse=0, cosine=1).cosine == 1
     with pytest.raises(ValidationError, match="every loss weight is 0"):  # a loss of 0 would adapt nothing
         LossWeights(mse=0)
-    with pytest.raises(ValidationError, match="expected a number, not true"):
+    with pytest.raises(ValidationError, match="expected a number, got the boolean true"):
         LossWeights(cosine=True)
 
 

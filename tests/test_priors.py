@@ -149,11 +149,23 @@ def test_mismatched_checkpoint_names_the_difference(tmp_path: Path) -> None:
         create_prior_transformer("sit_tiny", wider)
     assert "fits" not in str(caught.value)  # no preset has hidden 64
 
-    # Same architecture numbers, a key missing: the key-level report, naming the preset.
+    # Same architecture numbers, keys missing or extra: the key-level report, naming the preset.
     state = flat_state(create_prior_transformer("sit_tiny"))
+    for block in range(2):
+        del state[f"blocks.{block}.mlp.fc1.bias"], state[f"blocks.{block}.mlp.fc2.bias"]
     del state["final_layer.linear.bias"]
+    state["final_layer.extra"] = torch.zeros(1)
     torch.save(state, file)
-    with pytest.raises(DusaError, match=r"1 missing \(final_layer.linear.bias\).*\[prior sit_tiny\]"):
+    with pytest.raises(DusaError) as caught:
+        create_prior_transformer("sit_tiny", file)
+    assert str(caught.value) == (
+        f"checkpoint {file} does not fit sit_tiny: missing from the file: blocks.0.mlp.fc1.bias, blocks.0.mlp.fc2.bias, "
+        "blocks.1.mlp.fc1.bias, blocks.1.mlp.fc2.bias and 1 more; not in the model: final_layer.extra"
+    )
+    state = flat_state(create_prior_transformer("sit_tiny"))
+    state["final_layer.linear.bias"] = state["final_layer.linear.bias"][:2]
+    torch.save(state, file)
+    with pytest.raises(DusaError, match=r"does not fit sit_tiny: another shape: final_layer\.linear\.bias \(2,\) in the file, \(\d+,\) in the model$"):
         create_prior_transformer("sit_tiny", file)
 
 

@@ -31,7 +31,7 @@ def sweep(digits_c: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_learning_rate_sweep_is_two_rows_labelled_by_the_rate(sweep: Path) -> None:
     table = build_table(find_runs([sweep]))
-    assert [row.label for row in table.rows] == ["source", "tent · optim.lr=0.001", "tent · optim.lr=0.01"]
+    assert [row.label for row in table.rows] == ["source", "tent · lr=0.001", "tent · lr=0.01"]
     assert [sorted(row.seeds) for row in table.rows] == [[1], [1, 2], [1, 2]]
     for row, lr in zip(table.rows[1:], ("0.001", "0.01")):
         means = [100 * json.loads((sweep / f"tent-{lr}-{seed}" / "results.json").read_text())["summary"]["mean_top1"]
@@ -55,12 +55,12 @@ def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: P
     assert [len(row.seeds) for row in table.rows] == [1, 2, 2]
     assert table.notes == [f"{runs / 'tent-0.01-1-again'} repeats seed 1 of {runs / 'tent-0.01-1'}: counted once"]
     rows = {row["method"]: row for row in csv.DictReader(io.StringIO(to_csv(table)))}
-    assert rows["tent · optim.lr=0.001"]["complete"] == "false" and rows["tent · optim.lr=0.01"]["complete"] == "true"
-    assert rows["tent · optim.lr=0.001"]["mean_std"] == ""  # the mean is over the one complete run: no std
-    assert rows["tent · optim.lr=0.001"]["mean_n"] == "1" and rows["tent · optim.lr=0.01"]["mean_n"] == "2"
+    assert rows["tent · lr=0.001"]["complete"] == "false" and rows["tent · lr=0.01"]["complete"] == "true"
+    assert rows["tent · lr=0.001"]["mean_std"] == ""  # the mean is over the one complete run: no std
+    assert rows["tent · lr=0.001"]["mean_n"] == "1" and rows["tent · lr=0.01"]["mean_n"] == "2"
     markdown = to_markdown(table)
-    assert "| tent · optim.lr=0.001 (partial) | 2 |" in markdown and "counted once" in markdown
-    partial_row = next(line for line in markdown.splitlines() if "optim.lr=0.001 (partial)" in line)
+    assert "| tent · lr=0.001 (partial) | 2 |" in markdown and "counted once" in markdown
+    partial_row = next(line for line in markdown.splitlines() if "lr=0.001 (partial)" in line)
     assert partial_row.endswith(" (n=1) |") and "±" not in partial_row.split("|")[-2]  # the mean: one seed, said so
 
 
@@ -75,12 +75,12 @@ def test_a_run_with_no_finished_task_is_left_out_and_a_difference_some_labels_hi
         config = runs / f"tent-0.001-{seed}" / "config.yaml"
         config.write_text(config.read_text().replace("  - gaussian_noise\n", ""))
     table = build_table(find_runs([runs]))
-    assert [row.label for row in table.rows] == [
-        "source", "tent · data.corruptions=fog · optim.lr=0.001", "tent · data.corruptions=gaussian_noise,fog · optim.lr=0.01",
-    ]  # fmt: skip
+    # Either setting tells the tent rows apart: the label shows one, the legend the other.
+    assert [row.label for row in table.rows] == ["source", "tent · corruptions=fog", "tent · corruptions=gaussian_noise,fog"]
     assert [len(row.seeds) for row in table.rows] == [1, 2, 1]
     assert f"{runs / 'tent-0.01-2'} has no finished task: left out" in table.notes
-    assert any(note.startswith("rows differ in data.corruptions (source: gaussian_noise,fog;") for note in table.notes)
+    assert "rows differ in data.corruptions (source: gaussian_noise,fog; the others as labelled)" in table.notes
+    assert table.notes[-2:] == ["tent · corruptions=fog: also optim.lr=0.001", "tent · corruptions=gaussian_noise,fog: also optim.lr=0.01"]
 
 
 def test_labels_cut_short_stay_apart(sweep: Path, tmp_path: Path) -> None:
@@ -91,7 +91,63 @@ def test_labels_cut_short_stay_apart(sweep: Path, tmp_path: Path) -> None:
         config = run / "config.yaml"
         config.write_text(config.read_text().replace("  - gaussian_noise\n", "".join(f"  - {c}\n" for c in long)).replace("  - fog\n", f"  - {last}\n"))
     labels = [row.label for row in build_table(find_runs([tmp_path / "a", tmp_path / "b"])).rows]
-    assert labels == [f"source · data.corruptions={','.join([*long, last])}" for last in ("defocus_blur", "fog")]
+    assert labels == [f"source · corruptions={','.join([*long, last])}" for last in ("defocus_blur", "fog")]
+
+
+def test_labels_name_only_the_settings_that_tell_rows_apart_and_the_legend_the_rest(sweep: Path, tmp_path: Path) -> None:
+    """An optimizer switched with its momentum and weight decay: the label names the optimizer
+    (a choice before the settings that go with it), the legend the rest; keys by their last part
+    unless another key ends alike (optim.name, method.name)."""
+    import yaml
+
+    for lr in ("0.001", "0.01"):
+        shutil.copytree(sweep / f"tent-{lr}-1", tmp_path / f"adam-{lr}")
+    shutil.copytree(sweep / "tent-0.001-1", tmp_path / "sgd")
+    config = tmp_path / "sgd" / "config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["optim"] |= {"name": "sgd", "momentum": 0.5, "weight_decay": 0.01}
+    config.write_text(yaml.safe_dump(settings))
+    table = build_table(find_runs([tmp_path]))
+    assert [row.label for row in table.rows] == ["tent · lr=0.001 · optim.name=adam", "tent · lr=0.01 · optim.name=adam", "tent · lr=0.001 · optim.name=sgd"]
+    assert table.notes == [
+        "tent · lr=0.001 · optim.name=adam: also optim.momentum=0.9, optim.weight_decay=0.0",
+        "tent · lr=0.01 · optim.name=adam: also optim.momentum=0.9, optim.weight_decay=0.0",
+        "tent · lr=0.001 · optim.name=sgd: also optim.momentum=0.5, optim.weight_decay=0.01",
+    ]  # fmt: skip
+    markdown = to_markdown(table)  # the legend in the markdown too, under the table
+    assert "- tent · lr=0.001 · optim.name=sgd: also optim.momentum=0.5, optim.weight_decay=0.01" in markdown.splitlines()
+
+
+def test_a_path_given_twice_counts_once(sweep: Path) -> None:
+    source = sweep / "source-None-1"
+    result = dusa("report", str(source), str(source), "--format", "md")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: {source} is given twice: its runs count once"]
+    assert "| source | 1 |" in result.stdout and "repeats seed" not in result.stdout
+    said: list[str] = []
+    runs = find_runs([sweep / "tent-0.01-1", sweep], skip=said.append)  # a run inside a folder given too
+    assert len(runs) == 5 and said == [f"{sweep} holds runs given before ({sweep / 'tent-0.01-1'}): each counts once"]
+
+
+def test_the_table_turns_on_the_figures_widths_not_the_labels(sweep: Path, tmp_path: Path) -> None:
+    """Corruptions go down the table only where across does not fit and down is narrower; long
+    labels wrap rather than turn the table (they made it turn at about 100 columns)."""
+    from rich.console import Console
+
+    from dusa_cli.results.report import to_rich
+
+    def header(width: int, runs: list[Path]) -> str:
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(to_rich(build_table(find_runs(runs)), width))
+        return console.export_text().splitlines()[2]
+
+    two = [sweep / "source-None-1", sweep / "tent-0.01-1"]
+    assert "gaussian_noise" in header(100, two) and "corruption" in header(40, two)
+    for name, last in (("a", "defocus_blur"), ("b", "fog")):  # labels of 70 characters
+        shutil.copytree(sweep / "source-None-1", tmp_path / name)
+        config = tmp_path / name / "config.yaml"
+        config.write_text(config.read_text().replace("  - fog\n", f"  - shot_noise\n  - impulse_noise\n  - {last}\n"))
+    assert "gaussian_noise" in header(80, [tmp_path / "a", tmp_path / "b"])
 
 
 def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(sweep: Path, tmp_path: Path) -> None:

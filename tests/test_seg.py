@@ -369,11 +369,11 @@ def yaml_split(run: Path) -> list[str]:
 def test_segmentation_errors_are_one_line(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
     seg_preset = str(Path(__file__).parents[1] / "configs" / "seg" / "ade20k_c_segformer_b5.yaml")
     assert_one_line_errors(
-        (("adapt-seg", *seg_args(models, ade_c, tmp_path / "a")), 2, "needs method.prior"),
+        (("adapt-seg", *seg_args(models, ade_c, tmp_path / "a", "--corruption", "fog")), 2, "needs method.prior"),
         (("adapt-seg", *seg_args(models, ade_c, tmp_path / "b"), "--prior", str(tmp_path / "nowhere")), 1, "nowhere"),
         (("adapt-seg", "--method", "tent", *seg_args(models, ade_c, tmp_path / "c")), 2, "runs with `dusa baseline`"),
         (("baseline", "--task", "seg", "--method", "dusa", *seg_args(models, ade_c, tmp_path / "d")), 2, "serves task cls"),
-        (("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--set", "model.checkpoint=null", "-o", str(tmp_path / "e")),
+        (("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--corruption", "fog", "--set", "model.checkpoint=null", "-o", str(tmp_path / "e")),
          2, "needs model.checkpoint"),
         (("baseline", "-c", seg_preset, "--method", "source", "--data", str(ade_c), "--checkpoint", str(tmp_path / "none"), "-o", str(tmp_path / "g")),
          1, f"not found: model.checkpoint {tmp_path / 'none'}"),

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from dusa_cli.config.schema import REQUIRED, ExperimentConfig, format_problems, validation_problems
 from dusa_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dusa_cli.methods.base import TTAMethod
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -101,21 +105,46 @@ def _options_for(method: str, options: Any) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key in accepted}
 
 
+# The run commands' flags and the key each overrides (`--num-ex` → data.num_ex).
+FLAG_KEYS = {
+    "--task": "task", "--model": "model.name", "--checkpoint": "model.checkpoint", "--data": "data.root",
+    "--corruption": "data.corruptions", "--severity": "data.severities", "--num-ex": "data.num_ex",
+    "--setting": "run.setting", "--seed": "run.seed", "--output": "run.output", "--method": "method.name",
+    "--prior": "method.prior", "--prior-checkpoint": "method.prior_checkpoint", "--vae": "method.vae",
+    "--compile": "run.compile", "--profile": "run.profile", "--track": "run.track",
+}  # fmt: skip
+KEY_FLAGS = {key: flag for flag, key in FLAG_KEYS.items()}
+
+# A weights file given on the command line replaces the packaged weights a preset asks for: the
+# file is what loads, and the run's config.yaml says so (the `pretrained` key turned off).
+PACKAGED_WEIGHTS = {"model.checkpoint": "model.pretrained", "method.prior_checkpoint": "method.prior_pretrained"}
+
+
 def load_config(
-    path: Path | None, overrides: dict[str, Any], assignments: list[str] | None = None
+    path: Path | None,
+    overrides: dict[str, Any],
+    assignments: list[str] | None = None,
+    runs: Callable[[type[TTAMethod]], bool] | None = None,
 ) -> ExperimentConfig:
-    """Preset < flag overrides < `--set` assignments; errors name the key and the file."""
+    """Preset < flag overrides < `--set` assignments; errors name the key and the file. `runs`:
+    the methods the caller runs, which an unknown method's error offers (default: all)."""
     data = read_preset(path) if path is not None else {}
     assigned = [parse_assignment(assignment) for assignment in assignments or []]
     for dotted, value in [*overrides.items(), *assigned]:
         if dotted == "method.name":  # `--method tent` and `--set method.name=tent` alike
             data["method"] = _options_for(value, data.get("method"))
         set_path(data, dotted, value)
+    given = {key: _as_given(key, value) for key, value in overrides.items()}
+    given |= {dotted: f"--set {text.strip()}" for (dotted, _), text in zip(assigned, assignments or [])}
+    for file_key, packaged_key in PACKAGED_WEIGHTS.items():
+        if file_key in given and _lookup(data, file_key) is not None and _lookup(data, packaged_key) is True:
+            if packaged_key in given:
+                raise ConfigError(f"{given[file_key]} and {given[packaged_key]} both choose the weights: give one of them")
+            set_path(data, packaged_key, False)
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(data, context={"runs": runs})
     except ValidationError as error:
         problems = validation_problems(error, ExperimentConfig)
-        given = set(overrides) | {dotted for dotted, _ in assigned}
         shown = [("", _required(location)) if text == REQUIRED else (location, text) for location, text in problems]
         message = f"{_blame(path, [location for location, _ in problems], given)}: {format_problems(shown)}"
         if path is None and any(text == REQUIRED for _, text in problems):
@@ -124,12 +153,26 @@ def load_config(
         raise ConfigError(message) from None
 
 
-# The keys without a default, and the flag of every run command that gives each.
-REQUIRED_FLAGS = {"model.name": "--model", "data.root": "--data", "method.name": "--method"}
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    """The value at `a.b.c` in a raw config (None where it has none)."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _as_given(key: str, value: Any) -> str:
+    """An override as the command line gave it: `--task seg`, `--corruption fog,snow`, `--no-profile`."""
+    flag = KEY_FLAGS.get(key)
+    if flag is None:  # not a flag's key (a caller's own override)
+        return f"{key}={value}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag.removeprefix('--')}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def _required(key: str) -> str:
-    flag = REQUIRED_FLAGS.get(key)
+    flag = KEY_FLAGS.get(key)
     return f"{key} is required" + (f" ({flag})" if flag else "")
 
 
@@ -146,16 +189,31 @@ def saved_run_config(overrides: dict[str, Any], assignments: list[str] | None = 
     return saved if saved.is_file() else None
 
 
-def _blame(path: Path | None, locations: list[str], given: set[str]) -> str:
-    """Where the bad values came from: the preset file, the command line or both."""
+# Keys that decide what other parts of the config mean: `--task seg` makes data ADE20K-C's
+# section, a method's name its options' (and both decide whether the method serves the task).
+SCHEMA_KEYS = {"task": ("data", ""), "method.name": ("method", "")}
+
+
+def _blame(path: Path | None, locations: list[str], given: dict[str, str]) -> str:
+    """Where the bad values came from: the command line where it set each of them, the preset
+    file where no flag touched them, else the file with the flags that set or reinterpreted some
+    (`configs/cls/digits.yaml with --task seg`: the file's batch size is wrong for segmentation)."""
+
+    def within(location: str, key: str) -> bool:  # `key` is the location or a section holding it ("": the whole config)
+        return f"{location}.".startswith(f"{key}.")
+
     sections = [re.sub(r"(\.\d+)+$", "", location) for location in locations]  # run.compile.0: the list itself
-    from_command_line = [
-        any(location == key or location.startswith(f"{key}.") or key.startswith(f"{section}.") for key in given)
+    set_by = [
+        [key for key in given if within(location, key) or key.startswith(f"{section}.")]
         for location, section in zip(locations, sections)
-    ]
-    if path is None or all(from_command_line):
+    ]  # the keys given for each location, or inside it
+    if path is None or all(set_by):
         return "command line"
-    return f"{path} and command line" if any(from_command_line) else str(path)
+    involved = [
+        key for key in given
+        if any(key in keys or any(within(location, part) for part in SCHEMA_KEYS.get(key, ())) for location, keys in zip(locations, set_by))
+    ]  # fmt: skip
+    return f"{path} with {' '.join(given[key] for key in involved)}" if involved else str(path)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

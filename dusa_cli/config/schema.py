@@ -8,10 +8,11 @@ class, looked up in the method registry (the schema knows no method by name).
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -28,12 +29,24 @@ from pydantic import (
 
 from dusa_cli.data.corruptions import check_severities, resolve_corruptions
 from dusa_cli.data.files import absolute_path
-from dusa_cli.errors import ConfigError
+from dusa_cli.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from dusa_cli.methods.base import TTAMethod
 
 T = TypeVar("T")
 
 
 REQUIRED = "required"  # a missing key's message: the command line names what gives it (config/loader.py)
+
+
+DOTTED_KEY = re.compile(r"\w+(\.\w+)+: ")  # a message that starts with the key it is about
+
+# pydantic's errors for a value that is not a number, by what the key takes: said with the value.
+NUMBER_ERRORS = {
+    "int_parsing": "an integer", "int_from_float": "an integer", "int_type": "an integer",
+    "float_parsing": "a number", "float_type": "a number",
+}  # fmt: skip
 
 
 def validation_problems(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
@@ -51,9 +64,12 @@ def validation_problems(error: ValidationError, model: type[BaseModel], prefix: 
             message = "unknown key" + _guess_key(model, item["loc"], prefix)
         elif item["type"] == "model_type":
             message = f"expected a section (a mapping of its keys), got {item['input']!r}"
+        elif item["type"] in NUMBER_ERRORS:
+            message = f"expected {NUMBER_ERRORS[item['type']]}, got {item['input']!r}"
         else:
             message = item["msg"].removeprefix("Value error, ")
-        if location and message.startswith((f"{location}.", f"{location}: ")):
+        # A nested config's error names its key, and so may a whole-config check (`optim.accumulation: …`).
+        if message.startswith((f"{location}.", f"{location}: ")) if location else DOTTED_KEY.match(message):
             location, _, message = message.partition(": ")
         problems.append((location, message))
     return problems
@@ -131,7 +147,8 @@ def _alternatives(annotation: Any) -> list[Any]:
 
 def _refuse_boolean(value: Any, accepted: list[Any]) -> None:
     if isinstance(value, bool) and bool not in accepted and any(member in (int, float) for member in accepted):
-        raise ValueError(f"expected a number, not {str(value).lower()}")
+        number = "a number" if float in accepted else "an integer"
+        raise ValueError(f"expected {number}, got the boolean {str(value).lower()} (YAML reads yes/no and on/off as booleans too)")
 
 
 class StrictModel(BaseModel):
@@ -291,6 +308,14 @@ class RunConfig(StrictModel):
         return self
 
 
+def fitting_methods(task: str | None, runs: Callable[[type[TTAMethod]], bool]) -> list[str]:
+    """The registered methods that serve `task` (None: any) and that `runs` accepts (those a
+    command runs), by name."""
+    from dusa_cli.methods import available_methods, get_method
+
+    return [name for name in available_methods() if runs(get_method(name)) and (task is None or task in get_method(name).tasks)]
+
+
 def _uses_prior(method: Any) -> bool:
     """Whether the method a raw config names runs a generative prior (False if it names none)."""
     from dusa_cli.methods import get_method
@@ -348,8 +373,8 @@ class ExperimentConfig(StrictModel):
 
     @field_validator("method", mode="before")
     @classmethod
-    def _method_options(cls, value: Any) -> MethodConfig:
-        from dusa_cli.methods import get_method
+    def _method_options(cls, value: Any, info: ValidationInfo) -> MethodConfig:
+        from dusa_cli.methods import available_methods, get_method
 
         if isinstance(value, MethodConfig):
             return value
@@ -359,6 +384,10 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"method.name: {REQUIRED}")
         if not isinstance(value, dict):
             raise ValueError("expected a method name or a mapping with one, e.g. {name: tent}")
+        runs = (info.context or {}).get("runs")
+        if runs is not None and value["name"] not in available_methods():  # offer what the caller runs
+            offered = fitting_methods(info.data.get("task"), runs)
+            raise ValueError(f"unknown method '{value['name']}'{did_you_mean(value['name'], offered)} (available: {', '.join(offered)})")
         try:
             schema = get_method(value["name"]).Config
             return schema.model_validate(value)

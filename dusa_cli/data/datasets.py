@@ -136,6 +136,16 @@ class CorruptionArrayTask(Dataset[Item]):
         return image_tensor(self.images[index]), int(self.labels[index])
 
 
+TASK_LAYOUT = "ImageNet-C's CORRUPTION/SEVERITY/ folders or CIFAR-C's CORRUPTION.npy files"
+
+
+def task_source(root: Path, corruption: str, severity: int) -> Path | None:
+    """Where one task's images lie under `root`: its folder (ImageNet-C layout), else its
+    corruption's array file (CIFAR-C layout); None where neither is."""
+    folder, array_file = root / corruption / str(severity), root / f"{corruption}.npy"
+    return folder if folder.is_dir() else array_file if array_file.is_file() else None
+
+
 def open_task(root: Path, corruption: str, severity: int, *, num_ex: int | None = None) -> Dataset[Item]:
     """The test set of one (corruption, severity) under `root`, in either layout.
 
@@ -145,17 +155,13 @@ def open_task(root: Path, corruption: str, severity: int, *, num_ex: int | None 
     """
     check_task(corruption, severity)
     require_data_root(root)
-    folder = root / corruption
-    array_file = root / f"{corruption}.npy"
-    if folder.is_dir():
-        task: Dataset[Item] = ImageFolderTask(folder / str(severity))
-    elif array_file.is_file():
-        task = CorruptionArrayTask(root, corruption, severity)
-    else:
+    source = task_source(root, corruption, severity)
+    if source is None:
         raise DusaError(
-            f"no '{corruption}' data in {root}: expected folder {folder / str(severity)} "
-            f"(ImageNet-C layout) or file {array_file} (CIFAR-C layout)"
+            f"no '{corruption}' severity {severity} data in {root}: expected folder {root / corruption / str(severity)} "
+            f"(ImageNet-C layout) or file {root / f'{corruption}.npy'} (CIFAR-C layout)"
         )
+    task = ImageFolderTask(source) if source.is_dir() else CorruptionArrayTask(root, corruption, severity)
     return fixed_subset(task, num_ex)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
 
-from dusa_cli.errors import DusaError
+from dusa_cli.errors import DusaError, listed
 
 
 def absolute_path(path: Path) -> Path:
@@ -42,6 +43,26 @@ def require_data_root(root: Path) -> None:
     require_directory(root, "data directory")
     if (root / UNFINISHED_MARKER).exists():
         raise DusaError(f"{root} is an unfinished build of `dusa prepare-data`: run the same command again to complete it")
+
+
+def require_tasks(
+    root: Path, corruptions: Sequence[str], severities: Sequence[int], find: Callable[[Path, str, int], Path | None], layout: str
+) -> None:
+    """Every (corruption, severity) has data under `root` (`find` says where, None if nowhere), or
+    one error names each corruption that lacks some, with the severities it lacks (`fog/3`,
+    `snow/{1,5}`): a partial dataset is found out at once, before any model is built."""
+    require_data_root(root)
+    names = []
+    for corruption in corruptions:
+        absent = [str(severity) for severity in severities if find(root, corruption, severity) is None]
+        if absent:
+            names.append(f"{corruption}/{absent[0]}" if len(absent) == 1 else f"{corruption}/{{{','.join(absent)}}}")
+    if names:
+        counted = f"{len(names)} of the {len(corruptions)} corruptions: " if len(corruptions) > 1 else ""
+        raise DusaError(
+            f"no data in {root} for {counted}{listed(names, 5)} (expected {layout}); "
+            "pick others with --corruption/--severity, or build them with `dusa prepare-data`"
+        )
 
 
 def class_folders(root: Path) -> list[Path]:

@@ -101,6 +101,19 @@ class SegmentationTask(Dataset[Item]):
         return image_tensor(image), torch.from_numpy(reduce_ade_labels(label))
 
 
+SEG_TASK_LAYOUT = "ADE20K-C's CORRUPTION/SEVERITY/validation/ or images/validation/CORRUPTION_SEVERITY/ folders"
+
+
+def _image_folders(root: Path, corruption: str, severity: int) -> tuple[Path, Path]:
+    """Where one task's images may lie: the official layout's folder, then the one beside the clean images."""
+    return root / corruption / str(severity) / "validation", root / "images" / "validation" / f"{corruption}_{severity}"
+
+
+def seg_task_images(root: Path, corruption: str, severity: int) -> Path | None:
+    """The folder of one task's images under `root`, in either layout; None where neither is."""
+    return next((folder for folder in _image_folders(root, corruption, severity) if folder.is_dir()), None)
+
+
 def open_seg_task(
     root: Path,
     corruption: str,
@@ -116,13 +129,9 @@ def open_seg_task(
     """
     check_task(corruption, severity)
     require_data_root(root)
-    official = root / corruption / str(severity) / "validation"
-    beside_clean = root / "images" / "validation" / f"{corruption}_{severity}"
-    if official.is_dir():
-        images = official
-    elif beside_clean.is_dir():
-        images = beside_clean
-    else:
+    images = seg_task_images(root, corruption, severity)
+    if images is None:
+        official, beside_clean = _image_folders(root, corruption, severity)
         raise DusaError(f"no '{corruption}' severity {severity} data in {root}: expected folder {official} or {beside_clean}")
     labels = annotations if annotations is not None else root / "annotations" / "validation"
     return fixed_subset(SegmentationTask(images, labels), num_ex)

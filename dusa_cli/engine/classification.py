@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dusa_cli.collectives import all_reduce_
 from dusa_cli.config.schema import DataConfig, ModelConfig
-from dusa_cli.data.datasets import check_labels, open_task
+from dusa_cli.data.datasets import TASK_LAYOUT, check_labels, open_task, task_source
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches
@@ -140,6 +140,8 @@ def open_classification_task(data: DataConfig, corruption: str, severity: int, n
 CLASSIFICATION = TaskKind(
     create_model=create_trained_classifier,
     open_dataset=open_classification_task,
+    find_data=task_source,
+    data_layout=TASK_LAYOUT,
     run=run_task,
     summarize=partial(summarize, mean_top1="top1", mean_error="error"),
     score="top1",

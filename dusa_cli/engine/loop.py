@@ -16,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from dusa_cli.collectives import agree, broadcast_from_main, gather_to_main
 from dusa_cli.config.loader import input_paths
 from dusa_cli.config.schema import DataConfig, ExperimentConfig
-from dusa_cli.data.files import PREPARE_HINT, usable_cores
+from dusa_cli.data.files import PREPARE_HINT, require_tasks, usable_cores
 from dusa_cli.draws import task_key
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.classification import CLASSIFICATION
@@ -25,7 +25,7 @@ from dusa_cli.engine.profiling import step_profiler
 from dusa_cli.engine.runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from dusa_cli.engine.segmentation import SEGMENTATION
 from dusa_cli.engine.tasks import NoProgress, Progress, TaskKind
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, listed
 from dusa_cli.methods import get_method
 from dusa_cli.results.environment import collect_environment
 from dusa_cli.results.store import RESULTS_FILE, ResultsStore, task_id
@@ -107,7 +107,8 @@ def _run(config: ExperimentConfig, world: World, resume: bool, progress: Progres
             method.use_channels_last()
         method.compile(config.run.compile, config.run.compile_mode)
         adapter = OnlineAdapter(method, config.optim, config.run.precision, device, config.run.channels_last)
-        # Open every task first: a missing corruption folder fails before any compute is spent.
+        # Open every task first: a broken test set (no images, labels the model cannot predict) fails
+        # before any compute is spent (missing ones failed in check_inputs, before the model was built).
         datasets = [kind.open_dataset(config.data, c, s, model.num_classes) for c, s in tasks]
         return adapter, datasets
 
@@ -173,18 +174,20 @@ def _say_whole_tasks(num_ex: int, sizes: dict[str, int]) -> None:
     the number of images each task scored."""
     short = [f"{name} ({size} images)" for name, size in sizes.items() if size < num_ex]
     if short:
-        named = ", ".join(short[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
         whole = "the whole task runs" if len(short) == 1 else "each of them runs whole"
-        warnings.warn(f"data.num_ex={num_ex} is more than the images of {named}: {whole}", stacklevel=3)
+        warnings.warn(f"data.num_ex={num_ex} is more than the images of {listed(short, 3)}: {whole}", stacklevel=3)
 
 
 def check_inputs(config: ExperimentConfig) -> None:
     """Every path the run reads exists, or one error names all that do not: a new preset's
-    weights, prior and data are found missing at once, not one per attempt."""
+    weights, prior and data are found missing at once, not one per attempt. So are the tasks
+    that the data root lacks (a dataset built with some corruptions only)."""
     missing = {key: path for key, path in input_paths(config).items() if not path.exists()}
     if missing:
         hint = f" ({PREPARE_HINT})" if "data.root" in missing else ""
         raise DusaError(f"not found: {', '.join(f'{key} {path}' for key, path in missing.items())}{hint}")
+    kind, data = TASKS[config.task], config.data
+    require_tasks(data.root, data.corruptions, data.severities, kind.find_data, kind.data_layout)
 
 
 @contextmanager

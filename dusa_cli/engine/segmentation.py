@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dusa_cli.config.schema import DataConfig, SegDataConfig
-from dusa_cli.data.segmentation import open_seg_task
+from dusa_cli.data.segmentation import SEG_TASK_LAYOUT, open_seg_task, seg_task_images
 from dusa_cli.draws import ImageDraws, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.errors import DusaError
@@ -82,6 +82,8 @@ SEGMENTATION = TaskKind(
     open_dataset=lambda data, corruption, severity, num_classes: open_seg_task(
         data.root, corruption, severity, annotations=data.annotations, num_ex=data.num_ex
     ),
+    find_data=seg_task_images,
+    data_layout=SEG_TASK_LAYOUT,
     run=run_task,
     summarize=partial(summarize, mean_miou="miou", mean_pixel_accuracy="pixel_accuracy"),
     score="miou",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +39,8 @@ class NoProgress:
 class TaskKind:
     create_model: Callable[[ModelConfig], nn.Module]
     open_dataset: Callable[[DataConfig, str, int, int], Dataset]  # (data, corruption, severity, model's classes)
+    find_data: Callable[[Path, str, int], Path | None]  # (root, corruption, severity) → where its images lie, if anywhere
+    data_layout: str  # where find_data looks, in words (for the error naming what is missing)
     # (adapter, loader, data, devices, progress, task key: the images' random streams derive from it)
     run: Callable[[OnlineAdapter, DataLoader, DataConfig, list[torch.device], Progress, int], dict[str, Any]]
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]

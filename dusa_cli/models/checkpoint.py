@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dusa_cli.errors import DusaError
+from dusa_cli.errors import DusaError, listed
 
 # Wrapper keys used by common training codes, in the order a user most likely wants them:
 # EMA weights first (released DiT/SiT/ConvNeXt checkpoints ship both), then the plain model.
@@ -65,28 +65,22 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _preview(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
-
-
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load every tensor or fail with one line listing missing, unexpected and misshaped keys."""
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, target: str | None = None) -> None:
+    """Load every tensor or fail with one line naming the keys missing from the file, those not in
+    the model and those of another shape; `target` names the model (default: its class)."""
     expected = module.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     misshaped = [
-        f"{key} {tuple(state[key].shape)}≠{tuple(expected[key].shape)}"
+        f"{key} {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model"
         for key in expected
         if key in state and state[key].shape != expected[key].shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing ({_preview(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_preview(unexpected)})")
-    if misshaped:
-        problems.append(f"{len(misshaped)} with another shape ({_preview(misshaped)})")
+    problems = [
+        f"{what}: {listed(keys)}"
+        for what, keys in (("missing from the file", missing), ("not in the model", unexpected), ("another shape", misshaped))
+        if keys
+    ]
     if problems:
-        raise DusaError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
+        raise DusaError(f"{source} does not fit {target or type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)

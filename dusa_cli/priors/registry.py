@@ -104,7 +104,7 @@ def create_prior_transformer(name: str, checkpoint: Path | None = None, **overri
         model = DiffusionTransformer(config)
     model.to_empty(device="cpu")
     try:
-        load_strict(model, state, f"checkpoint {checkpoint}")
+        load_strict(model, state, f"checkpoint {checkpoint}", target=name)
     except DusaError as error:
         raise DusaError(_explain_mismatch(state, model, name, checkpoint, error)) from None
     return model
@@ -113,19 +113,20 @@ def create_prior_transformer(name: str, checkpoint: Path | None = None, **overri
 def _explain_mismatch(
     state: dict[str, torch.Tensor], model: DiffusionTransformer, name: str, checkpoint: Path, error: DusaError
 ) -> str:
-    """Architecture differences in config terms when there are any, else the key-level report;
-    plus the presets the file would fit."""
+    """Architecture numbers that both the file and the preset imply and that differ, when there
+    are any, else the key-level report; plus the presets the file would fit. (A number that only
+    one side implies comes from tensors the other lacks: the key-level report names them.)"""
     found, expected = describe_state_dict(state), describe_state_dict(model.state_dict())
     differences = [
-        f"{key} {found.get(key, '-')} in the file vs {expected.get(key, '-')}"
-        for key in dict.fromkeys([*expected, *found])
-        if found.get(key) != expected.get(key)
+        f"{key} {found[key]} in the file vs {expected[key]}"
+        for key in expected
+        if key in found and found[key] != expected[key]
     ]
     fits = [other for other in _PRESETS if other != name and _fits(state, other)]
     hint = f" (the file fits {', '.join(fits)})" if fits else ""
     if differences:
         return f"checkpoint {checkpoint} does not fit {name}: {', '.join(differences)}{hint}"
-    return f"{error} [prior {name}]{hint}"
+    return f"{error}{hint}"
 
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -28,21 +28,29 @@ MEAN = "mean"
 def find_runs(paths: Iterable[Path], skip: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Load every results.json at or below the given paths (a run dir or a dir of runs). A file
     named on the command line must be a dusa results file; one found below a folder that is not
-    (another tool's results.json) is passed over, and `skip` is told why."""
+    (another tool's results.json) is passed over, and `skip` is told why. A run reached twice
+    (a path given twice, or a run inside another path given) is read once, and `skip` is told."""
     runs = []
+    read: dict[Path, Path] = {}  # each results file read (resolved) → the path given that reached it
     for path in paths:
         if not path.exists():
             raise DusaError(f"no such results path: {path}")
         named = path.is_file()
+        files = [path] if named else sorted(path.rglob(RESULTS_FILE))
+        before = sorted({read[file.resolve()] for file in files if file.resolve() in read})
+        if before and skip is not None:
+            twice = path.resolve() in {earlier.resolve() for earlier in before}
+            skip(f"{path} is given twice: its runs count once" if twice else f"{path} holds runs given before ({', '.join(map(str, before))}): each counts once")
         found = []
-        for file in [path] if named else sorted(path.rglob(RESULTS_FILE)):
+        for file in (file for file in files if file.resolve() not in read):
+            read[file.resolve()] = path
             try:
                 found.append(_read_run(file))
             except DusaError as problem:
                 if named or skip is None:
                     raise
                 skip(f"skipped {problem}")
-        if not found:
+        if not found and not before:
             raise DusaError(f"no dusa {RESULTS_FILE} found under {path}")
         runs += found
     return runs
@@ -115,40 +123,82 @@ def _value(value: Any, limit: int | None = 40) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _labels(experiments: list[dict[str, Any]]) -> list[str]:
-    """The method, then the settings in which its rows differ: `tent · optim.lr=0.001`."""
+@dataclass
+class Labels:
+    """Each experiment's row label, the keys it shows, and a legend line per row whose label
+    leaves out settings in which its method's rows differ."""
+
+    labels: list[str]
+    shown: list[list[str]]
+    legend: list[str]
+
+
+def _labels(experiments: list[dict[str, Any]]) -> Labels:
+    """The method, then the fewest of the settings its rows differ in that tell them apart, a key
+    by its last part where no other key ends alike: `tent · lr=0.001`. The other settings in which
+    they differ go in the legend: `tent · lr=0.001 · optim.name=sgd: also optim.momentum=0.5`."""
     by_method: dict[Any, list[dict[str, Any]]] = {}
     for experiment in experiments:
         by_method.setdefault(experiment.get("method.name"), []).append(experiment)
-    varying = {
-        method: [key for key in sorted({key for e in siblings for key in e})
-                 if len({json.dumps(e.get(key), default=str) for e in siblings}) > 1]
-        for method, siblings in by_method.items()
-    }  # fmt: skip
+    chosen: dict[Any, list[str]] = {}
+    varying: dict[Any, list[str]] = {}
+    for method, siblings in by_method.items():
+        keys = sorted({key for e in siblings for key in e}, key=lambda key: (not key.endswith(".name"), key))  # a choice first (optim.name)
+        varying[method] = [key for key in keys if len({_json(e.get(key)) for e in siblings}) > 1]
+        chosen[method] = _telling_apart(siblings, varying[method])
+    short = _short_keys({key for e in experiments for key in e})
+    shown = [chosen[e.get("method.name")] for e in experiments]
     for limit in (40, None):  # values cut short, unless that makes two rows' labels alike
-        labels = [
-            " · ".join([str(e.get("method.name")), *(f"{key}={_value(e.get(key), limit)}" for key in varying[e.get("method.name")])])
-            for e in experiments
-        ]
+        labels = [" · ".join([str(e.get("method.name")), *(f"{short[key]}={_value(e.get(key), limit)}" for key in keys)]) for e, keys in zip(experiments, shown)]
         if len(set(labels)) == len(labels):
             break
-    return labels
+    legend = []
+    for label, e in zip(labels, experiments):
+        hidden = [key for key in varying[e.get("method.name")] if key not in chosen[e.get("method.name")]]
+        if hidden:
+            legend.append(f"{label}: also {', '.join(f'{key}={_value(e.get(key))}' for key in hidden)}")
+    return Labels(labels, shown, legend)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _telling_apart(siblings: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The fewest of `keys` whose values tell the siblings apart, picked greedily: each time the
+    key that parts the most of them (the first in `keys` of those alike), in sorted order."""
+
+    def apart(picked: list[str]) -> int:
+        return len({tuple(_json(e.get(key)) for key in picked) for e in siblings})
+
+    chosen: list[str] = []
+    while apart(chosen) < len(siblings) and len(chosen) < len(keys):
+        chosen.append(max((key for key in keys if key not in chosen), key=lambda key: apart([*chosen, key])))
+    return sorted(chosen)
+
+
+def _short_keys(keys: set[str]) -> dict[str, str]:
+    """Each key by its last part (`optim.lr` → `lr`) where no other key ends alike (`optim.name`,
+    `model.name` stay whole)."""
+    leaves = [key.rpartition(".")[2] for key in keys]
+    return {key: leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(keys, leaves)}
 
 
 # What makes two rows' scores comparable: the same task, model, data and setting.
 LIKE_FOR_LIKE = ("task", "model.", "data.", "run.setting")
 
 
-def _unlike(experiments: list[dict[str, Any]], labels: list[str]) -> list[str]:
+def _unlike(experiments: list[dict[str, Any]], labels: Labels) -> list[str]:
     """A note per comparability setting in which rows differ that their labels do not show
     (tent on every image next to dusa on 64 of them)."""
     shared = set.intersection(*(set(e) for e in experiments)) if experiments else set()
     notes = []
     for key in sorted(k for k in shared if k.startswith(LIKE_FOR_LIKE)):
         values = [_value(e[key]) for e in experiments]
-        if len(set(values)) > 1 and not all(f"{key}=" in label for label in labels):
-            rows = "; ".join(f"{label}: {value}" for label, value in zip(labels, values))
-            notes.append(f"rows differ in {key} ({rows})")
+        if len(set(values)) > 1 and not all(key in keys for keys in labels.shown):
+            unsaid = [f"{label}: {value}" for label, value, keys in zip(labels.labels, values, labels.shown) if key not in keys]
+            said = "; the others as labelled" if len(unsaid) < len(experiments) else ""
+            notes.append(f"rows differ in {key} ({'; '.join(unsaid)}{said})")
     return notes
 
 
@@ -185,10 +235,10 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
         groups.setdefault(json.dumps(experiment, sort_keys=True, default=str), (experiment, []))[1].append(run)
     experiments = [experiment for experiment, _ in groups.values()]
     labels = _labels(experiments)
-    notes += _unlike(experiments, labels)
+    notes += _unlike(experiments, labels) + labels.legend
     rows: list[Row] = []
     names: set[str] = set()
-    for label, (_, members) in zip(labels, groups.values()):
+    for label, (_, members) in zip(labels.labels, groups.values()):
         row = Row(label=label)
         for run in _one_per_seed(members, notes):
             row.seeds.append(run.get("seed"))
@@ -258,14 +308,22 @@ def to_csv(table: Table) -> str:
     return out.getvalue()
 
 
+LABEL_WIDTH = 24  # a label wider than this wraps at its " · " (labels do not choose the layout)
+CORNER = "corruption"
+
+
 def to_rich(table: Table, width: int = 200):
-    """Corruptions as columns when they fit in `width`; otherwise as rows (narrow terminals)."""
+    """Corruptions as columns when they fit in `width`; otherwise the table the narrower way
+    round: corruptions as rows, a column per experiment, when that is narrower (many
+    corruptions, few experiments). Widths are the figures' (labels wrap)."""
     from rich.table import Table as RichTable
 
     header, body = _header(table), _cells(table)
-    needed = sum(max(len(h), *(len(row[i]) for row in body)) + 3 for i, h in enumerate(header))
-    if needed > width:  # transpose: rows = corruptions (+ seeds, mean), columns = methods
-        header, body = ["corruption", *(row[0] for row in body)], [list(r) for r in zip(*body)][1:]
+    widths = [max(len(h), *(len(row[i]) for row in body)) + 3 for i, h in enumerate(header)]
+    across = min(widths[0], LABEL_WIDTH + 3) + sum(widths[1:])
+    down = max(map(len, [CORNER, *header[1:]])) + 3 + sum(max(map(len, row[1:])) + 3 for row in body)
+    if across > width and down < across:  # transpose: rows = corruptions (+ seeds, mean), columns = experiments
+        header, body = [CORNER, *(row[0] for row in body)], [list(r) for r in zip(*body)][1:]
         body = [[name, *cells] for name, cells in zip(_header(table)[1:], body)]
     caption = "\n".join(table.notes) or None
     rich_table = RichTable(title=table.title, caption=caption, caption_justify="left", header_style="bold")
