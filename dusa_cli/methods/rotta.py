@@ -107,7 +107,6 @@ def use_robust_batch_norm(model: nn.Module, momentum: float) -> None:
 @dataclass
 class Banked:
     image: torch.Tensor
-    label: int
     uncertainty: float  # the entropy of its prediction when it arrived
     age: int = 0  # arrivals since its own
 
@@ -130,7 +129,7 @@ class MemoryBank:
 
     def add(self, image: torch.Tensor, label: int, uncertainty: float) -> None:
         if self._make_room(label, self.score(0, uncertainty)):
-            self.classes[label].append(Banked(image.clone(), label, uncertainty))  # a clone frees the batch
+            self.classes[label].append(Banked(image.clone(), uncertainty))  # a clone frees the batch
         for entries in self.classes:
             for entry in entries:
                 entry.age += 1
@@ -165,13 +164,14 @@ class MemoryBank:
         return images, images.new_tensor([entry.age / self.capacity for entry in entries], dtype=torch.float32)
 
     def state_dict(self) -> dict[str, list[Any]]:
-        entries = [entry for entries in self.classes for entry in entries]
-        return {field: [getattr(entry, field) for entry in entries] for field in ("image", "label", "uncertainty", "age")}
+        entries = [(label, entry) for label, entries in enumerate(self.classes) for entry in entries]
+        state: dict[str, list[Any]] = {"label": [label for label, _ in entries]}
+        return state | {field: [getattr(entry, field) for _, entry in entries] for field in ("image", "uncertainty", "age")}
 
     def load_state_dict(self, state: dict[str, list[Any]], device: torch.device) -> None:
         self.classes = [[] for _ in range(self.num_classes)]
         for image, label, uncertainty, age in zip(state["image"], state["label"], state["uncertainty"], state["age"]):
-            self.classes[label].append(Banked(image.to(device), label, uncertainty, age))
+            self.classes[label].append(Banked(image.to(device), uncertainty, age))
 
 
 @register_method
