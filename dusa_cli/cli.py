@@ -59,7 +59,10 @@ class Setting(str, Enum):
 class Metric(str, Enum):
     acc = "acc"
     err = "err"
+    top5 = "top5"
+    top20 = "top20"
     miou = "miou"
+    pacc = "pacc"
 
 
 class Task(str, Enum):
@@ -696,7 +699,7 @@ def bench_seg_command(
 @stoppable()
 def report(
     paths: Annotated[list[Path], typer.Argument(parser=local_path, metavar="DIR", help="Run directories or directories holding runs (searched for results.json; other tools' files are skipped with a warning).")],
-    metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; miou: mean IoU (default: acc, or miou for segmentation runs).")] = None,
+    metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; top5/top20: top-5/top-20 accuracy; miou: mean IoU; pacc: pixel accuracy (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:
     """Tables over results: rows = experiments (mean ± std over seeds), columns = corruptions + mean.

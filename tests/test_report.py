@@ -200,3 +200,21 @@ def test_rows_that_do_not_measure_the_same_thing_say_so(sweep: Path, digits_c: P
     table = build_table(find_runs([sweep / "source-None-1", tmp_path / "norm"]))
     assert [row.label for row in table.rows] == ["source", "norm"]  # labels name a method's own variations only
     assert table.notes == ["rows differ in data.num_ex (source: None; norm: 20)"]
+
+
+def test_top5_and_top20_tables_read_those_scores_and_an_older_record_without_one_says_so(sweep: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    for metric in ("top5", "top20"):
+        table = build_table(find_runs([runs / "source-None-1"]), metric)
+        tasks = json.loads((runs / "source-None-1" / "results.json").read_text())["tasks"]
+        assert table.title.startswith(f"online top-{metric[3:]} accuracy")
+        assert [table.rows[0].cell(t["corruption"])[0] for t in tasks] == pytest.approx([100 * t[metric] for t in tasks])
+    older = runs / "tent-0.01-1" / "results.json"
+    results = json.loads(older.read_text())
+    for task in results["tasks"]:
+        del task["top20"]
+    older.write_text(json.dumps(results))
+    assert build_table(find_runs([runs]), "acc").rows  # the other scores still report
+    assert_one_line_error(dusa("report", str(runs), "--metric", "top20"), 1,
+                          f"{older.parent} records no top20 (written by an older dusa); pick another --metric")

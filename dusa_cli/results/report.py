@@ -20,7 +20,10 @@ from dusa_cli.results.store import RESULTS_FILE, RESUMABLE_CHANGES, read_results
 METRICS = {
     "acc": ("top1", "accuracy (%)", "cls"),
     "err": ("error", "error (%)", "cls"),
+    "top5": ("top5", "top-5 accuracy (%)", "cls"),
+    "top20": ("top20", "top-20 accuracy (%)", "cls"),
     "miou": ("miou", "mIoU (%)", "seg"),
+    "pacc": ("pixel_accuracy", "pixel accuracy (%)", "seg"),
 }
 MEAN = "mean"
 
@@ -92,6 +95,8 @@ def _run_columns(run: dict[str, Any], key: str) -> dict[str, float]:
     """Per corruption, the metric averaged over the run's severities, in percent."""
     by_corruption: dict[str, list[float]] = {}
     for task in run["tasks"]:
+        if key not in task:  # records written before a score was added (top20) lack it
+            raise DusaError(f"{run.get('path', 'a run')} records no {key} (written by an older dusa); pick another --metric")
         by_corruption.setdefault(task["corruption"], []).append(100.0 * task[key])
     return {name: statistics.fmean(values) for name, values in by_corruption.items()}
 
