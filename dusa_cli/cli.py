@@ -284,7 +284,7 @@ def root(
 @stoppable()
 def prepare_data(
     ctx: typer.Context,
-    dataset: Annotated[Dataset, typer.Argument(help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
+    dataset: Annotated[Dataset, typer.Argument(metavar="DATASET", help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
     output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/IMAGE beside annotations/ (ade20k-c).")],
     source: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
     corruption: Annotated[Optional[list[str]], typer.Option("--corruption", metavar="NAMES", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
@@ -735,17 +735,29 @@ def command() -> typer.core.TyperGroup:
     """The app as a Click command. Its help's second column says what each option takes, and
     Typer 0.29 fills it from the type where no metavar is set: every flag, --help too, showed
     `<bool>`, as if it took a value, and `report`'s directories `<list[Path]>`. Here a flag shows
-    nothing and an argument of several values its metavar with `...` (`DIR...`)."""
+    nothing, a choice its choices as the metavars written here do (`dit|sit`), and an argument of several values its metavar with `...` (`DIR...`). Typer's rich
+    help also keeps a docstring's line breaks, which the terminal then wraps again: a command's
+    help is joined into one line per paragraph."""
     root = typer.main.get_command(app)
     help_names = root.context_settings["help_option_names"]
 
     def plain(node: Any) -> None:
+        if node.help:
+            node.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in node.help.split("\n\n"))
         # A command makes its help option on first request and keeps it: made here, it can be changed.
         help_option = node.get_help_option(typer.Context(node, help_option_names=help_names))
         for param in [*node.params, help_option]:
+            argument = isinstance(param, typer.core.TyperArgument)  # Typer ignores an argument's metavar there
+            choices = getattr(param, "type_descriptor", None) and param.type_descriptor.choices
             if getattr(param, "is_flag", False):
                 param.metavar = ""  # shown in place of the type
-            elif isinstance(param, typer.core.TyperArgument) and param.nargs != 1:  # Typer ignores an argument's metavar there
+            elif choices and (argument or param.metavar is None):  # Typer's `<a|b>`
+                shown = "|".join(str(getattr(choice, "value", choice)) for choice in choices)
+                if argument:
+                    param.display_type_rich = lambda ctx, shown=shown: shown
+                else:
+                    param.metavar = shown
+            elif argument and param.nargs != 1:
                 param.display_type_rich = lambda ctx, shown=f"{param.metavar}...": shown
         for child in getattr(node, "commands", {}).values():
             plain(child)

@@ -297,9 +297,10 @@ def test_each_run_command_s_help_speaks_of_what_it_runs() -> None:
 
 
 def test_every_option_names_what_it_takes() -> None:
-    """Help shows a value's meaning (N, NAME, KEY=VALUE, DIR, …) or its choices, never a bare
-    type such as <str>, <list[int]> or <list[Path]>; a flag, --help too, shows nothing: it takes
-    no value (Typer would show <bool>)."""
+    """Help shows a value's meaning (N, NAME, KEY=VALUE, DIR, …) or its choices (a|b, as our own
+    metavars; Typer would write <a|b>), never a bare type such as <str>, <list[int]> or
+    <list[Path]>; a flag, --help too, shows nothing: it takes no value (Typer would show <bool>).
+    A docstring's paragraph is one paragraph, wrapped by the terminal alone."""
     import re
 
     from dusa_cli.cli import command
@@ -310,10 +311,12 @@ def test_every_option_names_what_it_takes() -> None:
 
     commands = paths(command())
     assert ("bench", "cls") in commands and ("prepare-data",) in commands
-    bare_type = re.compile(r"<(str|int|float|path|bool)( range)?>|<list\[[^]]*\]>")
+    bare_type = re.compile(r"<(str|int|float|path|bool)( range)?>|<list\[[^]]*\]>|<[\w-]+(\|[\w-]+)+>")
     for path, shown in zip(commands, dusa_each(*((*path, "--help") for path in commands), columns=250)):
         assert shown.returncode == 0, (path, shown.stderr)
         assert not bare_type.findall(shown.stdout), (path, bare_type.findall(shown.stdout))
         assert re.search(r"--help +-h +Show this message", shown.stdout), path  # nothing between: no <bool>
     report = next(shown for path, shown in zip(commands, dusa_each(("report", "--help"), columns=250)))
     assert re.search(r"\* +DIR +DIR\.\.\. +Run directories", report.stdout)
+    assert "(device, compile, workers, output) are seeds" in report.stdout  # one line at 250 columns
+    assert re.search(r"--format +-f +table\|md\|csv ", report.stdout)
