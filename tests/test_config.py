@@ -52,6 +52,8 @@ def test_unknown_method_and_method_option(tmp_path: Path) -> None:
     ("seed=3", "seed: unknown key, did you mean 'run.seed'?"),  # no close key here: the same key elsewhere
     ("run.lr=0.1", "run.lr: unknown key, did you mean 'optim.lr'?"),
     ("method.loss_weights.topk=3", "method.loss_weights.topk: unknown key, did you mean 'method.topk'?"),
+    ("method.lr=0.1", "method.lr: unknown key, did you mean 'optim.lr'?"),  # a section checked on its own, then the rest
+    ("data.seed=3", "data.seed: unknown key, did you mean 'run.seed'?"),
     ("method.name=tnet", "method: unknown method 'tnet', did you mean 'tent'? (available: cotta, "),
     ("data.corruptions=gausian_noise", "data.corruptions: unknown corruption 'gausian_noise', did you mean 'gaussian_noise'? (choose from: all, "),
     ("run.compile.x=model", "run.compile.0: Input should be"),  # blamed on the command line, as set there

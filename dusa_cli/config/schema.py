@@ -71,6 +71,8 @@ def validation_problems(error: ValidationError, model: type[BaseModel], prefix: 
         # A nested config's error names its key, and so may a whole-config check (`optim.accumulation: …`).
         if message.startswith((f"{location}.", f"{location}: ")) if location else DOTTED_KEY.match(message):
             location, _, message = message.partition(": ")
+            if message == "unknown key":  # a section checked on its own (method, data) knows only its keys
+                message += _guess_key(model, tuple(location.removeprefix(f"{prefix}.").split(".")), prefix)
         problems.append((location, message))
     return problems
 
