@@ -207,7 +207,8 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
         assignments = [*(assignments or []), f"run.split_devices={split_devices(gpus)}"]
         gpus = None
     try:
-        config = load_config(config_path, overrides, assignments, runs=partial(_runs, command))
+        with outcome_on_stop(lambda: "nothing was written"):  # loading imports torch: seconds
+            config = load_config(config_path, overrides, assignments, runs=partial(_runs, command))
     except ConfigError:
         if config_path is not None:  # a preset of the other task: its options fail first, the task says why
             _check_task(command, read_preset(config_path).get("task", "cls"))

@@ -53,14 +53,14 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
     compiler runs) still ends the block in Interrupted, when it finishes."""
     stopped: int | None = None  # the first stop signal's number
 
-    def stop(number: int, _frame: FrameType | None) -> None:
+    def stop(number: int, frame: FrameType | None) -> None:
         nonlocal stopped
         # Only the first: more may follow (a scheduler signals every process, and the --gpus
         # launcher forwards its own), and raising again would break off the unwinding.
         if stopped is None:
             stopped = number
-            raise Stopped(number)
-        if number == signal.SIGINT:  # Ctrl-C again: a person who will not wait for the unwinding
+            raise_outside_imports(Stopped(number), frame)
+        elif number == signal.SIGINT:  # Ctrl-C again: a person who will not wait for the unwinding
             quit_at_once(outcome, report)
 
     try:
@@ -68,8 +68,52 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
             yield
     except KeyboardInterrupt as interrupt:
         raise interrupted(interrupt, outcome, report) from interrupt
+    finally:
+        cancel_retry()
     if stopped is not None:
         raise interrupted(Stopped(stopped), outcome, report)
+
+
+RETRY_SECONDS = 0.02
+_retry_previous: Any = None  # the SIGALRM handler before a retry was armed
+
+
+def raise_outside_imports(stop: Stopped, frame: FrameType | None) -> None:
+    """Raise `stop` now or, in the middle of an import, once it is over: an exception there leaves
+    a module half-loaded (numpy then refuses to load again, and the command fails on an unrelated
+    error) or ends the process (torch's C++ initialisation calls back into Python, which cannot
+    raise through it). A timer (SIGALRM) looks again every 20 ms; without one, it raises now."""
+    global _retry_previous
+    if not hasattr(signal, "setitimer") or not _importing(frame):
+        raise stop
+
+    def retry(_number: int, frame: FrameType | None) -> None:
+        if _importing(frame):
+            signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+            return
+        cancel_retry()
+        raise stop
+
+    _retry_previous = signal.signal(signal.SIGALRM, retry)
+    signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+
+
+def cancel_retry() -> None:
+    """Disarm a pending retry of `raise_outside_imports` and put SIGALRM's handler back."""
+    global _retry_previous
+    if _retry_previous is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, _retry_previous)
+        _retry_previous = None
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside an import: a module's own code or an extension's set-up."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager

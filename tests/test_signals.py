@@ -302,6 +302,32 @@ def test_a_stop_that_something_swallowed_still_ends_as_a_stop() -> None:
     assert finished and caught.value.exit_code == 143
 
 
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the retry timer is POSIX's")
+def test_a_stop_in_the_middle_of_an_import_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception in a module's import leaves it half-loaded: numpy then refused to load again
+    and a Ctrl-C in the first second ended in "internal error: ImportError", or, inside torch's
+    C++ set-up, in an abort. The stop waits for the import and lands in the code after it."""
+    from dusa_cli.errors import Interrupted
+    from dusa_cli.stopping import stoppable
+
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\nLOADED = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_to_import", raising=False)
+    alarm = signal.getsignal(signal.SIGALRM)
+    after_import = False
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM; kept"):
+        with stoppable("kept"):
+            import slow_to_import  # noqa: F401
+
+            after_import = True
+            time.sleep(1)  # the stop lands here
+            pytest.fail("the stop was lost")
+    assert after_import and sys.modules["slow_to_import"].LOADED
+    assert signal.getsignal(signal.SIGALRM) is alarm  # the retry's timer handler is gone
+
+
 def test_a_stop_says_what_it_kept_from_the_files_on_disk(tmp_path: Path) -> None:
     assert stopped_run_outcome(tmp_path / "new") == "no task had started; nothing was written"
     (tmp_path / "config.yaml").write_text("task: cls\n")  # stopped between the first two writes
