@@ -43,9 +43,11 @@ pretrain_app = typer.Typer(help="Train the embedded benchmark's source models.",
 app.add_typer(pretrain_app, name="pretrain")
 
 
-def local_path(text: str) -> Path:
-    """A path option's value. An empty one (`-o "$OUT"` with OUT unset) is refused: Path("")
-    would be the current directory."""
+def local_path(text: str | Path) -> Path:
+    """A path option's value (Typer passes a Path default through here too). An empty one
+    (`-o "$OUT"` with OUT unset) is refused: Path("") would be the current directory."""
+    if isinstance(text, Path):
+        return text
     if not text.strip():
         raise typer.BadParameter("expected a path, got an empty string")
     return Path(text)
@@ -200,7 +202,9 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
     from dusa_cli.config.loader import load_config, read_preset, saved_run_config
 
     if resume and config_path is None:  # the run's own config is where a resume starts; flags override it
-        config_path = saved_run_config(overrides, assignments)
+        config_path, output = saved_run_config(overrides, assignments)
+        if config_path is None and not overrides.keys() - {"run.output"} and not assignments:  # nothing to start from
+            raise ConfigError(f"--resume: {output} holds no run (no config.yaml); name the run's directory with -o")
     if config_path is None and command == "adapt-seg":  # flags alone describe a segmentation run
         overrides = {"task": "seg", "method.name": "dusa_seg"} | overrides
     if command == "adapt-seg" and gpus is not None:  # model parallelism within one process

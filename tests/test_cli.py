@@ -320,3 +320,13 @@ def test_every_option_names_what_it_takes() -> None:
     assert re.search(r"\* +DIR +DIR\.\.\. +Run directories", report.stdout)
     assert "(device, compile, workers, output) are seeds" in report.stdout  # one line at 250 columns
     assert re.search(r"--format +-f +table\|md\|csv ", report.stdout)
+
+
+def test_defaults_and_a_resume_with_nothing_to_resume_are_one_line_errors(tmp_path: Path) -> None:
+    """pretrain's default --data (data/digits-c, a Path default through the path parser) crashed
+    with an AttributeError; --resume with no run at -o said every key was missing."""
+    assert_one_line_error(dusa("pretrain", "digits-classifier", "-o", "w.safetensors", cwd=tmp_path), 1,
+                          "data directory not found: data/digits-c (`dusa prepare-data` builds")
+    assert_one_line_error(dusa("adapt-cls", "--resume", "-o", "nowhere", cwd=tmp_path), 2,
+                          "--resume: nowhere holds no run (no config.yaml); name the run's directory with -o")
+    assert not any(tmp_path.iterdir())

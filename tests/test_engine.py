@@ -290,7 +290,8 @@ def test_output_directory_guards(digits_c: Path, tmp_path: Path) -> None:
         run_experiment(config)
     # The output is checked first, before the inputs and the model: the missing checkpoint is not reached.
     unloadable = config_for(digits_c, tmp_path / "run", method="source", **{"model.checkpoint": str(tmp_path / "missing.pth")})
-    with pytest.raises(DusaError, match="holds another run"):
+    with pytest.raises(DusaError, match="holds a run whose config differs in model.checkpoint \\(None → '.*missing.pth'\\), model.pretrained \\(True → False\\); "
+                       "choose another --output \\(or continue that run: --resume -o .*run, without -c\\)"):
         run_experiment(unloadable)
     changed = config_for(digits_c, tmp_path / "run", method="norm")
     with pytest.raises(DusaError, match="differs from its config.yaml in method.name \\('source' → 'norm'\\)"):

@@ -176,9 +176,9 @@ def _required(key: str) -> str:
     return f"{key} is required" + (f" ({flag})" if flag else "")
 
 
-def saved_run_config(overrides: dict[str, Any], assignments: list[str] | None = None) -> Path | None:
+def saved_run_config(overrides: dict[str, Any], assignments: list[str] | None = None) -> tuple[Path | None, Path]:
     """The config.yaml of the run in the output these settings name (`--set run.output` wins
-    over `-o`, as in load_config; else the default output), if it holds one."""
+    over `-o`, as in load_config; else the default output), if it holds one, and that output."""
     from dusa_cli.config.schema import RunConfig
     from dusa_cli.data.files import absolute_path
 
@@ -186,7 +186,7 @@ def saved_run_config(overrides: dict[str, Any], assignments: list[str] | None = 
     outputs = [value for key, value in settings if key == "run.output" and value not in (None, "")]
     output = Path(str(outputs[-1])) if outputs else RunConfig.model_fields["output"].default
     saved = absolute_path(output) / "config.yaml"
-    return saved if saved.is_file() else None
+    return (saved if saved.is_file() else None), output
 
 
 # Keys that decide what other parts of the config mean: `--task seg` makes data ADE20K-C's

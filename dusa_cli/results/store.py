@@ -24,7 +24,7 @@ import yaml
 
 from dusa_cli.config.loader import dump_config, flatten
 from dusa_cli.config.schema import ExperimentConfig
-from dusa_cli.errors import DusaError
+from dusa_cli.errors import DusaError, listed
 from dusa_cli.writing import check_writable, write_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_FORMAT = "dusa-results/1"
@@ -228,11 +228,11 @@ def _held_run(root: Path, config_text: str) -> str:
     """Why a new run may not start in `root`, which holds a run: the same config's, stopped or
     complete (said as such: the same command run again), or another's."""
     try:
-        same = not _config_changes(root, config_text)
+        changed = _config_changes(root, config_text)
     except DusaError:  # no config.yaml, or an unreadable one: not known to be this run
-        same = False
-    if not same:
-        return f"{root} holds another run; pass --resume to continue it or choose another --output"
+        return f"{root} holds another run; choose another --output"
+    if changed:  # `--resume` alone continues that run with its own config.yaml
+        return f"{root} holds a run whose config differs in {_listed_changes(changed)}; choose another --output (or continue that run: --resume -o {root}, without -c)"
     if _all_finished(root):
         return f"{root} holds a complete run of this config: nothing is left to run (choose another --output to run it again)"
     return f"{root} holds a stopped run of this config; pass --resume to continue it"
@@ -257,10 +257,13 @@ def _check_same_config(root: Path, config_text: str) -> None:
     except DusaError as error:
         raise DusaError(f"cannot resume: {error}; move the folder away to run every task afresh") from None
     if changed:
-        keys = sorted(changed, key=_weight)
-        shown = ", ".join(f"{key} ({changed[key][0]!r} → {changed[key][1]!r})" for key in keys[:3])
-        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-        raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {shown}{more}")
+        raise DusaError(f"cannot resume {root}: this run's config differs from its config.yaml in {_listed_changes(changed)}")
+
+
+def _listed_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    """`optim.lr (0.001 → 0.01) and 2 more`: the first three differing keys, the weightiest first."""
+    keys = sorted(changed, key=_weight)
+    return listed([f"{key} ({changed[key][0]!r} → {changed[key][1]!r})" for key in keys], limit=3)
 
 
 def _config_changes(root: Path, config_text: str) -> dict[str, tuple[Any, Any]]:
