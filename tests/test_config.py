@@ -261,3 +261,25 @@ def test_repeated_severities_are_one_task_and_seeds_are_63_bit(tmp_path: Path) -
     for seed in (-1, 2**63):
         with pytest.raises(ConfigError, match="run.seed"):
             load_config(path, {"run.seed": seed})
+
+
+def test_the_readme_config_block_lists_every_key_with_its_default() -> None:
+    """README's annotated config is the schema's defaults (with the required keys filled in): a
+    key added to the schema, or a default changed, shows up there too."""
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(task: cls\n.*?)```", readme, re.S)
+    assert block, "README has no config block starting with `task: cls`"
+    documented = yaml.safe_load(block.group(1))
+    required = {"model": {"name": documented["model"]["name"]}, "data": {"root": documented["data"]["root"]},
+                "method": {"name": documented["method"]["name"]}}  # fmt: skip
+
+    def flat(section: dict, prefix: str = "") -> dict:
+        return {k: v for key, value in section.items()
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}  # fmt: skip
+
+    defaults = flat(ExperimentConfig.model_validate(required).model_dump(mode="json"))
+    written = flat(ExperimentConfig.model_validate(documented).model_dump(mode="json"))
+    assert sorted(flat(documented)) == sorted(defaults)  # every key, no other
+    assert written == defaults
