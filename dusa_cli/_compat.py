@@ -4,7 +4,7 @@ On CPU-only machines `pip install timm` pulls the PyPI torchvision wheel, a CUDA
 native ops library cannot load. timm, transformers, diffusers and torchmetrics all import
 torchvision when it is installed, and then fail on the missing `torchvision::nms` operator.
 dusa uses none of torchvision's compiled ops, so declaring their schemas is enough
-(research/offline_assets.md §4). Where the native library loads, nothing is changed.
+(docs/research/offline_assets.md §4). Where the native library loads, nothing is changed.
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ def prepare_data(
     from dusa_cli.ui import FileProgress, info
 
     is_ade = dataset is Dataset.ade20k_c
-    # ADE20K-C is the 15 corruptions at severity 5 only (research/dusa_official.md §3.8).
+    # ADE20K-C is the 15 corruptions at severity 5 only (docs/research/dusa_official.md §3.8).
     corruptions, severities = check_selection(
         corruption or (CORRUPTIONS if is_ade else ALL_CORRUPTIONS), severity or ([5] if is_ade else SEVERITIES)
     )

@@ -1,6 +1,6 @@
 """The DUSA objective, shared by classification and segmentation: candidate classes, their
 mixture weights, and the loss between the weighted mixture of conditional predictions and the
-noise path's target (research/dusa_official.md §1.4, §8).
+noise path's target (docs/research/dusa_official.md §1.4, §8).
 
 The mixture Σ_y p(y|x)·pred(x_t, t, y) follows ∇log p(x) = Σ_y p(y|x) ∇log p(x|y): the
 classifier gets its gradient only through the weights, the prior only through its predictions.
@@ -105,7 +105,7 @@ def prediction_loss(prediction: torch.Tensor, target: torch.Tensor, weights: Los
     return loss
 
 
-# ---- segmentation: windows, per-pixel classes (research/dusa_official.md §3.2-§3.5) ----
+# ---- segmentation: windows, per-pixel classes (docs/research/dusa_official.md §3.2-§3.5) ----
 
 
 @dataclass(frozen=True)

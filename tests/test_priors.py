@@ -41,7 +41,7 @@ def flat_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in model.state_dict().items()}
 
 
-# --- released layouts, written out from research/peers.md §C and dusa_official.md §1.2 -------------
+# --- released layouts, written out from docs/research/peers.md §C and dusa_official.md §1.2 -------------
 
 
 def expected_xl_layout(out_channels: int, projector_dim: int | None) -> dict[str, tuple[int, ...]]:

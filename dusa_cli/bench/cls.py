@@ -1,14 +1,14 @@
 """`dusa bench cls`: the DUSA classification update at the paper's shapes with random weights,
 timed for two recipes in the same process so their ratio is measured side by side.
 
-- official: the released code's recipe (research/dusa_official.md §1.6): fp16 autocast with a
+- official: the released code's recipe (docs/research/dusa_official.md §1.6): fp16 autocast with a
   GradScaler, classifier in fp32, micro-batch 8 × 8 accumulation, eager, plain Adam.
 - fast: bf16 autocast throughout (fp32 master weights and Adam states), micro-batch 16 × 4,
   `torch.compile` on the prior's transformer and VAE encoder, fused Adam on CUDA.
 
 Both run the same objective (same k, m, t, 64 images per update). FLOPs per image are counted
 once with torch's FlopCounterMode on an eager forward+backward (5.18 TFLOP at the paper's shapes,
-as SPEC.md's anchor), so TFLOP/s = FLOPs × images/s.
+as the team's anchor in docs/BENCHMARKS.md), so TFLOP/s = FLOPs × images/s.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dusa_cli.models.classifier import create_classifier
 from dusa_cli.priors.checkpointing import Checkpointing, describe, parse_checkpointing
 from dusa_cli.results.environment import device_name
 
-# The bf16 matrix-product rate the team measured on one H100 (SPEC.md "Measured anchors"); the
+# The bf16 matrix-product rate the team measured on one H100 (docs/BENCHMARKS.md, the team's anchors); the
 # H200 has the same compute die and clocks. Other devices have no measured peak: no fraction.
 MEASURED_BF16_PEAK_TFLOPS = {"H100": 798.0, "H200": 798.0}
 

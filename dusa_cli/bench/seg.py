@@ -2,7 +2,7 @@
 weights — SegFormer-B5 + an SD3-medium-sized transformer (2.03 B) + the SD3 VAE encoder, one
 512² window, 20 classes, bf16, AdamW over both — timed for two recipes in the same process.
 
-- baseline: the team's anchor (SPEC.md "Measured anchors"): bf16 autocast, gradient
+- baseline: the team's anchor (docs/BENCHMARKS.md): bf16 autocast, gradient
   checkpointing of every transformer block, eager, foreach AdamW.
 - fast: the same with `torch.compile` on each transformer block and fused AdamW on CUDA;
   `--checkpointing N` recomputes only its first N blocks (less recompute, more memory).
@@ -58,7 +58,7 @@ class SegShapes:
     window: int
 
 
-# nvidia/segformer-b5 (research/peers.md §E.1) with ADE20K's 150 classes.
+# nvidia/segformer-b5 (docs/research/peers.md §E.1) with ADE20K's 150 classes.
 SEGFORMER_B5 = {
     "depths": [3, 6, 40, 3], "hidden_sizes": [64, 128, 320, 512], "num_attention_heads": [1, 2, 5, 8],
     "sr_ratios": [8, 4, 2, 1], "decoder_hidden_size": 768, "num_labels": 150,

@@ -230,7 +230,7 @@ class DataConfig(StrictModel):
 
 class SegDataConfig(DataConfig):
     """ADE20K-C: one image per online step, resized so its short side is `short_side`
-    (mmseg's Resize(scale=(2048, 512), keep_ratio=True), research/dusa_official.md §3.2)."""
+    (mmseg's Resize(scale=(2048, 512), keep_ratio=True), docs/research/dusa_official.md §3.2)."""
 
     root: LocalPath = Field(
         description="ADE20K-C: <corruption>/<severity>/validation/ (official) or images/validation/<corruption>_<severity>/"

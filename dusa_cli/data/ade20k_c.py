@@ -1,6 +1,6 @@
 """ADE20K-C from the ADE20K validation set, made the way the DUSA authors made theirs.
 
-The official script (research/dusa_official.md §3.8) corrupts every full validation image at its
+The official script (docs/research/dusa_official.md §3.8) corrupts every full validation image at its
 native size with `imagecorruptions.corrupt(image, severity=5, corruption_name=c)` and saves it
 with PIL under the same name, so `ADE_val_*.jpg` becomes a JPEG at PIL's default quality (75), in
 `<out>/<corruption>/5/validation/`. This module writes that layout, seeded per file (the official

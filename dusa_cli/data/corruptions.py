@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from dusa_cli.errors import ConfigError, did_you_mean
 
-# The 15 benchmark corruptions in the paper's order (research/dusa_official.md §4).
+# The 15 benchmark corruptions in the paper's order (docs/research/dusa_official.md §4).
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
     "shot_noise",

@@ -187,7 +187,7 @@ def check_labels(task: Dataset[Item], num_classes: int) -> None:
 
 
 # The subset of `num_ex` images is drawn with a fixed seed, not the run's: like RobustBench's fixed
-# 5,000-image ImageNet-C list (research/peers.md), every seed and method sees the same images, so
+# 5,000-image ImageNet-C list (docs/research/peers.md), every seed and method sees the same images, so
 # a spread over seeds measures the adaptation, not the sample.
 SUBSET_SEED = 0
 

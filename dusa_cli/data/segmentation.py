@@ -29,7 +29,7 @@ Item = tuple[torch.Tensor, torch.Tensor]
 IGNORE_INDEX = 255
 
 # The 150 ADE20K classes in label order (0..149 after the reduction), the names DUSA fills into
-# its prompts (research/dusa_official.md §3.4). The official list spells "bed " with a trailing
+# its prompts (docs/research/dusa_official.md §3.4). The official list spells "bed " with a trailing
 # space; CLIP's tokenizer strips whitespace, so "bed" encodes the same.
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",

@@ -26,7 +26,7 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig) -> to
 
 class OnlineAdapter:
     """Each micro-batch is predicted by the forward pass that also yields the loss; the optimizer
-    steps once every `accumulation` micro-batches (research/dusa_official.md §1.6).
+    steps once every `accumulation` micro-batches (docs/research/dusa_official.md §1.6).
 
     With several processes each one steps on its shard of every micro-batch (or `skip`s an empty
     one), and the gradients are summed over the processes before the optimizer steps.

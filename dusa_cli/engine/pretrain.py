@@ -28,7 +28,7 @@ from dusa_cli.models.classifier import create_classifier
 from dusa_cli.writing import write_atomic
 
 SHIFT = 2
-LABEL_DROPOUT = 0.1  # SiT/DiT training convention (research/peers.md §C)
+LABEL_DROPOUT = 0.1  # SiT/DiT training convention (docs/research/peers.md §C)
 
 
 def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

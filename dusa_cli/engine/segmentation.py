@@ -1,5 +1,5 @@
 """Segmentation: one image per online step, resized for the segmenter, scored at its original
-resolution (mIoU, per-class IoU, pixel accuracy; research/dusa_official.md §3.2, §3.6)."""
+resolution (mIoU, per-class IoU, pixel accuracy; docs/research/dusa_official.md §3.2, §3.6)."""
 
 from __future__ import annotations
 

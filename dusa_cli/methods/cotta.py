@@ -1,7 +1,7 @@
 """CoTTA (Wang et al., CVPR'22): a student trained on the pseudo-labels of its EMA teacher,
 whose prediction is averaged over augmented views when a frozen source anchor is unsure, and
-a stochastic restore of source weights against forgetting (research/peers.md §A.4,
-research/dusa_official.md §2 and §3.7).
+a stochastic restore of source weights against forgetting (docs/research/peers.md §A.4,
+docs/research/dusa_official.md §2 and §3.7).
 
 Classification (official `imagenet/cotta.py`): the anchor's confidence is the batch mean of its
 max softmax probability; below the threshold the teacher logits are averaged over random
@@ -21,7 +21,7 @@ Differences from the official code:
 - The classification augmentations are this file's own tensor stack (`augmented_view`), with
   the official ImageNet ranges, applied to the [0, 1] images the stack was designed for; in the
   DUSA repo it runs on mean/std-normalised inputs and clips their negative values away
-  (research/dusa_official.md §2). Edge padding + affine + centre crop is done as one affine
+  (docs/research/dusa_official.md §2). Edge padding + affine + centre crop is done as one affine
   resampling with border padding; hue is shifted by a rotation in YIQ space.
 - Segmentation views are scaled relative to the test image; the official scales ratios of the
   dataset's image scale. A view below the segmenter's smallest input side (32 px for

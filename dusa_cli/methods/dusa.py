@@ -1,6 +1,6 @@
 """DUSA (Li et al., NeurIPS 2024): a class-conditional diffusion or flow prior, adapted at the
 same time, turns the classifier's own predictions into a training signal through the mixture
-of conditional scores (research/dusa_official.md §1.4, §8).
+of conditional scores (docs/research/dusa_official.md §1.4, §8).
 
 One step: classifier logits (fp32) → k top + m sampled candidate classes and their weights →
 the image's latent noised once at a fixed timestep → one batched prior call over B·K →
@@ -77,11 +77,11 @@ class Dusa(GuidedMethod):
     def configure_model(self) -> None:
         super().configure_model()  # frozen, eval mode: no label dropout, no drop-path
         # The official classification runner puts every BatchNorm on the batch's statistics,
-        # whatever it updates (research/dusa_official.md §1.6; the paper's models have none).
+        # whatever it updates (docs/research/dusa_official.md §1.6; the paper's models have none).
         self.adapt_model(self.config.update_classifier, batch_statistics=True)
 
     def compilable(self) -> dict[str, list[nn.Module]]:
-        # The frozen encoder too: the SD VAE's convolutions are 5 % of the step's FLOPs (SPEC.md).
+        # The frozen encoder too: the SD VAE's convolutions are 5 % of the step's FLOPs (0.271 of 5.18 TFLOP, docs/BENCHMARKS.md).
         return {"model": [self.model], "prior": [self.prior.transformer, self.prior.encoder]}
 
     def timestep(self, batch: int, device: torch.device) -> torch.Tensor:

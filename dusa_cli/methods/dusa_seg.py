@@ -1,4 +1,4 @@
-"""DUSA for semantic segmentation (research/dusa_official.md §3; seed 001): a text-conditioned
+"""DUSA for semantic segmentation (docs/research/dusa_official.md §3; seed 001): a text-conditioned
 Stable Diffusion 3 prior, adapted at the same time, turns the segmenter's per-pixel class
 probabilities into a training signal, window by window.
 

@@ -1,4 +1,4 @@
-"""DUSA-U (research/dusa_official.md §1.8): the prior adapts on its unconditional (null-class)
+"""DUSA-U (docs/research/dusa_official.md §1.8): the prior adapts on its unconditional (null-class)
 prediction, the classifier on the mixture of detached conditional predictions.
 
 loss = MSE(pred(x_t, ∅), target) [prior only] + loss(Σ_k w_k·sg(pred_k), target) [classifier only].

@@ -1,6 +1,6 @@
 """EATA (Niu et al., ICML'22): entropy minimisation on reliable, non-redundant samples, weighted
 by their confidence, with a Fisher-weighted pull towards the source weights against forgetting
-(research/dusa_official.md §2, the DUSA repository's `eata.py` baseline).
+(docs/research/dusa_official.md §2, the DUSA repository's `eata.py` baseline).
 
 Per batch, over the affine parameters of the norm layers (as Tent):
 - reliable: a sample whose prediction entropy H is below E0 = 0.4·ln C (2.763 for ImageNet);

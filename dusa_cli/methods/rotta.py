@@ -1,6 +1,6 @@
 """RoTTA (Yuan et al., CVPR'23): robust BatchNorm, a category-balanced memory bank of confident
 and recent test images, and a student trained on that bank against its EMA teacher, fresher
-images weighing more (research/dusa_official.md §2, the DUSA repository's `rotta.py` baseline).
+images weighing more (docs/research/dusa_official.md §2, the DUSA repository's `rotta.py` baseline).
 
 Per batch:
 1. the teacher predicts the batch (the prediction scored); every image then enters the bank

@@ -1,5 +1,5 @@
 """SAR (Niu et al., ICLR'23): sharpness-aware entropy minimisation on reliable samples, with the
-model put back to the source when its loss collapses (research/dusa_official.md §2, the DUSA
+model put back to the source when its loss collapses (docs/research/dusa_official.md §2, the DUSA
 repository's `sar.py` baseline).
 
 Per batch, over the affine parameters of the norm layers outside the top stage:

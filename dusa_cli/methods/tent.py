@@ -1,9 +1,9 @@
 """Tent (Wang et al., ICLR'21): minimise the prediction entropy over the affine parameters of
 the normalisation layers.
 
-Generalised beyond the official BatchNorm-only code (research/peers.md §A.3): LayerNorm and
+Generalised beyond the official BatchNorm-only code (docs/research/peers.md §A.3): LayerNorm and
 GroupNorm affine parameters are adapted too, since ConvNeXt and ViT have no BatchNorm
-(research/dusa_official.md §2). BatchNorm layers use test-batch statistics. Segmentation: the
+(docs/research/dusa_official.md §2). BatchNorm layers use test-batch statistics. Segmentation: the
 pixel-wise entropy of the logits resized to the image, as the official baseline (§3.7).
 """
 

@@ -18,7 +18,7 @@ from dusa_cli.models.segmenter import SEGMENTERS
 
 class NormalizedClassifier(nn.Module):
     """Takes images in [0, 1] at native size (ImageNet-C files are already 224 px: no resize or
-    crop, research/peers.md §E.2) and normalises them with the model's own mean/std."""
+    crop, docs/research/peers.md §E.2) and normalises them with the model's own mean/std."""
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()

@@ -14,14 +14,14 @@ from dusa_cli.data.files import require_directory
 from dusa_cli.errors import ConfigError, DusaError, did_you_mean
 
 SEGMENTERS = ("segformer",)
-# The mean/std of every NVIDIA SegFormer checkpoint and of mmseg's (research/peers.md §E.1).
+# The mean/std of every NVIDIA SegFormer checkpoint and of mmseg's (docs/research/peers.md §E.1).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Segmenter(nn.Module):
     """Images in [0, 1] (B, 3, H, W) → class logits (B, C, ⌈H/4⌉, ⌈W/4⌉), SegFormer's stride-4
-    output. Resizing is the engine's (short side 512, research/dusa_official.md §3.2)."""
+    output. Resizing is the engine's (short side 512, docs/research/dusa_official.md §3.2)."""
 
     def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -50,7 +50,7 @@ class Segmenter(nn.Module):
 
     def checkpoint_layers(self) -> None:
         """Recompute each transformer layer of the encoder in backward (the official code
-        checkpoints the MiT backbone, research/dusa_official.md §3.6). transformers' own switch
+        checkpoints the MiT backbone, docs/research/dusa_official.md §3.6). transformers' own switch
         acts in train mode only, which would also turn on drop-path; this works in eval mode."""
         from torch.utils.checkpoint import checkpoint
         from transformers.models.segformer.modeling_segformer import SegformerLayer

@@ -46,7 +46,7 @@ class NoisePath(ABC):
 
 class DDPMPath(NoisePath):
     """DiT/ADM Gaussian diffusion: linear betas 1e-4…0.02 over 1000 steps, ε-prediction,
-    integer steps fed to the model as they are (research/dusa_official.md §1.2)."""
+    integer steps fed to the model as they are (docs/research/dusa_official.md §1.2)."""
 
     name = "ddpm"
     num_steps = 1000
@@ -98,7 +98,7 @@ class DDPMPath(NoisePath):
 
 class LinearFlowPath(NoisePath):
     """REPA/SiT linear interpolant x_t = (1−t)·x0 + t·ε, t ∈ [0, 1] (0 = data), velocity target
-    ε − x0, continuous t fed to the model unscaled (research/peers.md §C)."""
+    ε − x0, continuous t fed to the model unscaled (docs/research/peers.md §C)."""
 
     name = "linear"
     # [A] About the signal-to-noise ratio of DDPM t=100 (x_t ≈ 0.946·x0 + 0.324·ε, §1.2):
@@ -120,11 +120,11 @@ class LinearFlowPath(NoisePath):
 class SD3FlowPath(LinearFlowPath):
     """Stable Diffusion 3's rectified flow (diffusers FlowMatchEulerDiscreteScheduler): the same
     interpolant and velocity target as `linear` with σ as path time (σ = 1 noise, σ = 0 data),
-    but the transformer is fed 1000·σ (research/peers.md §D)."""
+    but the transformer is fed 1000·σ (docs/research/peers.md §D)."""
 
     name = "sd3_flow"
     # [A] σ with about the SNR of DDPM t=100, the fixed timestep of the official DUSA-seg on SD 1.5
-    # (research/dusa_official.md §3.5); see LinearFlowPath for the arithmetic. Used as σ directly:
+    # (docs/research/dusa_official.md §3.5); see LinearFlowPath for the arithmetic. Used as σ directly:
     # the scheduler's `shift` maps sampling steps to σ, and DUSA samples no steps.
     default_timestep = 0.25
 

@@ -1,6 +1,6 @@
 """Text conditioning for Stable Diffusion 3: the prompts' CLIP-L, CLIP-G (and optionally T5)
 states, encoded once, cached on disk, and laid out per class exactly as the diffusers SD3
-pipeline's `encode_prompt` does (research/peers.md §D)."""
+pipeline's `encode_prompt` does (docs/research/peers.md §D)."""
 
 from __future__ import annotations
 

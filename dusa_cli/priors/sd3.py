@@ -17,7 +17,7 @@ from dusa_cli.priors.prompts import CLIP_LENGTH, PromptEmbeddings, load_prompt_e
 from dusa_cli.priors.split import module_bytes, place_transformer
 from dusa_cli.priors.vae import SD_VAE_CONFIG, encoder_only
 
-# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (research/peers.md §D).
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (docs/research/peers.md §D).
 SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "sample_size": 128,
     "patch_size": 2,

@@ -1,7 +1,7 @@
 """One class-conditional latent transformer with adaLN-Zero blocks, covering DiT and REPA's SiT.
 
-The two released families differ only in configuration (research/peers.md §C,
-research/dusa_official.md §1.2): DiT predicts ε and a learned variance (2× the input channels),
+The two released families differ only in configuration (docs/research/peers.md §C,
+docs/research/dusa_official.md §1.2): DiT predicts ε and a learned variance (2× the input channels),
 SiT predicts a velocity (1× the input channels) and carries REPA's projector MLPs. Module and
 parameter names reproduce the upstream module trees so released checkpoints load strictly; the
 code itself is written from the descriptions, not copied.
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Upstream DiT/SiT constants (research/peers.md §C): 256 sinusoidal frequencies, max period 1e4,
+# Upstream DiT/SiT constants (docs/research/peers.md §C): 256 sinusoidal frequencies, max period 1e4,
 # non-affine LayerNorms with eps 1e-6, REPA projector width 2048.
 FREQUENCY_SIZE = 256
 MAX_PERIOD = 10_000

@@ -12,7 +12,7 @@ from dusa_cli.errors import DusaError
 from dusa_cli.models.checkpoint import load_strict, read_state_dict
 
 # DiT and REPA's SiT were both trained on SD-VAE latents scaled by 0.18215, no shift
-# (research/dusa_official.md §1.2, research/peers.md §C). The scale belongs to how the prior was
+# (docs/research/dusa_official.md §1.2, docs/research/peers.md §C). The scale belongs to how the prior was
 # trained, so it is fixed here rather than read from whichever VAE config is given.
 SD_VAE_SCALE = 0.18215
 
