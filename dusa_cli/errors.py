@@ -56,6 +56,11 @@ def listed(names: Sequence[str], limit: int = 4) -> str:
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """`, did you mean 'x'?` for the choice closest to a mistyped name; empty if none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f", did you mean '{close[0]}'?" if close else ""
+    """`, did you mean 'x'?` for the choice closest to a mistyped name, `'x' or 'y'` where two are
+    about as close ('gausian': gaussian_blur and gaussian_noise); empty if none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.6)
+    if not close:
+        return ""
+    best = difflib.SequenceMatcher(None, name, close[0]).ratio()
+    close = [choice for choice in close if difflib.SequenceMatcher(None, name, choice).ratio() >= best - 0.05]
+    return f", did you mean {' or '.join(repr(choice) for choice in close)}?"

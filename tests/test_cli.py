@@ -74,7 +74,7 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c:
 
 
 def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
-    outputs = [tmp_path / f"out{index}" for index in range(11)]
+    outputs = [tmp_path / f"out{index}" for index in range(12)]
     out = iter(str(path) for path in outputs)  # one each: the commands run side by side
     (tmp_path / "file").write_text("")
     bad = tmp_path / "bad.yaml"
@@ -85,7 +85,9 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     assert_one_line_errors(
         (("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", next(out)), 1, "none"),
         (("baseline", "-c", PRESET, "--corruption", "fgo", "-o", next(out)), 2, "unknown corruption 'fgo'"),
-        (("baseline", "-c", PRESET, "--model", "resnet_nope", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2, "unknown timm model"),
+        (("baseline", "-c", PRESET, "--model", "resnet5", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2, "unknown timm model 'resnet5' (similar: resnet50, "),
+        (("baseline", "-c", PRESET, "--model", "dusa_digits_resnet.sklearn_digit", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2,
+         "dusa_digits_resnet has no weights tagged 'sklearn_digit', did you mean 'sklearn_digits'? (its tags: sklearn_digits)"),
         (("baseline", "-c", PRESET, "--model", "segformer", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2, "'segformer' is a segmentation model: run it with task seg"),
         # A preset of the other task: its method has no --prior, but the task is what is wrong.
         (("adapt-seg", "-c", PRESET, "--prior", "sd3", "-o", next(out)), 2, "`dusa adapt-seg` runs task seg, but the config's task is cls"),

@@ -56,6 +56,7 @@ def test_unknown_method_and_method_option(tmp_path: Path) -> None:
     ("data.seed=3", "data.seed: unknown key, did you mean 'run.seed'?"),
     ("method.name=tnet", "method: unknown method 'tnet', did you mean 'tent'? (available: cotta, "),
     ("data.corruptions=gausian_noise", "data.corruptions: unknown corruption 'gausian_noise', did you mean 'gaussian_noise'? (choose from: all, "),
+    ("data.corruptions=gausian", "data.corruptions: unknown corruption 'gausian', did you mean 'gaussian_blur' or 'gaussian_noise'? (choose"),
     ("run.compile.x=model", "run.compile.0: Input should be"),  # blamed on the command line, as set there
 ])  # fmt: skip
 def test_a_mistyped_name_is_answered_with_the_closest_one(tmp_path: Path, assignment: str, problem: str) -> None:

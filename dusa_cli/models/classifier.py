@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dusa_cli.config.schema import ModelConfig
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, did_you_mean, listed
 from dusa_cli.models import digits_resnet  # noqa: F401  (registers the digits model with timm)
 from dusa_cli.models.checkpoint import load_strict, read_state_dict
 from dusa_cli.models.segmenter import SEGMENTERS
@@ -41,14 +41,20 @@ def create_classifier(config: ModelConfig) -> NormalizedClassifier:
         raise ConfigError(f"'{config.name}' is a segmentation model: run it with task seg (--task seg, or dusa adapt-seg)")
     if not timm.is_model(config.name):
         architecture = config.name.split(".")[0]
-        # Names containing the typed one (resnet → resnet18, ...), else the closest spellings.
-        close = timm.list_models(f"*{architecture[:12]}*")[:5] or difflib.get_close_matches(architecture, timm.list_models(), n=3)
+        # Names containing the typed one, those starting with it first (resnet5 → resnet50, ...),
+        # else the closest spellings.
+        containing = sorted(timm.list_models(f"*{architecture[:12]}*"), key=lambda name: (not name.startswith(architecture), len(name)))
+        close = containing[:5] or difflib.get_close_matches(architecture, timm.list_models(), n=3)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown timm model '{config.name}'{hint}")
     try:
         timm.models.get_pretrained_cfg(config.name)
-    except RuntimeError as error:  # an unknown tag: "Invalid pretrained tag (x) for arch."
-        raise ConfigError(f"model '{config.name}': {error}") from None
+    except RuntimeError:  # an unknown tag: "Invalid pretrained tag (x) for arch."
+        architecture, _, tag = config.name.partition(".")
+        tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{architecture}.*")]
+        raise ConfigError(
+            f"model '{config.name}': {architecture} has no weights tagged '{tag}'{did_you_mean(tag, tags)} (its tags: {listed(tags, 6) or 'none'})"
+        ) from None
     kwargs = {"num_classes": config.num_classes} if config.num_classes is not None else {}
     if config.pretrained and config.checkpoint is None:
         backbone = _create_with_packaged_weights(timm, config.name, kwargs)
