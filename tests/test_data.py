@@ -28,12 +28,13 @@ from dusa_cli.data.datasets import (
     open_task,
     task_source,
 )
-from dusa_cli.data.digits import PNG, build_digits_c, digit_images
+from dusa_cli.data.digits import PNG, build_digits_c, digit_images, stratified_split
 from dusa_cli.data.files import UNFINISHED_MARKER, require_tasks
 from dusa_cli.data.generate import Job, Plan, corrupt_image, run_jobs
 from dusa_cli.data.imagenet_c import prepare_imagenet_c
 from dusa_cli.data.segmentation import SEG_TASK_LAYOUT, seg_task_images
-from dusa_cli.errors import ConfigError, DusaError, Stopped
+from dusa_cli.errors import ConfigError, DusaError, ExitCode, Stopped
+from helpers import assert_one_line_error, dusa, dusa_each
 
 CORRUPTIONS = ("gaussian_noise", "impulse_noise", "glass_blur", "frost")
 SEVERITIES = (1, 5)
@@ -156,6 +157,55 @@ def test_digits_c_rebuild_removes_files_of_the_earlier_build_only_when_asked(tmp
     (output / "results.json").write_text("{}")  # not a digits-C folder any more: never written into
     with pytest.raises(DusaError, match="holds files that are not part of digits-C \\(results.json\\)"):
         build_digits_c(output, **smaller)
+
+
+def stop_after(files: int):
+    """A progress callback that stops a build as Ctrl-C does, once `files` files are made."""
+
+    def progress(done: int, total: int) -> None:
+        if done >= files:
+            raise Stopped(signal.SIGINT)
+
+    return progress
+
+
+def stop_digits_build(output: Path, corruptions: list[str]) -> None:
+    """A digits-C build (one test image per class, severity 5) stopped after its train split and two
+    test images: files on disk, the unfinished marker, no manifest."""
+    train = len(stratified_split(digit_images()[1], seed=0)[0])
+    with pytest.raises(Stopped):
+        build_digits_c(output, corruptions=corruptions, severities=[5], workers=1, limit_per_class=1,
+                       progress=stop_after(train + 2 * (1 + len(corruptions))))  # fmt: skip
+    assert (output / UNFINISHED_MARKER).exists() and not (output / "manifest.json").exists()
+
+
+def test_digits_c_rebuild_over_a_stopped_build_deletes_its_other_files_only_when_asked(tmp_path: Path) -> None:
+    stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
+    for output in (stopped, resumed):
+        stop_digits_build(output, ["gaussian_noise", "fog"])
+    left = relative_pngs(stopped)
+    assert {path.split("/")[0] for path in left} == {"train", "clean", "gaussian_noise", "fog"}
+    command = ("prepare-data", "digits-c", "--severity", "5", "--limit-per-class", "1", "--workers", "1", "-q")
+    other, same = dusa_each(
+        (*command, "-o", str(stopped), "--corruption", "contrast"),
+        (*command, "-o", str(resumed), "--corruption", "gaussian_noise,fog"),
+    )
+    assert_one_line_error(other, ExitCode.RUNTIME, f"{stopped} holds a stopped build with files this one would not make: "
+                          "fog/5, gaussian_noise/5 (4 files); pass --force to delete them, or choose another --output")  # fmt: skip
+    assert relative_pngs(stopped) == left  # refused before anything changed
+    # The stopped command itself still finishes the build.
+    assert same.returncode == 0, same.stderr
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert f"wrote {len(manifest['files'])} of the {len(manifest['files'])} files in {resumed}" in same.stderr
+    assert manifest["corruptions"] == ["gaussian_noise", "fog"] and relative_pngs(resumed) == set(manifest["files"])
+
+    forced = dusa(*command, "-o", str(stopped), "--corruption", "contrast", "--force")
+    assert forced.returncode == 0, forced.stderr
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    assert manifest["corruptions"] == ["contrast"]
+    assert not (stopped / "gaussian_noise").exists() and not (stopped / "fog").exists()
+    on_disk = {path.relative_to(stopped).as_posix() for path in stopped.rglob("*") if path.is_file()}
+    assert on_disk == set(manifest["files"]) | {"manifest.json"}  # exactly what the manifest lists
 
 
 def _interrupted_in_compiled_code() -> np.ndarray:
@@ -354,12 +404,41 @@ def test_prepare_imagenet_c_in_chunks_keeps_describing_every_file(
     (output / "manifest.json").unlink()
     with pytest.raises(DusaError, match=re.escape(f"{output} holds a build from {imagenet_source}, not {other_source}")):
         prepare_imagenet_c(other_source, output, corruptions=["fog"], severities=[2], workers=1)
+    # With no manifest, the files on disk are a stopped build's: those of other corruptions are refused.
+    with pytest.raises(DusaError, match=re.escape(f"{output} holds a stopped build with files this one would not make: contrast/1, gaussian_noise/1 (8 files)")):
+        prepare_imagenet_c(imagenet_source, output, corruptions=["fog"], severities=[2], workers=1)
+    for corruption in ("contrast", "gaussian_noise"):
+        shutil.rmtree(output / corruption)
     # A build begun before sources were recorded takes the source it resumes with.
     settings = output / ".dusa-prepare.json"
     recorded = json.loads(settings.read_text())
     settings.write_text(json.dumps({key: value for key, value in recorded.items() if key != "source"}))
     assert prepare_imagenet_c(imagenet_source, output, corruptions=["fog"], severities=[2], workers=1).written == 0
     assert json.loads(settings.read_text()) == recorded
+
+
+def test_prepare_imagenet_c_over_a_stopped_build_refuses_the_files_it_would_not_make(
+    imagenet_source: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "imagenet-c"
+    one = {"severities": [1], "workers": 1}
+    first = prepare_imagenet_c(imagenet_source, output, corruptions=["contrast"], **one)
+    stopped = {"corruptions": ["gaussian_noise", "fog"], **one}
+    with pytest.raises(Stopped):  # after two of the four images
+        prepare_imagenet_c(imagenet_source, output, **stopped, progress=stop_after(4))
+    assert (output / UNFINISHED_MARKER).exists() and len(list(output.glob("*/1/*/*.JPEG"))) == 4 + 4
+    # contrast, which the manifest lists, is kept; the stopped build's files would be in no manifest.
+    with pytest.raises(DusaError, match=re.escape(
+        f"{output} holds a stopped build with files this one would not make: fog/1, gaussian_noise/1 (4 files); "
+        "run the stopped command again to finish it"
+    )):  # fmt: skip
+        prepare_imagenet_c(imagenet_source, output, corruptions=["frost"], **one)
+    assert not (output / "frost").exists()
+    finished = prepare_imagenet_c(imagenet_source, output, **stopped)
+    assert finished.written == 4 and finished["files"].items() >= first["files"].items() and len(finished["files"]) == 12
+    chunk = prepare_imagenet_c(imagenet_source, output, corruptions=["frost"], **one)
+    assert {path.relative_to(output).as_posix() for path in output.rglob("*.JPEG")} == set(chunk["files"])
+    assert len(chunk["files"]) == 16
 
 
 def test_prepare_imagenet_c_refuses_an_output_inside_the_source(imagenet_source: Path, tmp_path: Path) -> None:

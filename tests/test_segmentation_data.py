@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from dusa_cli.data.ade20k_c import prepare_ade20k_c
 from dusa_cli.data.segmentation import open_seg_task, reduce_ade_labels
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, Stopped
 from dusa_cli.results.seg_metrics import SegmentationScore
 from tests.helpers import assert_one_line_error, dusa
 
@@ -86,6 +87,29 @@ def test_prepare_is_deterministic_across_workers_and_resumes(ade: Path, ade_c: P
     assert kept.stat().st_mtime_ns == mtime
     with pytest.raises(DusaError, match="other settings"):
         prepare_ade20k_c(ade, tmp_path / "out", **FAST, seed=1)
+
+
+def test_prepare_over_a_stopped_build_refuses_the_files_it_would_not_make(ade: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+
+    def stop(done: int, total: int) -> None:  # as Ctrl-C, after the first image's two files
+        if done >= 2:
+            raise Stopped(signal.SIGINT)
+
+    with pytest.raises(Stopped):
+        prepare_ade20k_c(ade, output, **FAST, progress=stop)
+    assert not (output / "manifest.json").exists() and len(list(output.glob("*/5/validation/*.jpg"))) == 2
+    # The label maps, which every build copies, are not among them.
+    with pytest.raises(DusaError, match=re.escape(
+        f"{output} holds a stopped build with files this one would not make: contrast/5, gaussian_noise/5 (2 files); "
+        "run the stopped command again to finish it"
+    )):  # fmt: skip
+        prepare_ade20k_c(ade, output, **(FAST | {"corruptions": ["fog"]}))
+    assert not (output / "fog").exists()
+    assert prepare_ade20k_c(ade, output, **FAST).written == 4  # the stopped command finishes it
+    chunk = prepare_ade20k_c(ade, output, **(FAST | {"corruptions": ["fog"]}))
+    on_disk = {path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file() and not path.name.startswith(".")}
+    assert on_disk == set(chunk["files"]) | {"manifest.json"} and len(chunk["files"]) == 3 * 3 + 3
 
 
 def test_both_layouts_give_the_same_items(ade: Path, ade_c: Path, tmp_path: Path) -> None:

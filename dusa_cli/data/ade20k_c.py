@@ -24,6 +24,7 @@ from PIL import Image
 from dusa_cli.data.corruptions import CORRUPTIONS, check_selection
 from dusa_cli.data.files import absolute_path, image_files, read_rgb, require_directory, sha256_hex
 from dusa_cli.data.generate import (
+    FINISH_FIRST,
     MIN_SIDE,
     BuildFiles,
     ImageFormat,
@@ -34,7 +35,10 @@ from dusa_cli.data.generate import (
     check_apart,
     claim_output,
     earlier_files,
+    files_not_made,
+    planned_files,
     run_jobs,
+    unlisted_files,
     write_manifest,
 )
 from dusa_cli.errors import DusaError
@@ -87,11 +91,16 @@ def _source_jobs(source: Path) -> tuple[list[Job], list[Path]]:
     return jobs, labels
 
 
+def _label_copy(label: Path) -> str:
+    """Where a label map is copied, relative to the output."""
+    return f"annotations/{SPLIT}/{label.name}"
+
+
 def _copy_labels(labels: Sequence[Path], output: Path) -> BuildFiles:
     """Copy the label maps to OUTPUT/annotations/validation (those not there already)."""
     files = BuildFiles()
     for label in labels:
-        relative_path = f"annotations/{SPLIT}/{label.name}"
+        relative_path = _label_copy(label)
         target = output / relative_path
         data = label.read_bytes()
         if not (target.is_file() and target.read_bytes() == data):
@@ -115,7 +124,8 @@ def prepare_ade20k_c(
 
     Resumable like ImageNet-C: files that exist, decode and have the source's size are kept.
     Returns the manifest, written last as OUTPUT/manifest.json; it also lists the files of other
-    corruptions or severities that earlier calls made in OUTPUT.
+    corruptions or severities that earlier calls made in OUTPUT. A stopped build's files that this
+    call would not make are refused: it is to be finished first.
     """
     corruption_names, severity_levels = check_selection(corruptions, severities)
     jobs, labels = _source_jobs(source)
@@ -132,6 +142,8 @@ def prepare_ade20k_c(
         image_size=None,  # native: every image keeps its own size
         resume=True,
     )
+    planned = planned_files(plan, jobs) | {_label_copy(label) for label in labels}
+    files_not_made(output, unlisted_files(output), planned, FINISH_FIRST)  # as in prepare_imagenet_c
     files = _copy_labels(labels, output)
     files.add(run_jobs(plan, jobs, workers, progress))
     files.checksums = earlier | files.checksums

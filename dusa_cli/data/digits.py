@@ -23,9 +23,12 @@ from dusa_cli.data.generate import (
     Manifest,
     Plan,
     Progress,
+    files_not_made,
     listed_files,
     planned_files,
     run_jobs,
+    shortlist,
+    unlisted_files,
     write_manifest,
 )
 from dusa_cli.errors import ConfigError, DusaError
@@ -90,18 +93,8 @@ def _check_output(output: Path) -> None:
     foreign = sorted(e.name for e in output.iterdir() if e.name not in _LAYOUT and not e.name.startswith("."))
     if foreign:
         raise DusaError(
-            f"{output} holds files that are not part of digits-C ({_listed(foreign)}); choose a new or empty --output"
+            f"{output} holds files that are not part of digits-C ({shortlist(foreign)}); choose a new or empty --output"
         )
-
-
-def _listed(names: Sequence[str], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
-
-
-def _describe(paths: set[str]) -> str:
-    """The folders the files are in (a split, or corruption/severity), e.g. "fog/3, fog/4 (160 files)"."""
-    folders = sorted({path.rsplit("/", 2)[0] for path in paths})
-    return f"{_listed(folders)} ({len(paths)} files)"
 
 
 def _remove_stale(output: Path, stale: set[str]) -> None:
@@ -132,7 +125,8 @@ def build_digits_c(
     Layout: train/<class>/<id>.png (clean source split), clean/<class>/<id>.png (clean test
     split), <corruption>/<severity>/<class>/<id>.png (test split corrupted); <id> is the image's
     index in `load_digits()`, zero-padded. The same seed gives byte-identical files. Files of an
-    earlier build in `output` that this one does not make are deleted only with `replace`.
+    earlier build in `output` (complete, or stopped before its manifest) that this one does not
+    make are deleted only with `replace`.
     """
     corruption_names, severity_levels = check_selection(corruptions, severities)
     if limit_per_class is not None and limit_per_class < 1:
@@ -162,13 +156,11 @@ def build_digits_c(
         resume=False,  # rebuilding is quick, and old files may come from another seed
     )
     jobs = [job(index, False) for index in train] + [job(index, True) for index in test]
-    # Unlike the resumable builders, a rebuild makes every file again, and deletes the others.
-    stale = set(listed_files(output)) - planned_files(plan, jobs)
-    if stale and not replace:
-        raise DusaError(
-            f"{output} holds an earlier build with files this one would not make: {_describe(stale)}; "
-            "pass --force to delete them, or choose another --output"
-        )
+    # Unlike the resumable builders, a rebuild makes every file again, and deletes the others: those
+    # its manifest lists, or where a build stopped before writing one, those on disk.
+    earlier = set(listed_files(output)) | unlisted_files(output)
+    remedy = None if replace else "pass --force to delete them, or choose another --output"
+    stale = files_not_made(output, earlier, planned_files(plan, jobs), remedy)
     # The old manifest would describe files this build is about to replace.
     (output / "manifest.json").unlink(missing_ok=True)
     files = run_jobs(plan, jobs, workers, progress)

@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -361,6 +362,57 @@ def listed_files(output: Path) -> dict[str, str]:
     # Only plain relative paths: a hand-edited manifest must not reach files outside `output`.
     paths = ((Path(name), digest) for name, digest in listed.items())
     return {path.as_posix(): digest for path, digest in paths if not path.is_absolute() and ".." not in path.parts}
+
+
+def _stopped(output: Path) -> bool:
+    """Whether a build in `output` stopped before writing its manifest (digits-c's rebuild deletes
+    the earlier one's first); an empty or new folder is a build not yet begun."""
+    return (output / UNFINISHED_MARKER).exists() or not (output / "manifest.json").is_file()
+
+
+def _files_on_disk(output: Path) -> set[str]:
+    """Relative paths of the files in `output`, but manifest.json and hidden ones (a build's records,
+    the temporary files of atomic writes)."""
+    found: set[str] = set()
+    for folder, subfolders, names in os.walk(output):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = Path(folder).relative_to(output)
+        found.update((relative / name).as_posix() for name in names if not name.startswith("."))
+    found.discard("manifest.json")
+    return found
+
+
+def unlisted_files(output: Path) -> set[str]:
+    """The files a build stopped before its manifest left in `output` that no manifest lists
+    (relative paths). None in a complete build, whose manifest is its record: its folder is not walked."""
+    if not output.is_dir() or not _stopped(output):
+        return set()
+    return _files_on_disk(output) - set(listed_files(output))
+
+
+def shortlist(names: Sequence[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+
+
+def describe_files(paths: set[str]) -> str:
+    """The folders the files are in (a split, or corruption/severity), e.g. "fog/3, fog/4 (160 files)"."""
+    folders = sorted({path.rsplit("/", 2)[0] for path in paths})
+    return f"{shortlist(folders)} ({len(paths)} files)"
+
+
+# What a resumable build (imagenet-c, ade20k-c) over a stopped one of other corruptions says to do.
+FINISH_FIRST = "run the stopped command again to finish it, delete them, or choose another --output"
+
+
+def files_not_made(output: Path, earlier: Iterable[str], planned: set[str], remedy: str | None) -> set[str]:
+    """The files of an earlier build in `output` (complete or stopped) that this build would not
+    make. Where there are some and a `remedy` is given, the build is refused before any work: its
+    manifest would not list them, yet a run would read them as data."""
+    unmade = set(earlier) - planned
+    if unmade and remedy is not None:
+        build = "a stopped build" if _stopped(output) else "an earlier build"
+        raise DusaError(f"{output} holds {build} with files this one would not make: {describe_files(unmade)}; {remedy}")
+    return unmade
 
 
 def check_apart(source: Path, output: Path) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 from dusa_cli.data.corruptions import CORRUPTIONS, SEVERITIES, check_selection
 from dusa_cli.data.files import absolute_path, class_folders, image_files, read_rgb, require_directory
 from dusa_cli.data.generate import (
+    FINISH_FIRST,
     ImageFormat,
     Job,
     Manifest,
@@ -20,7 +21,10 @@ from dusa_cli.data.generate import (
     check_apart,
     claim_output,
     earlier_files,
+    files_not_made,
+    planned_files,
     run_jobs,
+    unlisted_files,
     write_manifest,
 )
 from dusa_cli.errors import DusaError
@@ -85,7 +89,8 @@ def prepare_imagenet_c(
 
     Resumable: files that exist and decode are kept, anything else is (re)made. `workers` defaults
     to the usable CPU cores. Returns the manifest, written last as OUTPUT/manifest.json; it also
-    lists the files of other corruptions or severities that earlier calls made in OUTPUT.
+    lists the files of other corruptions or severities that earlier calls made in OUTPUT. A stopped
+    build's files that this call would not make are refused: it is to be finished first.
     """
     corruption_names, severity_levels = check_selection(corruptions, severities)
     classes, jobs = _source_jobs(source)
@@ -102,6 +107,8 @@ def prepare_imagenet_c(
         image_size=(CROP, CROP),
         resume=True,
     )
+    # A stopped build's files of other corruptions would stay on disk, in no manifest.
+    files_not_made(output, unlisted_files(output), planned_files(plan, jobs), FINISH_FIRST)
     files = run_jobs(plan, jobs, workers, progress)
     files.checksums = earlier | files.checksums
     description = {
