@@ -52,6 +52,7 @@ def test_unknown_method_and_method_option(tmp_path: Path) -> None:
     ("seed=3", "seed: unknown key, did you mean 'run.seed'?"),  # no close key here: the same key elsewhere
     ("run.lr=0.1", "run.lr: unknown key, did you mean 'optim.lr'?"),
     ("method.loss_weights.topk=3", "method.loss_weights.topk: unknown key, did you mean 'method.topk'?"),
+    ("method.loss_weights={mse:0}", "method.loss_weights.mse:0: unknown key, did you mean 'method.loss_weights.mse'? (YAML needs a space after the colon: {mse: 0})"),
     ("method.lr=0.1", "method.lr: unknown key, did you mean 'optim.lr'?"),  # a section checked on its own, then the rest
     ("data.seed=3", "data.seed: unknown key, did you mean 'run.seed'?"),
     ("method.name=tnet", "method: unknown method 'tnet', did you mean 'tent'? (available: cotta, "),
@@ -284,3 +285,10 @@ def test_the_readme_config_block_lists_every_key_with_its_default() -> None:
     written = flat(ExperimentConfig.model_validate(documented).model_dump(mode="json"))
     assert sorted(flat(documented)) == sorted(defaults)  # every key, no other
     assert written == defaults
+
+
+def test_a_timestep_range_over_a_preset_s_timestep_says_how_to_drop_it(tmp_path: Path) -> None:
+    dusa = BASE.replace("{name: tent}", "{name: dusa, prior: sit_tiny, prior_random_init: true, timestep: 0.25}")
+    with pytest.raises(ConfigError, match=re.escape("not both (to replace a preset's timestep: --set method.timestep=null)")):
+        load_config(write(tmp_path, dusa), {}, ["method.timestep_range=[0.5,0.9]"])
+    assert load_config(write(tmp_path, dusa), {}, ["method.timestep_range=[0.5,0.9]", "method.timestep=null"]).method.timestep_range == (0.5, 0.9)

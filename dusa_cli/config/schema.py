@@ -62,6 +62,9 @@ def validation_problems(error: ValidationError, model: type[BaseModel], prefix: 
             continue
         if item["type"] == "extra_forbidden":
             message = "unknown key" + _guess_key(model, item["loc"], prefix)
+            if ":" in str(item["loc"][-1]):  # `{mse:0}`: YAML reads one key "mse:0"
+                key, _, value = str(item["loc"][-1]).partition(":")
+                message += f" (YAML needs a space after the colon: {{{key}: {value}}})"
         elif item["type"] == "model_type":
             message = f"expected a section (a mapping of its keys), got {item['input']!r}"
         elif item["type"] in NUMBER_ERRORS:

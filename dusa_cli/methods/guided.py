@@ -35,7 +35,7 @@ class GuidedConfig(MethodConfig):
     @model_validator(mode="after")
     def _one_timestep_rule(self) -> GuidedConfig:
         if self.timestep is not None and self.timestep_range is not None:
-            raise ValueError("set either timestep or timestep_range, not both")
+            raise ValueError("set either timestep or timestep_range, not both (to replace a preset's timestep: --set method.timestep=null)")
         if self.timestep_range is not None and not self.timestep_range[0] < self.timestep_range[1]:
             raise ValueError(f"timestep_range [lo, hi) needs lo < hi, got {list(self.timestep_range)}")
         return self
