@@ -740,9 +740,10 @@ def command() -> typer.core.TyperGroup:
     """The app as a Click command. Its help's second column says what each option takes, and
     Typer 0.29 fills it from the type where no metavar is set: every flag, --help too, showed
     `<bool>`, as if it took a value, and `report`'s directories `<list[Path]>`. Here a flag shows
-    nothing, a choice its choices as the metavars written here do (`dit|sit`), and an argument of several values its metavar with `...` (`DIR...`). Typer's rich
-    help also keeps a docstring's line breaks, which the terminal then wraps again: a command's
-    help is joined into one line per paragraph."""
+    nothing, a choice its choices as our own metavars do (`dit|sit`, not `<dit|sit>`), and an
+    argument of several values its metavar with `...` (`DIR...`). Typer's rich help also keeps a
+    docstring's line breaks, which the terminal then wraps again: a command's help is joined into
+    one line per paragraph."""
     root = typer.main.get_command(app)
     help_names = root.context_settings["help_option_names"]
 

@@ -27,11 +27,10 @@ from dusa_cli.data.generate import (
     listed_files,
     planned_files,
     run_jobs,
-    shortlist,
     unlisted_files,
     write_manifest,
 )
-from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.errors import ConfigError, DusaError, listed
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -93,7 +92,7 @@ def _check_output(output: Path) -> None:
     foreign = sorted(e.name for e in output.iterdir() if e.name not in _LAYOUT and not e.name.startswith("."))
     if foreign:
         raise DusaError(
-            f"{output} holds files that are not part of digits-C ({shortlist(foreign)}); choose a new or empty --output"
+            f"{output} holds files that are not part of digits-C ({listed(foreign)}); choose a new or empty --output"
         )
 
 

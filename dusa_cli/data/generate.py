@@ -30,7 +30,7 @@ from PIL import Image
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.data.files import UNFINISHED_MARKER, absolute_path, sha256_hex, usable_cores
-from dusa_cli.errors import DusaError
+from dusa_cli.errors import DusaError, listed
 from dusa_cli.writing import write_bytes_atomic
 
 Progress = Callable[[int, int], None]
@@ -390,14 +390,10 @@ def unlisted_files(output: Path) -> set[str]:
     return _files_on_disk(output) - set(listed_files(output))
 
 
-def shortlist(names: Sequence[str], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
-
-
 def describe_files(paths: set[str]) -> str:
     """The folders the files are in (a split, or corruption/severity), e.g. "fog/3, fog/4 (160 files)"."""
     folders = sorted({path.rsplit("/", 2)[0] for path in paths})
-    return f"{shortlist(folders)} ({len(paths)} files)"
+    return f"{listed(folders)} ({len(paths)} files)"
 
 
 # What a resumable build (imagenet-c, ade20k-c) over a stopped one of other corruptions says to do.
