@@ -147,7 +147,7 @@ def test_digits_c_rebuild_removes_files_of_the_earlier_build_only_when_asked(tmp
     output = tmp_path / "digits-c"
     first = build(output, seed=0, workers=1)
     smaller = {"corruptions": ["fog"], "severities": [2], "workers": 1, "limit_per_class": 1}
-    with pytest.raises(DusaError, match=r"files this one would not make: clean, frost/1, frost/5, gaussian_noise/1, … \(\d+ files\); pass --force"):
+    with pytest.raises(DusaError, match=r"files this one would not make: clean, frost/1, frost/5, gaussian_noise/1 and 5 more \(\d+ files\); pass --force"):
         build_digits_c(output, **smaller)
     assert relative_pngs(output) == set(first["files"])  # refused before anything changed
     manifest = build_digits_c(output, replace=True, **smaller)
