@@ -2,6 +2,8 @@
 diffusers SD3) and real image/label files: windows, class selection, the multi-window gradient,
 model parallelism on `cpu,cpu`, the baselines, the CLI."""
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -330,6 +332,9 @@ def test_segmentation_baselines_run_end_to_end(models: dict[str, Path], ade_c: P
     report = dusa("report", str(tmp_path), "--format", "csv")
     assert report.returncode == 0, report.stderr
     assert report.stdout.startswith("method,seeds,complete,gaussian_noise") and len(report.stdout.splitlines()) == 4
+    pixel = {row["method"]: float(row["gaussian_noise"]) for row in csv.DictReader(io.StringIO(dusa("report", str(tmp_path), "--format", "csv", "--metric", "pacc").stdout))}
+    assert pixel == {method: pytest.approx(100 * json.loads((tmp_path / method / "results.json").read_text())["tasks"][0]["pixel_accuracy"], abs=1e-3)
+                     for method in methods}  # fmt: skip
 
 
 def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
