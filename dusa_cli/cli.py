@@ -769,7 +769,28 @@ def command() -> typer.core.TyperGroup:
             plain(child)
 
     plain(root)
+    _fold_long_words()
     return root
+
+
+def _fold_long_words() -> None:
+    """Help text breaks a word longer than its column (`method.prior_checkpoint` in an 80-column
+    terminal) onto the next line, where Typer's rich help cut it to `method.prior_che…`."""
+    from rich.text import Text
+    from typer import rich_utils
+
+    make_text = rich_utils._make_rich_text
+    if getattr(make_text, "folds", False):
+        return
+
+    def folding(**kwargs: Any) -> Any:
+        text = make_text(**kwargs)
+        if isinstance(text, Text):
+            text.overflow = "fold"
+        return text
+
+    folding.folds = True  # type: ignore[attr-defined]
+    rich_utils._make_rich_text = folding
 
 
 def _parse_and_dispatch() -> None:

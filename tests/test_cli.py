@@ -322,6 +322,8 @@ def test_every_option_names_what_it_takes() -> None:
     assert re.search(r"\* +DIR +DIR\.\.\. +Run directories", report.stdout)
     assert "(device, compile, workers, output) are seeds" in report.stdout  # one line at 250 columns
     assert re.search(r"--format +-f +table\|md\|csv ", report.stdout)
+    narrow = dusa("adapt-cls", "--help", columns=80).stdout  # a key longer than the help column: folded, not cut
+    assert not re.findall(r"\w…", narrow) and "kpoint" in narrow
 
 
 def test_defaults_and_a_resume_with_nothing_to_resume_are_one_line_errors(tmp_path: Path) -> None:
