@@ -39,7 +39,7 @@ demo: $(STAMP) $(DIGITS)/manifest.json
 	$(BIN)/dusa report $(DEMO)/source $(DEMO)/norm $(DEMO)/tent $(DEMO)/eata $(DEMO)/sar $(DEMO)/rotta $(DEMO)/dusa
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
