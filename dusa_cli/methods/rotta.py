@@ -218,7 +218,7 @@ class Rotta(TTAMethod):
             with torch.no_grad():
                 targets = self.teacher(banked).float()
             predictions = self.model(augmented_view(banked)).float()
-        timeliness = torch.exp(-ages) / (1 + torch.exp(-ages))
+        timeliness = torch.sigmoid(-ages)  # e^−a / (1 + e^−a)
         return StepOutput(logits=logits, loss=(soft_cross_entropy(predictions, targets) * timeliness).mean())
 
     def after_step(self) -> None:
