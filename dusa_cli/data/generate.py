@@ -24,7 +24,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import imagecorruptions
 import numpy as np
 from PIL import Image
 
@@ -84,6 +83,8 @@ def file_seed(seed: int, corruption: str, severity: int, item_id: str) -> int:
 
 def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
     """Apply one ImageNet-C corruption reproducibly; `image` is H×W×3 uint8, at least MIN_SIDE px."""
+    import imagecorruptions  # scipy.ndimage and OpenCV, half a second that only a data build needs
+
     np.random.seed(seed)
     if corruption == "spatter":
         return _spatter(image, severity)
@@ -95,6 +96,8 @@ def _spatter(image: np.ndarray, severity: int) -> np.ndarray:
     # Spatter at severities 1-3 divides its liquid layer by the layer's maximum. On small images
     # (5 of the 599 digits-C test images at severity 1, seed 0) the layer can be empty; the 0/0
     # makes the whole image NaN and the cast to uint8 turns it black. No liquid means no spatter.
+    import imagecorruptions
+
     with np.errstate(invalid="raise"):
         try:
             return imagecorruptions.corrupt(image, corruption_name="spatter", severity=severity)
