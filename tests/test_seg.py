@@ -198,6 +198,43 @@ def test_window_gradients_sum_to_the_gradient_of_the_whole_loss(models: dict[str
         assert torch.allclose(prior_parts[name], param.grad, rtol=1e-4, atol=1e-9), name
 
 
+def test_the_split_prior_compiled_block_by_block_computes_what_the_eager_one_does(models: dict[str, Path], tmp_path: Path) -> None:
+    """`--compile prior` over two devices: every transformer block and the VAE encoder compiled
+    on its own side of the split give the eager step's loss and gradients (segmenter and prior).
+    The backend is Inductor's front half (Dynamo's capture at block boundaries and across the
+    devices, Inductor's decompositions, AOTAutograd's joint graph and its partition into forward
+    and backward) without its code generation, whose kernels are PyTorch's to test and differ
+    between a CPU (C++) and a GPU (Triton) anyway; it compiles in seconds, not a minute. A whole
+    adapt-seg run is no check of this: its top-k class choices turn rounding differences into
+    other classes a few updates later."""
+    from dusa_cli.bench.timing import compiled_graphs
+
+    images = torch.rand(1, 3, 32, 56)
+    steps = []
+    for compiled in (False, True):
+        method = dusa_method(models, tmp_path).place([torch.device("cpu", 0), torch.device("cpu", 1)])
+        assert len(set(method.prior.block_devices)) == 2
+        before = compiled_graphs()
+        if compiled:
+            for network in method.compilable()["prior"]:
+                network.compile(backend="aot_eager_decomp_partition")
+        torch.manual_seed(3)
+        loss = method.forward(images).loss.item()
+        assert (compiled_graphs() > before) == compiled
+        networks = {"model": method.model, "prior": method.prior.transformer}
+        grads = {f"{part}.{name}": p.grad for part, net in networks.items() for name, p in net.named_parameters() if p.grad is not None}
+        steps.append((loss, grads))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = steps
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert eager_grads.keys() == compiled_grads.keys() and {name.split(".")[0] for name in eager_grads} == {"model", "prior"}
+    # Some segmenter gradients are rounding noise around zero (≈1e-15: a key's bias cancels in
+    # the softmax), so differences are measured against the largest gradient.
+    scale = max(float(grad.abs().max()) for grad in eager_grads.values())
+    for name, grad in eager_grads.items():
+        named = lambda message, name=name: f"{name}: {message}"  # noqa: E731
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=named)
+
+
 def test_every_window_goes_through_the_loss_scale(models: dict[str, Path], tmp_path: Path) -> None:
     """The fp16 path: every part is multiplied by the scaler's scale, so the unscaled gradients
     equal the fp32 ones (the official code left early windows unscaled, §3.5)."""
@@ -339,30 +376,19 @@ def test_segmentation_baselines_run_end_to_end(models: dict[str, Path], ade_c: P
 
 def test_adapt_seg_split_over_two_devices_equals_one(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
     # Exactly 5 classes per window (every pixel's top 5 alone fill the cap) rather than about 20: the
-    # prior's batches are 4 times smaller, the code the same (83 s → 75 s with a cold compile cache).
+    # prior's batches are 4 times smaller, the code the same.
     common = ["--prior", str(models["sd3"]), "--corruption", ",".join(CORRUPTIONS), "--set", f"method.prompt_cache={tmp_path / 'cache'}",
               "--set", "method.classes_threshold=5", *WINDOWS]  # fmt: skip
     one = dusa("adapt-seg", *seg_args(models, ade_c, tmp_path / "one"), *common)
     assert one.returncode == 0, one.stderr
     assert list((tmp_path / "cache").glob("prompts-*.safetensors"))  # encoded once, then read
-    # The split prior, and the same compiled block by block (and its VAE encoder), side by side.
-    two, compiled = dusa_each(
-        ("adapt-seg", *seg_args(models, ade_c, tmp_path / "two"), *common, "--gpus", "cpu,cpu"),
-        ("adapt-seg", *seg_args(models, ade_c, tmp_path / "compiled"), *common, "--gpus", "cpu,cpu", "--compile", "prior"),
-    )
+    two = dusa("adapt-seg", *seg_args(models, ade_c, tmp_path / "two"), *common, "--gpus", "cpu,cpu")
     assert two.returncode == 0, two.stderr
     first, second = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
     assert [t["corruption"] for t in first["tasks"]] == list(CORRUPTIONS)
     for a, b in zip(first["tasks"], second["tasks"]):
         assert a["miou"] == pytest.approx(b["miou"]) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-4)
     assert yaml_split(tmp_path / "two") == ["cpu", "cpu"]
-
-    # Compiled: the same run up to bf16 rounding (compiled kernels fuse operations and round in
-    # other places than eager ones; bf16 keeps 8 bits, a relative step of 2^-8 ≈ 4e-3, and the
-    # loss is a mean of such values).
-    assert compiled.returncode == 0, compiled.stderr
-    for a, b in zip(second["tasks"], json.loads((tmp_path / "compiled" / "results.json").read_text())["tasks"]):
-        assert a["miou"] == pytest.approx(b["miou"], abs=1e-4) and a["mean_loss"] == pytest.approx(b["mean_loss"], rel=4e-3)
 
 
 def yaml_split(run: Path) -> list[str]:
