@@ -39,14 +39,16 @@ def find_runs(paths: Iterable[Path], skip: Callable[[str], None] | None = None) 
         if not path.exists():
             raise DusaError(f"no such results path: {path}")
         named = path.is_file()
-        files = [path] if named else sorted(path.rglob(RESULTS_FILE))
-        before = sorted({read[file.resolve()] for file in files if file.resolve() in read})
+        files = {file.resolve(): file for file in ([path] if named else sorted(path.rglob(RESULTS_FILE)))}
+        before = sorted({read[resolved] for resolved in files if resolved in read})
         if before and skip is not None:
             twice = path.resolve() in {earlier.resolve() for earlier in before}
             skip(f"{path} is given twice: its runs count once" if twice else f"{path} holds runs given before ({', '.join(map(str, before))}): each counts once")
         found = []
-        for file in (file for file in files if file.resolve() not in read):
-            read[file.resolve()] = path
+        for resolved, file in files.items():
+            if resolved in read:
+                continue
+            read[resolved] = path
             try:
                 found.append(_read_run(file))
             except DusaError as problem:
