@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests import forkserver
+
 
 def dusa(*args: str, cwd: Path | None = None, columns: int = 200, threads: int | None = None) -> subprocess.CompletedProcess:
-    """`dusa ARGS` in a subprocess; `threads`: torch's CPU threads (default: one per core)."""
+    """`dusa ARGS` in a process of its own, forked after the imports (tests/forkserver.py);
+    `threads`: torch's CPU threads (default: one per core)."""
     env = os.environ | {"COLUMNS": str(columns), "DUSA_DEBUG": "0"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    return subprocess.run(
-        [sys.executable, "-m", "dusa_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
+    return forkserver.run(args, cwd, env, timeout=300)
 
 
 def dusa_each(*invocations: Sequence[str], columns: int = 200) -> list[subprocess.CompletedProcess]:
