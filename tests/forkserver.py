@@ -34,6 +34,8 @@ import torch
 import dusa_cli.cli
 import dusa_cli.engine.loop  # what a run imports: timm, torchvision, torch._dynamo, ...
 
+assert not torch.cuda.is_initialized()  # a forked child could not use CUDA after it
+
 # Python 3.12 warns at every fork of a process with threads; the only other one is OpenBLAS's (above).
 warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
 threads = torch.get_num_threads()
