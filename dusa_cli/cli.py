@@ -106,7 +106,7 @@ CorruptionOpt = Annotated[
 ]
 SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", metavar="1-5", help="Severity 1-5, repeatable → data.severities.")]
 NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, metavar="N", help="A fixed subset of N images per task (e.g. 5000), the same for every --seed → data.num_ex.")]
-SettingOpt = Annotated[Optional[Setting], typer.Option(help="Reset to the source model at each corruption, or adapt continually → run.setting.")]
+SettingOpt = Annotated[Optional[Setting], typer.Option(metavar="NAME", help="reset_each_shift: back to the source model at each corruption; continual: adapt on across them → run.setting.")]
 SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Results directory → run.output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
@@ -138,7 +138,7 @@ TrackOpt = Annotated[
 ]
 RunProfileOpt = Annotated[
     Optional[bool],
-    typer.Option("--profile/--no-profile", help="Profile micro-batches 3-5 of the first task (torch.profiler): OUTPUT/profile/ → run.profile."),
+    typer.Option("--profile", help="Profile micro-batches 3-5 of the first task (torch.profiler): OUTPUT/profile/ → run.profile (--set run.profile=false turns a config's off)."),
 ]
 GpusOpt = Annotated[
     Optional[str],
@@ -528,7 +528,7 @@ def bench_cls_command(
     prior: Annotated[BenchPrior, typer.Option(help="The prior: DiT-XL/2 (DDPM, the paper's) or REPA's SiT-XL/2 (linear flow); tiny versions with --tiny.")] = BenchPrior.dit,
     micro_batch: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="The fast recipe's micro-batch (default 16; accumulation makes up the 64 images).")] = None,
     compile_classifier: Annotated[bool, typer.Option("--compile-classifier", help="The fast recipe also compiles the classifier.")] = False,
-    compile_mode: Annotated[CompileModeName, typer.Option(help="The fast recipe's torch.compile mode (reduce-overhead / max-autotune: CUDA graphs too).")] = CompileModeName.default,
+    compile_mode: Annotated[CompileModeName, typer.Option(metavar="MODE", help="The fast recipe's torch.compile mode: default, reduce-overhead, max-autotune (these two record CUDA graphs too) or max-autotune-no-cudagraphs.")] = CompileModeName.default,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes the prior's blocks in backward: all, or the first N (room for larger micro-batches).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="The fast recipe keeps the classifier, the VAE and the images in channels-last memory format.")] = False,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", metavar="LEVER=VALUE,...", help="One more recipe: the fast one with these levers changed (micro-batch, checkpointing, compile-classifier, channels-last, compile-mode), e.g. micro-batch=32,checkpointing=8; repeatable, timed in the same run.")] = None,
@@ -670,7 +670,7 @@ def bench_seg_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny SegFormer + SD3 that run on a CPU: keeps the code path tested.")] = False,
     updates: Annotated[int, typer.Option(min=1, metavar="N", help="Timed window updates per recipe.")] = 5,
     warmup: WarmupOpt = 2,
-    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(metavar="baseline|fast|no-checkpointing", help="Recipes to run, repeatable (default: baseline and fast, side by side; no-checkpointing on request).")] = None,
+    recipe: Annotated[Optional[list[SegRecipeName]], typer.Option(metavar="NAME", help="Recipes to run: baseline, fast or no-checkpointing; repeatable (default: baseline and fast, side by side).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", metavar="DEVICES", help="Split the transformer over these devices, e.g. 0,1 (or cpu,cpu); default: one device (auto).")] = None,
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
@@ -704,7 +704,7 @@ def bench_seg_command(
 @stoppable()
 def report(
     paths: Annotated[list[Path], typer.Argument(parser=local_path, metavar="DIR", help="Run directories or directories holding runs (searched for results.json; other tools' files are skipped with a warning).")],
-    metric: Annotated[Optional[Metric], typer.Option(help="acc: top-1 accuracy; err: top-1 error; top5/top20: top-5/top-20 accuracy; miou: mean IoU; pacc: pixel accuracy (default: acc, or miou for segmentation runs).")] = None,
+    metric: Annotated[Optional[Metric], typer.Option(metavar="NAME", help="acc: top-1 accuracy; err: top-1 error; top5/top20: top-5/top-20 accuracy; miou: mean IoU; pacc: pixel accuracy (default: acc, or miou for segmentation runs).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table (terminal), md or csv.")] = Format.table,
 ) -> None:
     """Tables over results: rows = experiments (mean ± std over seeds), columns = corruptions + mean.

@@ -67,9 +67,9 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c:
             "--corruption", "gaussian_noise,fog", "--seed", "1", "--output", str(runs / "source-1"), "-q")
     assert_one_line_error(dusa(*args), 1, "holds a complete run of this config: nothing is left to run")
     assert dusa(*args, "--resume").returncode == 0
-    # Profiling may change on --resume; here no task is left to profile, and --no-profile undoes --profile.
+    # Profiling may change on --resume; here no task is left to profile, and --set turns --profile off.
     assert "profile: nothing recorded" in dusa(*args, "--resume", "--profile").stderr
-    assert "profile" not in dusa(*args, "--resume", "--no-profile").stderr
+    assert "profile" not in dusa(*args, "--resume", "--set", "run.profile=false").stderr
     assert "profile: false" in (runs / "source-1" / "config.yaml").read_text()
 
 
@@ -324,6 +324,11 @@ def test_every_option_names_what_it_takes() -> None:
     assert re.search(r"--format +-f +table\|md\|csv ", report.stdout)
     narrow = dusa("adapt-cls", "--help", columns=80).stdout  # a key longer than the help column: folded, not cut
     assert not re.findall(r"\w…", narrow) and "kpoint" in narrow
+    # In an 80-column terminal the help text keeps room: a long choice list as metavar
+    # (reset_each_shift|continual) and a --no-profile column had squeezed adapt-cls's to 16 columns.
+    for path, shown in zip(commands, dusa_each(*((*path, "--help") for path in commands), columns=80)):
+        line = next(line for line in shown.stdout.splitlines() if "Show this message" in line)
+        assert line.rindex("│") - line.index("Show this message") >= 28, (path, line)
 
 
 def test_defaults_and_a_resume_with_nothing_to_resume_are_one_line_errors(tmp_path: Path) -> None:

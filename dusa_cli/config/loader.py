@@ -162,12 +162,12 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
 
 
 def _as_given(key: str, value: Any) -> str:
-    """An override as the command line gave it: `--task seg`, `--corruption fog,snow`, `--no-profile`."""
+    """An override as the command line gave it: `--task seg`, `--corruption fog,snow`, `--profile`."""
     flag = KEY_FLAGS.get(key)
     if flag is None:  # not a flag's key (a caller's own override)
         return f"{key}={value}"
-    if isinstance(value, bool):
-        return flag if value else f"--no-{flag.removeprefix('--')}"
+    if value is True:  # a flag that takes no value (--profile)
+        return flag
     return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
