@@ -4,6 +4,8 @@
 stream, keyed by the run's seed, the task and the image's position in the task's (seeded) order,
 so an image's noise and sampled classes are the same whatever the micro-batch size, the
 accumulation or the number of processes (issue 6: "the same sampled classes given the seed").
+A draw shared by a micro-batch (a `timestep_range` timestep) comes from the micro-batch's stream,
+keyed by its first image's position: every process's shard of it draws the same value.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def task_key(seed: int, task: str) -> int:
     """A task's key from the run's seed and its name, not its place in the run's task list: a
     task run alone draws what it draws inside the full list (as the official code re-seeds)."""
     return mix(seed, zlib.crc32(task.encode()))
+
+
+def micro_batch_key(task: int, first_image: int) -> int:
+    """The key of a task's micro-batch that starts at image `first_image` (an image's own key is
+    `mix(task, position)`: three values, not two, give an unrelated stream)."""
+    return mix(task, first_image, 1)
 
 
 def sample_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,24 +66,34 @@ class Draws:
         """A random order of 0..count-1 (one image's choice among its classes)."""
         return torch.randperm(count, generator=self.generator, device=device)
 
+    def uniform(self, device: torch.device) -> torch.Tensor:
+        """One U[0, 1) number for the whole micro-batch, as a 0-d tensor on `device` (no host wait)."""
+        return torch.rand((), generator=self.generator, device=device)
+
 
 class ImageDraws(Draws):
-    """One stream per image, from its key; each draw of a step uses a fresh sub-stream, so the
-    order of draws within a step matters but the batching does not."""
+    """One stream per image, from its key, and one for the micro-batch (`batch_key`: the same for
+    every process's shard of it); each draw of a step uses a fresh sub-stream, so the order of
+    draws within a step matters but the batching does not."""
 
-    def __init__(self, keys: list[int]):
+    def __init__(self, keys: list[int], batch_key: int):
         super().__init__()
         self.keys = keys
+        self.batch_key = batch_key
         self.calls = 0
         self.generators: dict[torch.device, torch.Generator] = {}
 
-    def _per_image(self, device: torch.device):
-        self.calls += 1
+    def _seeded(self, key: int, device: torch.device) -> torch.Generator:
+        """The device's generator, seeded for `key`'s sub-stream of the current draw."""
         generator = self.generators.get(device)
         if generator is None:
             generator = self.generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(mix(key, self.calls))
+
+    def _per_image(self, device: torch.device):
+        self.calls += 1
         for key in self.keys:
-            yield generator.manual_seed(mix(key, self.calls))
+            yield self._seeded(key, device)
 
     def normal(self, like: torch.Tensor) -> torch.Tensor:
         self._check(like.shape[0])
@@ -93,6 +111,10 @@ class ImageDraws(Draws):
     def permutation(self, count: int, device: torch.device) -> torch.Tensor:
         self._check(1)
         return torch.randperm(count, generator=next(self._per_image(device)), device=device)
+
+    def uniform(self, device: torch.device) -> torch.Tensor:
+        self.calls += 1
+        return torch.rand((), generator=self._seeded(self.batch_key, device), device=device)
 
     def _check(self, batch: int) -> None:
         if batch != len(self.keys):

@@ -121,11 +121,13 @@ def test_torchrun_two_processes_match_one_and_only_rank_0_writes(digits_c: Path,
 def test_dusa_under_torchrun_matches_one_process(digits_c: Path, tmp_path: Path, hooks: dict[str, str]) -> None:
     """DUSA trains the prior through `predict`, not `forward`: the summed gradients keep the
     classifier and the prior the same on both processes, update after update; and every image
-    draws its noise and classes from its own stream, so the run equals one process's (a
-    LayerNorm classifier: no shard batch statistics)."""
+    draws its noise and classes from its own stream, and every micro-batch its timestep from
+    its own (timestep_range: one per micro-batch, on both shards), so the run equals one
+    process's (a LayerNorm classifier: no shard batch statistics)."""
     preset = PRESET.with_name("dusa_digits.yaml")
     settings = {"data.root": str(digits_c), "data.corruptions": ["fog"], "data.num_ex": 20, "data.batch_size": 8,
-                "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False, "model.random_init": True, "run.device": "cpu"}
+                "model.name": "convnext_atto", "model.num_classes": 10, "model.pretrained": False, "model.random_init": True, "run.device": "cpu",
+                "method.timestep": None, "method.timestep_range": [0.2, 0.9]}
     single = run_experiment(load_config(preset, settings | {"run.output": str(tmp_path / "single")})).results["tasks"]
     output = tmp_path / "run"
     args = [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]

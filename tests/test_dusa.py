@@ -290,11 +290,11 @@ def test_a_bf16_dusa_step_never_waits_for_the_gpu(prior: str, tiny_vae: Path) ->
     method = make("dusa", prior, tiny_vae, classifier_fp32=False).to(device)
     adapter = OnlineAdapter(method, OptimConfig(name="adam", lr=1e-5, fused=True), "bf16", device)
     images = torch.rand(4, 3, 32, 32, device=device)
-    adapter.step(images, draws=ImageDraws([0, 1, 2, 3]))  # first use: lazy library initialisation
+    adapter.step(images, draws=ImageDraws([0, 1, 2, 3], batch_key=0))  # first use: lazy library initialisation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        adapter.step(images, draws=ImageDraws([4, 5, 6, 7]))
+        adapter.step(images, draws=ImageDraws([4, 5, 6, 7], batch_key=4))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -315,7 +315,7 @@ def test_cuda_graph_steps_with_accumulation_match_the_default_compiled_steps(tin
         method.compile(["prior", "model"], mode)
         assert method.captures_cudagraphs == (mode == "reduce-overhead")
         adapter = OnlineAdapter(method, OptimConfig(name="adam", lr=1e-3, accumulation=2), "bf16", device)
-        losses = [adapter.step(images, draws=ImageDraws(list(range(4 * i, 4 * i + 4)))).loss.item() for i in range(6)]
+        losses = [adapter.step(images, draws=ImageDraws(list(range(4 * i, 4 * i + 4)), batch_key=i)).loss.item() for i in range(6)]
         runs.append((losses, [p.detach().clone() for p in adapter.params]))
     (losses, weights), (graph_losses, graph_weights) = runs
     assert graph_losses == pytest.approx(losses, rel=1e-3)

@@ -120,14 +120,19 @@ def test_classes_are_torch_multinomials_draws_without_its_host_reads(shape: tupl
 def test_image_draws_do_not_depend_on_how_images_are_batched() -> None:
     like = torch.zeros(4, 3, 2, 2)
     probabilities = torch.rand(4, 10)
-    whole = ImageDraws([11, 12, 13, 14])
-    halves = ImageDraws([11, 12]), ImageDraws([13, 14])
+    whole = ImageDraws([11, 12, 13, 14], batch_key=5)
+    halves = ImageDraws([11, 12], batch_key=5), ImageDraws([13, 14], batch_key=5)  # two processes' shards
     noise = whole.normal(like)
     assert torch.equal(noise, torch.cat([half.normal(like[:2]) for half in halves]))
     classes = whole.multinomial(probabilities, 3)
     assert torch.equal(classes, torch.cat([h.multinomial(p, 3) for h, p in zip(halves, probabilities.split(2))]))
     assert all(row.unique().numel() == 3 for row in classes)  # without replacement
+    # The micro-batch's own draw (a timestep_range timestep) is the same in each shard.
+    shared = whole.uniform(torch.device("cpu"))
+    assert all(half.uniform(torch.device("cpu")) == shared for half in halves)
     # Images differ from each other, and a second draw in the same step differs from the first.
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise, whole.normal(like))
+    assert whole.uniform(torch.device("cpu")) != shared
+    assert ImageDraws([11], batch_key=6).uniform(torch.device("cpu")) != ImageDraws([11], batch_key=5).uniform(torch.device("cpu"))
     with pytest.raises(ValueError, match="keys"):
-        ImageDraws([1]).normal(like)
+        ImageDraws([1], batch_key=1).normal(like)

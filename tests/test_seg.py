@@ -139,7 +139,7 @@ def test_too_many_top1_classes_mask_the_pixels_of_the_dropped_ones() -> None:
     assert 0 < selected.mask.sum() < 25
     assert torch.allclose(selected.weights.sum(dim=0), torch.ones(5, 5))
     # In a run the choice comes from the image's own stream, not from torch's global one.
-    chosen = [select_pixel_classes(scores, topk=5, cap=3, draws=ImageDraws([key])).classes for key in (7, 7, 8, 9)]
+    chosen = [select_pixel_classes(scores, topk=5, cap=3, draws=ImageDraws([key], batch_key=key)).classes for key in (7, 7, 8, 9)]
     torch.manual_seed(123)
     assert torch.equal(chosen[0], chosen[1]) and not all(torch.equal(chosen[0], other) for other in chosen[2:])
 

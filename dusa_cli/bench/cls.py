@@ -27,7 +27,7 @@ from dusa_cli.bench.timing import (
     Say, caption, compiled_graphs, file_stem, not_run, ratio, release_compiled_and_memory, run_recipes, time_updates,
 )
 from dusa_cli.config.schema import CompileMode, ModelConfig, OptimConfig
-from dusa_cli.draws import ImageDraws, mix
+from dusa_cli.draws import ImageDraws, micro_batch_key, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.profiling import profile_update
 from dusa_cli.engine.runtime import peak_memory, peak_reserved, seed_everything
@@ -233,7 +233,7 @@ def _draws(recipe: Recipe, micro_batch_index: int, first_image: int) -> ImageDra
     """Per-image random streams, as the engine draws them: every recipe samples the same noise
     and classes for the same image positions, whatever its micro-batch size (dusa_cli/draws.py)."""
     first = first_image + micro_batch_index * recipe.micro_batch
-    return ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)])
+    return ImageDraws([mix(0, first + offset) for offset in range(recipe.micro_batch)], micro_batch_key(0, first))
 
 
 def run_recipe(

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from dusa_cli.collectives import all_reduce_
 from dusa_cli.config.schema import DataConfig, ModelConfig
 from dusa_cli.data.datasets import TASK_LAYOUT, check_labels, open_task, task_source
-from dusa_cli.draws import ImageDraws, mix
+from dusa_cli.draws import ImageDraws, micro_batch_key, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.engine.distributed import ShardedBatches
 from dusa_cli.engine.tasks import Progress, TaskKind, online_curve, start_timing, summarize, timing_record
@@ -110,7 +110,7 @@ def run_task(
             labels = labels.to(device, non_blocking=True)
             share = labels.numel() / size
             first = position + batches.shard_start(size)
-            draws = ImageDraws([mix(task_key, first + index) for index in range(labels.numel())])
+            draws = ImageDraws([mix(task_key, first + index) for index in range(labels.numel())], micro_batch_key(task_key, position))
             output = adapter.step(images, share, draws)
             metrics.update(output.logits, labels, output.loss, share, size)
         position += size

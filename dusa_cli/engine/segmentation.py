@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from dusa_cli.config.schema import DataConfig, SegDataConfig
 from dusa_cli.data.segmentation import SEG_TASK_LAYOUT, open_seg_task, seg_task_images
-from dusa_cli.draws import ImageDraws, mix
+from dusa_cli.draws import ImageDraws, micro_batch_key, mix
 from dusa_cli.engine.adapter import OnlineAdapter
 from dusa_cli.errors import DusaError
 from dusa_cli.engine.tasks import Progress, TaskKind, online_curve, start_timing, summarize, timing_record
@@ -59,7 +59,7 @@ def run_task(
     count = 0
     start = start_timing(devices)
     for images, labels in loader:
-        draws = ImageDraws([mix(task_key, count)])
+        draws = ImageDraws([mix(task_key, count)], micro_batch_key(task_key, count))  # a micro-batch: one image
         image = prepare_image(images.to(device, non_blocking=True), data, adapter.method.model.min_side)
         output = adapter.step(image, draws=draws)
         score.update(predict_labels(output.logits, labels.shape[-2:]), labels)

@@ -85,7 +85,7 @@ class Dusa(GuidedMethod):
         return {"model": [self.model], "prior": [self.prior.transformer, self.prior.encoder]}
 
     def timestep(self, batch: int, device: torch.device) -> torch.Tensor:
-        return draw_timestep(self.config, self.prior.path, batch, device)
+        return draw_timestep(self.config, self.prior.path, batch, device, self.draws)
 
     def forward(self, images: torch.Tensor) -> StepOutput:
         logits = self.run_model(images, self.config.classifier_fp32)

@@ -164,7 +164,7 @@ class DusaSeg(GuidedMethod):
         )
         noise = self.draws.normal(latents)  # one draw per window, shared by its classes
         count = candidates.classes.numel()
-        sigma = draw_timestep(self.config, self.prior.path, count, latents.device)
+        sigma = draw_timestep(self.config, self.prior.path, count, latents.device, self.draws)
         noisy = self.prior.path.add_noise(latents, noise, sigma[:1]).expand(count, -1, -1, -1)
         predictions = self.prior.predict(noisy, sigma, candidates.classes)
         target = self.prior.path.target(latents, noise)[0]

@@ -11,6 +11,7 @@ from pydantic import Field, NonNegativeInt, model_validator
 from torch import nn
 
 from dusa_cli.config.schema import MethodConfig
+from dusa_cli.draws import Draws
 from dusa_cli.errors import ConfigError
 from dusa_cli.methods.base import TTAMethod, norm_parameters, use_batch_statistics
 from dusa_cli.priors.paths import NoisePath
@@ -53,11 +54,12 @@ class GuidedConfig(MethodConfig):
             raise ConfigError(f"method.{key}: {error} (the prior's {path.name} path)") from None
 
 
-def draw_timestep(config: GuidedConfig, path: NoisePath, batch: int, device: torch.device) -> torch.Tensor:
-    """One timestep shared by the whole step, as the official code draws it (§1.4.7), as (batch,)."""
+def draw_timestep(config: GuidedConfig, path: NoisePath, batch: int, device: torch.device, draws: Draws) -> torch.Tensor:
+    """One timestep shared by the whole step, as the official code draws it (§1.4.7), as (batch,):
+    a `timestep_range` draw comes from the micro-batch's stream, the same on every process."""
     if config.timestep_range is not None:
         low, high = config.timestep_range
-        return (low + (high - low) * torch.rand((), device=device)).expand(batch)
+        return (low + (high - low) * draws.uniform(device)).expand(batch)
     # Filled on the device: a tensor built from a Python number would be a blocking host copy.
     return torch.full((batch,), config.timestep if config.timestep is not None else path.default_timestep, device=device)
 
