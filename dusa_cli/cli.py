@@ -499,6 +499,14 @@ FiguresOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=loc
 StatusQuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line (recipe and update under way).")]
 
 
+class BenchFormat(str, Enum):
+    table = "table"
+    md = "md"
+
+
+BenchFormatOpt = Annotated[BenchFormat, typer.Option("--format", "-f", help="table (terminal) or md: Markdown for docs/BENCHMARKS.md, under the command line, torch version and date.")]
+
+
 class RecipeName(str, Enum):
     official = "official"
     fast = "fast"
@@ -536,6 +544,7 @@ def bench_cls_command(
     tolerance: Annotated[float, typer.Option(min=0, metavar="FRACTION", help="With --trajectory: the largest relative loss deviation accepted (exit 1 beyond it).")] = 0.01,
     profile: ProfileOpt = None,
     output: FiguresOpt = None,
+    format: BenchFormatOpt = BenchFormat.table,
     quiet: StatusQuietOpt = False,
 ) -> None:
     """DUSA classification update at the paper's shapes (random weights): the official recipe and
@@ -560,7 +569,7 @@ def bench_cls_command(
             result = compare_trajectories(
                 tiny=tiny, updates=trajectory, device=run_on, prior=prior.value, candidate=fast, say=say
             )  # fmt: skip
-        _show_figures(trajectory_to_rich(result), result, output)
+        _show_figures(trajectory_to_rich(result), result, output, format)
         if result["max_relative_loss_deviation"] > tolerance:
             raise DusaError(
                 f"the fast recipe's loss deviates from fp32 by {result['max_relative_loss_deviation']:.3%}, "
@@ -575,7 +584,7 @@ def bench_cls_command(
             tiny=tiny, updates=updates, warmup=warmup, device=run_on, prior=prior.value, recipes=chosen,
             on_result=figures.on_result(), profile=profile, say=say,
         )  # fmt: skip
-    _show_figures(to_rich(result), result, output, profiled=profile is not None)
+    _show_figures(to_rich(result), result, output, format, profiled=profile is not None)
 
 
 def _bench_device(spec: str, tiny: bool, insist: str) -> torch.device:
@@ -636,25 +645,43 @@ class _FiguresSoFar:
         return f"the figures of {self.finished} of the {self.recipes} recipes are in {self.output}"
 
 
-def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], profiled: bool = False) -> None:
+def _show_figures(table: Any, result: dict[str, Any], output: Optional[Path], format: BenchFormat, profiled: bool = False) -> None:
     """A benchmark's table on stdout (and where its time went, when profiled, with the profiles'
     files named on stderr) and, if asked, its figures as JSON."""
     from dusa_cli.engine.profiling import profile_to_rich
+    from dusa_cli.results.markdown import rich_to_markdown
     from dusa_cli.writing import write_json_atomic
     from dusa_cli.ui import info, wide_stdout
 
-    console = wide_stdout()
-    console.print(table)
+    tables = [table]
     if profiled:
         breakdown = profile_to_rich("Where one update's time goes", result["recipes"])
         breakdown.caption = None  # its paths as a caption wrap mid-name to the table's width: whole lines below
-        console.print(breakdown)
+        tables.append(breakdown)
+    if format is BenchFormat.md:
+        sys.stdout.write("\n".join([_provenance(), *map(rich_to_markdown, tables)]))
+    else:
+        console = wide_stdout()
+        for shown in tables:
+            console.print(shown)
+    if profiled:
         for row in result["recipes"]:
             if row.get("profile"):
                 info(f"profile of {row['name']}: {row['profile']['trace']}, {row['profile']['ops']}")
     if output is not None:
         write_json_atomic(output, result)
         info(f"figures written to {output}")
+
+
+def _provenance() -> str:
+    """What a benchmark's figures need beside them in docs/BENCHMARKS.md: the exact command (the
+    tables' titles name the device), torch's version and the date."""
+    import datetime
+    import shlex
+
+    import torch
+
+    return f"`{shlex.join(['dusa', *sys.argv[1:]])}` · torch {torch.__version__} · {datetime.date.today().isoformat()}\n"
 
 
 class SegRecipeName(str, Enum):
@@ -675,6 +702,7 @@ def bench_seg_command(
     checkpointing: Annotated[Optional[str], typer.Option("--checkpointing", metavar="all|N", help="The fast recipe recomputes all of the transformer's blocks in backward (default: all) or only the first N (less recompute, more memory).")] = None,
     profile: ProfileOpt = None,
     output: FiguresOpt = None,
+    format: BenchFormatOpt = BenchFormat.table,
     quiet: StatusQuietOpt = False,
 ) -> None:
     """DUSA segmentation window update at the paper's shapes (random weights): seconds per 512²
@@ -697,7 +725,7 @@ def bench_seg_command(
             tiny=tiny, updates=updates, warmup=warmup, devices=devices, recipes=chosen, on_result=figures.on_result(),
             profile=profile, say=say,
         )  # fmt: skip
-    _show_figures(to_rich(result), result, output, profiled=profile is not None)
+    _show_figures(to_rich(result), result, output, format, profiled=profile is not None)
 
 
 @app.command()

@@ -109,9 +109,10 @@ class ForkServer:
             return subprocess.CompletedProcess(command, int(reply), stdout.read_text(), stderr.read_text())
 
     def close(self) -> None:
-        assert self.process.stdin
+        assert self.process.stdin and self.process.stdout
         self.process.stdin.close()
         self.process.wait(timeout=30)
+        self.process.stdout.close()
 
 
 _idle: list[ForkServer] = []
@@ -134,6 +135,8 @@ def run(args: Sequence[str], cwd: Path | None, env: dict[str, str], timeout: flo
         if server.process.poll() is None:
             with _lock:
                 _idle.append(server)
+        else:
+            server.close()
 
 
 @atexit.register

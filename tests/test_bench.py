@@ -64,11 +64,19 @@ def test_the_bench_prior_is_not_zero_so_the_classifier_learns_through_it() -> No
 
 def test_tiny_seg_bench_splits_over_devices_and_reports_each(tmp_path: Path) -> None:
     output, profiles = tmp_path / "bench_seg.json", tmp_path / "profiles"
-    args = ["--updates", "1", "--warmup", "0", "--gpus", "cpu,cpu", "--profile", str(profiles), "-o", str(output)]
+    args = ["--updates", "1", "--warmup", "0", "--gpus", "cpu,cpu", "--profile", str(profiles), "-o", str(output), "-f", "md"]
     result = dusa("bench", "seg", "--tiny", *args)
     assert result.returncode == 0, result.stderr
-    assert "Where one update's time goes" in result.stdout
     figures = json.loads(output.read_text())
+    # Markdown to paste into docs/BENCHMARKS.md: the exact command, then both tables, figures as in the JSON.
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"`dusa bench seg --tiny {' '.join(args[:6])}") and " · torch " in lines[0]
+    assert lines[2].startswith("**DUSA segmentation window update (") and lines[4] == "| recipe | checkpointing | compiled | s / window | peak GiB per device |"
+    assert lines[5] == "|---|---:|---:|---:|---:|"
+    for row, line in zip(figures["recipes"], lines[6:8]):
+        assert line.startswith(f"| {row['name']} | all | no | {row['seconds_per_window']:.3f} | ")
+    assert lines[9] == f"baseline / fast = {figures['speedup_fast_over_baseline']:.2f}×; no warm-up: the timed updates include one-off costs"
+    assert "**Where one update's time goes**" in lines and "| kind of work | baseline ms | fast ms |" in lines
     for row in figures["recipes"]:  # one profiled window update per recipe, its files on disk
         profile = row["profile"]
         assert Path(profile["trace"]) == profiles / f"{row['name']}.trace.json.gz"

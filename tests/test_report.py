@@ -218,3 +218,11 @@ def test_top5_and_top20_tables_read_those_scores_and_an_older_record_without_one
     assert build_table(find_runs([runs]), "acc").rows  # the other scores still report
     assert_one_line_error(dusa("report", str(runs), "--metric", "top20"), 1,
                           f"{older.parent} records no top20 (written by an older dusa); pick another --metric")
+
+
+def test_markdown_cells_cannot_break_the_table() -> None:
+    """A `|` in a cell would start a new column and a line break a new row: escaped and joined."""
+    from dusa_cli.results.markdown import pipe_table
+
+    table = pipe_table("figures", ["recipe", "img/s"], [["official|fast", "1.5\n(eager)"]], right=[False, True], below=["ratio"])
+    assert table == "**figures**\n\n| recipe | img/s |\n|---|---:|\n| official\\|fast | 1.5 (eager) |\n\nratio\n"

@@ -288,11 +288,9 @@ def _cells(table: Table) -> list[list[str]]:
 
 
 def to_markdown(table: Table) -> str:
-    lines = [f"**{table.title}**", "", "| " + " | ".join(_header(table)) + " |"]
-    lines.append("|" + "---|" * len(_header(table)))
-    lines += ["| " + " | ".join(cells) + " |" for cells in _cells(table)]
-    lines += ["", *(f"- {note}" for note in table.notes)] if table.notes else []
-    return "\n".join(lines) + "\n"
+    from dusa_cli.results.markdown import pipe_table
+
+    return pipe_table(table.title, _header(table), _cells(table), below=[f"- {note}" for note in table.notes])
 
 
 def to_csv(table: Table) -> str:
