@@ -824,19 +824,32 @@ def _fold_long_words() -> None:
 def _parse_and_dispatch() -> None:
     """The app, with usage errors (unknown option, value out of range, bad choice) as one error
     line and exit 2, like a bad config: Typer would box them in a multi-line panel."""
+    root = command()
     try:
-        code = command().main(prog_name="dusa", standalone_mode=False)
+        code = root.main(prog_name="dusa", standalone_mode=False)
     except typer.TyperException as failure:  # Typer's own Click: UsageError and its kin
         context = getattr(failure, "ctx", None)
         if type(failure).__name__ == "NoArgsIsHelpError":  # `dusa` alone: the help is printed already
             code = failure.exit_code
-        elif context is None:
+        elif context is None and failure.exit_code != ExitCode.USAGE:
             raise DusaError(failure.format_message()) from failure
-        else:
+        else:  # a usage error; the parser's own (`-c` without its value) come without a context
             message = failure.format_message().replace(": Value error, ", ": ")  # Typer's wording of a bad choice
-            raise ConfigError(f"{message} (see '{context.command_path} --help')") from failure  # exit 2, as Click's
+            path = context.command_path if context else _command_path(root, sys.argv[1:])
+            raise ConfigError(f"{message} (see '{path} --help')") from failure  # exit 2, as Click's
     if isinstance(code, int) and code:  # what a typer.Exit ended with
         sys.exit(code)
+
+
+def _command_path(root: typer.core.TyperGroup, args: list[str]) -> str:
+    """`dusa bench cls` for `bench cls --variant`: the command that the leading arguments name."""
+    node, path = root, ["dusa"]
+    for word in args:
+        node = getattr(node, "commands", {}).get(word)
+        if node is None:
+            break
+        path.append(word)
+    return " ".join(path)
 
 
 def _guarded(call: Callable[[], Any]) -> None:

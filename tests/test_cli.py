@@ -108,6 +108,7 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         (("baseline", "-c", PRESET, *not_weights[:-1], str(tmp_path), "-o", next(out)), 1, f"checkpoint {tmp_path} is a folder: name the weights file in it"),
         # Usage errors from the parser: one line too, not Typer's boxed panel.
         (("baseline", "--foo"), 2, "No such option: --foo (see 'dusa baseline --help')"),
+        (("bench", "cls", "--variant"), 2, "Option '--variant' requires an argument. (see 'dusa bench cls --help')"),  # exit 1 before
         (("baseline", "--setting", "weekly"), 2, "Invalid value for '--setting': 'weekly' is not one of"),
         (("report",), 2, "Missing argument 'DIR'."),
         (("nope",), 2, "No such command 'nope'. (see 'dusa --help')"),

@@ -302,7 +302,7 @@ class RunConfig(StrictModel):
     track: list[Literal["tensorboard"]] = Field(
         default_factory=list,
         description="experiment trackers: tensorboard writes each finished task's scores and online curve to "
-        "OUTPUT/tensorboard (needs the tensorboard package: pip install 'dusa[track]')",
+        "OUTPUT/tensorboard (needs the tensorboard package: pip install tensorboard)",
     )
     output: LocalPath = Field(default=Path("results/run"), validate_default=True)
 

@@ -17,7 +17,7 @@ from typing import Any
 from dusa_cli.errors import ConfigError
 from dusa_cli.results.store import task_id
 
-INSTALL_HINT = "pip install 'dusa[track]' (or: pip install tensorboard)"
+INSTALL_HINT = "pip install tensorboard (or, in dusa's checkout: pip install -e '.[track]')"
 
 
 class TensorBoardTracker:
