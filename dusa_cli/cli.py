@@ -39,7 +39,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-pretrain_app = typer.Typer(help="Train the embedded benchmark's source models.", no_args_is_help=True)
+pretrain_app = typer.Typer(help="Train the embedded benchmark's models: the digits classifier and the digits prior.", no_args_is_help=True)
 app.add_typer(pretrain_app, name="pretrain")
 
 
@@ -290,7 +290,7 @@ def root(
 def prepare_data(
     ctx: typer.Context,
     dataset: Annotated[Dataset, typer.Argument(metavar="DATASET", help="digits-c: the embedded benchmark from scikit-learn's digits; imagenet-c: corrupt an ImageNet-style folder; ade20k-c: corrupt ADE20K's validation set (15 corruptions, severity 5 unless given).")],
-    output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/IMAGE beside annotations/ (ade20k-c).")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Directory to write: CORRUPTION/SEVERITY/CLASS/IMAGE (digits-c, imagenet-c) or CORRUPTION/SEVERITY/validation/IMAGE beside annotations/ (ade20k-c).")],
     source: Annotated[Optional[Path], typer.Option(parser=local_path, metavar="DIR", help="imagenet-c: folder of <wnid>/<image> files; ade20k-c: the ADEChallengeData2016 folder.")] = None,
     corruption: Annotated[Optional[list[str]], typer.Option("--corruption", metavar="NAMES", help="Corruptions to write: a name, comma list, 'all' (15), 'extra' (4) or 'all19'; repeatable (default: all 19; ade20k-c: the 15).")] = None,
     severity: Annotated[Optional[list[int]], typer.Option("--severity", metavar="1-5", help="Severities to write, 1-5, repeatable (default: all 5; ade20k-c: 5).")] = None,
