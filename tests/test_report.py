@@ -226,3 +226,18 @@ def test_markdown_cells_cannot_break_the_table() -> None:
 
     table = pipe_table("figures", ["recipe", "img/s"], [["official|fast", "1.5\n(eager)"]], right=[False, True], below=["ratio"])
     assert table == "**figures**\n\n| recipe | img/s |\n|---|---:|\n| official\\|fast | 1.5 (eager) |\n\nratio\n"
+
+
+def test_several_severities_are_averaged_per_corruption_and_the_title_says_so(sweep: Path, tmp_path: Path) -> None:
+    run = tmp_path / "source"
+    shutil.copytree(sweep / "source-None-1", run)
+    results = json.loads((run / "results.json").read_text())
+    milder = [task | {"severity": 1, "top1": task["top1"] / 2} for task in results["tasks"]]
+    results["tasks"] += milder
+    results["planned_tasks"] += [{"corruption": task["corruption"], "severity": 1} for task in milder]
+    (run / "results.json").write_text(json.dumps(results))
+    table = build_table(find_runs([run]))
+    assert table.title == "online accuracy (%), mean over severities 1, 5"
+    for task in milder:
+        assert table.rows[0].cell(task["corruption"])[0] == pytest.approx(100 * 1.5 * task["top1"])  # (t + t/2) / 2, t/2 being the milder top1
+    assert build_table(find_runs([sweep / "source-None-1"])).title == "online accuracy (%), severity 5"

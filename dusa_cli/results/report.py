@@ -262,7 +262,8 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
     rows.sort(key=lambda row: not row.label.startswith("source"))  # the reference first, otherwise as found
     order = [c for c in ALL_CORRUPTIONS if c in names] + sorted(names - set(ALL_CORRUPTIONS))
     severities = sorted({t["severity"] for r in runs for t in r["tasks"]})
-    suffix = f", severity {', '.join(map(str, severities))}" if severities else ""
+    # A corruption's cell is the mean over its severities: the title says which, and that it is a mean.
+    suffix = f", severity {severities[0]}" if len(severities) == 1 else f", mean over severities {', '.join(map(str, severities))}" if severities else ""
     return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=rows, notes=notes)
 
 
