@@ -109,6 +109,8 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, "optim: {lr: !!float abc}\n"), {})  # a tag that cannot build its value
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml", {})
+    with pytest.raises(ConfigError, match="is a folder: name the YAML file in it"):  # said "not found" before
+        load_config(tmp_path, {})
 
 
 def test_corruption_groups_and_unknown_names(tmp_path: Path) -> None:

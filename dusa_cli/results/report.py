@@ -263,8 +263,9 @@ def build_table(runs: list[dict[str, Any]], metric: str | None = None) -> Table:
     order = [c for c in ALL_CORRUPTIONS if c in names] + sorted(names - set(ALL_CORRUPTIONS))
     severities = sorted({t["severity"] for r in runs for t in r["tasks"]})
     # A corruption's cell is the mean over its severities: the title says which, and that it is a mean.
-    suffix = f", severity {severities[0]}" if len(severities) == 1 else f", mean over severities {', '.join(map(str, severities))}" if severities else ""
-    return Table(title=f"online {title}{suffix}", columns=[*order, MEAN], rows=rows, notes=notes)
+    listed = ", ".join(map(str, severities))
+    suffix = f"severity {listed}" if len(severities) == 1 else f"mean over severities {listed}"
+    return Table(title=f"online {title}, {suffix}", columns=[*order, MEAN], rows=rows, notes=notes)
 
 
 def _format(cell: tuple[float, float | None, int] | None, seeds: int) -> str:
