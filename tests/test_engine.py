@@ -432,7 +432,7 @@ def test_a_missing_tracker_package_is_a_one_line_error_before_anything_is_writte
     from dusa_cli.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # Python then finds no such package
-    with pytest.raises(ConfigError, match=r"tensorboard package is not installed: pip install 'dusa\[track\]'"):
+    with pytest.raises(ConfigError, match=r"tensorboard package is not installed: pip install tensorboard \(or, in dusa's checkout: pip install -e '\.\[track\]'\)"):
         run_experiment(config_for(digits_c, tmp_path / "run", **{"run.track": ["tensorboard"]}))
     assert not (tmp_path / "run").exists()  # the run can start afresh once it is installed
 
