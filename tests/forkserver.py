@@ -7,8 +7,9 @@ working directory, environment, arguments and output files, calls `main()` as `p
 dusa_cli` does, and its exit status is the command's. Only the imports are shared, so the child
 starts where a fresh `dusa` would be after them. It ends as Python would (threads joined, atexit
 handlers run, output flushed) but without tearing the modules down, which costs a child more
-than the command itself (the module objects' pages are copied as teardown touches them). Tests about the start of a process (a stop
-during the imports, what a command imports, signals to a run) start `python -m dusa_cli`.
+than the command itself (the module objects' pages are copied as teardown touches them). Tests
+about the start of a process (a stop during the imports, what a command imports, signals to a
+run) start `python -m dusa_cli`.
 
 Forking after the imports is safe here: the server runs no computation, so torch's OpenMP pool
 does not exist yet (a child sets its own thread count), and the one other thread is the idle
@@ -58,10 +59,11 @@ for line in sys.stdin:
         try:
             dusa_cli.cli.main()
             status = 0
-        except SystemExit as end:  # as Python ends on one: None is 0, another object is printed and 1
-            status = 0 if end.code is None else end.code if isinstance(end.code, int) else 1
-            if not isinstance(end.code, (int, type(None))):
-                print(end.code, file=sys.stderr)
+        except SystemExit as end:  # as Python ends on one: None is 0, an int itself, another object printed and 1
+            status = 0 if end.code is None else end.code
+            if not isinstance(status, int):
+                print(status, file=sys.stderr)
+                status = 1
         # The end of `python -m dusa_cli` without the interpreter's teardown, which here touches
         # every object the server imported, each page then copied (copy-on-write): 1.3 s a command.
         for thread in threading.enumerate():

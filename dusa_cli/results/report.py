@@ -14,6 +14,7 @@ from typing import Any
 
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.errors import ConfigError, DusaError
+from dusa_cli.results.markdown import pipe_table
 from dusa_cli.results.store import RESULTS_FILE, RESUMABLE_CHANGES, read_results, read_run_config
 
 # metric → (task record key, title, the task it belongs to)
@@ -290,8 +291,6 @@ def _cells(table: Table) -> list[list[str]]:
 
 
 def to_markdown(table: Table) -> str:
-    from dusa_cli.results.markdown import pipe_table
-
     return pipe_table(table.title, _header(table), _cells(table), below=[f"- {note}" for note in table.notes])
 
 
