@@ -59,7 +59,8 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
         # launcher forwards its own), and raising again would break off the unwinding.
         if stopped is None:
             stopped = number
-            raise_outside_imports(Stopped(number), frame)
+            if not _shields:
+                raise_outside_imports(Stopped(number), frame)
         elif number == signal.SIGINT:  # Ctrl-C again: a person who will not wait for the unwinding
             quit_at_once(outcome, report)
 
@@ -72,6 +73,23 @@ def stoppable(outcome: str = "", report: bool = True) -> Iterator[None]:
         cancel_retry()
     if stopped is not None:
         raise interrupted(Stopped(stopped), outcome, report)
+
+
+_shields = 0  # how many shielded() blocks are running
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """A stop signal during the block is noted, not raised, so the block's work is not cut in
+    half: a failed run's last save, which the SIGTERM torchrun sends the other processes when one
+    fails would otherwise interrupt (leaving results.json "running"). The stoppable() block around
+    it ends as stopped when it finishes, or in the error already under way, the one to report."""
+    global _shields
+    _shields += 1
+    try:
+        yield
+    finally:
+        _shields -= 1
 
 
 RETRY_SECONDS = 0.02

@@ -302,6 +302,25 @@ def test_a_stop_that_something_swallowed_still_ends_as_a_stop() -> None:
     assert finished and caught.value.exit_code == 143
 
 
+def test_a_stop_during_a_failed_runs_last_save_leaves_it_failed(tmp_path: Path) -> None:
+    """When one process of a torchrun run dies, rank 0 fails on the lost peer while torchrun
+    SIGTERMs it: a stop in the middle of saving "failed" left results.json "running" (CI caught
+    it in test_distributed's killed-rank test). The save finishes; the failure is what's reported."""
+    from dusa_cli.results.store import ResultsStore
+    from dusa_cli.stopping import stoppable
+
+    class SignalledAsItSaves(ResultsStore):
+        def _save(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next line
+            super()._save()
+
+    store = SignalledAsItSaves(tmp_path, {"status": "running", "tasks": []})
+    with pytest.raises(RuntimeError, match="lost peer"):
+        with stoppable("kept"), store.running():
+            raise RuntimeError("lost peer")
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the retry timer is POSIX's")
 def test_a_stop_in_the_middle_of_an_import_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception in a module's import leaves it half-loaded: numpy then refused to load again

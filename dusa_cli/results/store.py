@@ -25,6 +25,7 @@ import yaml
 from dusa_cli.config.loader import dump_config, flatten
 from dusa_cli.config.schema import ExperimentConfig
 from dusa_cli.errors import DusaError, listed
+from dusa_cli.stopping import shielded
 from dusa_cli.writing import check_writable, write_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_FORMAT = "dusa-results/1"
@@ -143,7 +144,7 @@ class ResultsStore:
         except BaseException as ending:
             if self.writable and self.results["status"] == "running":
                 self.results["status"] = "stopped" if isinstance(ending, KeyboardInterrupt) else "failed"
-                with suppress(OSError, DusaError):  # the original error is the one to report
+                with suppress(OSError, DusaError), shielded():  # the original error is the one to report
                     self._save()
             raise
 
