@@ -106,7 +106,7 @@ CorruptionOpt = Annotated[
 ]
 SeverityOpt = Annotated[Optional[list[int]], typer.Option("--severity", metavar="1-5", help="Severity 1-5, repeatable → data.severities.")]
 NumExOpt = Annotated[Optional[int], typer.Option("--num-ex", min=1, metavar="N", help="A fixed subset of N images per task (e.g. 5000), the same for every --seed → data.num_ex.")]
-SettingOpt = Annotated[Optional[Setting], typer.Option(metavar="NAME", help="reset_each_shift: back to the source model at each corruption; continual: adapt on across them → run.setting.")]
+SettingOpt = Annotated[Optional[Setting], typer.Option(metavar="NAME", help="reset_each_shift: back to the source model at each task (a corruption at one severity); continual: adapt on across tasks → run.setting.")]
 SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Random seed, 0 ≤ seed < 2^63 → run.seed.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Results directory → run.output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]

@@ -96,8 +96,9 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
         (("prepare-data", "digits-c", "--source", str(digits_c), "-o", next(out)), 2, "--source is for imagenet-c and ade20k-c"),
         (("baseline", "-c", PRESET, "--set", "optim.lrr=1", "-o", next(out)), 2, "optim.lrr: unknown key"),
         (("baseline", "-c", PRESET, *untrained, "-o", next(out)), 2, "'convnext_atto' has no weights: pass --checkpoint"),
-        (("baseline", "-c", PRESET, "--data", str(digits_c), "--corruption", "fog", "-o", str(tmp_path / "file" / "run")), 1, "cannot write"),
-        (("prepare-data", "digits-c", "-o", str(tmp_path / "file" / "digits"), "-q"), 1, f"Not a directory: {tmp_path / 'file' / 'digits'}"),
+        (("baseline", "-c", PRESET, "--data", str(digits_c), "--corruption", "fog", "-o", str(tmp_path / "file" / "run")), 1, f"cannot write {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file"),
+        (("prepare-data", "digits-c", "-o", str(tmp_path / "file" / "digits"), "-q"), 1, f"cannot write {tmp_path / 'file' / 'digits'}: {tmp_path / 'file'} is a file"),
+        (("prepare-data", "digits-c", "-o", str(tmp_path / "file"), "-q"), 1, f"cannot write {tmp_path / 'file'}: it is a file"),
         (("baseline", "-c", str(tmp_path / "[/odd].yaml")), 2, "[/odd].yaml"),  # rich markup characters in a message stay text
         (("baseline", "-c", str(bad)), 2, "invalid YAML"),
         (("baseline", "-c", str(weights)), 2, "not a YAML file (not UTF-8 text)"),

@@ -330,7 +330,7 @@ def test_resume_takes_a_moved_run_cleans_killed_writes_and_records_each_session(
     with pytest.warns(UserWarning, match="nothing to resume"):
         assert len(run_experiment(config_for(digits_c, early, method="source"), resume=True).results["tasks"]) == 2
     (tmp_path / "file").write_text("")
-    with pytest.raises(DusaError, match="is a file, not a directory"):
+    with pytest.raises(DusaError, match="it is a file"):
         run_experiment(config_for(digits_c, tmp_path / "file"))
 
 

@@ -31,6 +31,7 @@ from dusa_cli.data.generate import (
     write_manifest,
 )
 from dusa_cli.errors import ConfigError, DusaError, listed
+from dusa_cli.writing import check_writable
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -85,8 +86,7 @@ _LAYOUT = frozenset({"train", "clean", "manifest.json", *ALL_CORRUPTIONS})
 
 def _check_output(output: Path) -> None:
     """`output` is new, empty or an earlier digits-C build: never a results or another dataset's folder."""
-    if output.exists() and not output.is_dir():
-        raise DusaError(f"output is not a directory: {output}")
+    check_writable(output, directory=True)  # not a file, nor under one; writable
     if not output.is_dir():
         return
     foreign = sorted(e.name for e in output.iterdir() if e.name not in _LAYOUT and not e.name.startswith("."))

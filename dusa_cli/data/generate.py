@@ -30,7 +30,7 @@ from PIL import Image
 from dusa_cli.data.corruptions import ALL_CORRUPTIONS
 from dusa_cli.data.files import UNFINISHED_MARKER, absolute_path, sha256_hex, usable_cores
 from dusa_cli.errors import DusaError, listed
-from dusa_cli.writing import write_bytes_atomic
+from dusa_cli.writing import check_writable, write_bytes_atomic
 
 Progress = Callable[[int, int], None]
 
@@ -450,8 +450,7 @@ def claim_output(output: Path, settings: dict[str, Any], source: Path) -> None:
     other ones (an interrupted first build has no manifest yet to say where its files came from)
     and to write into a folder that holds something else (a results directory, another dataset)."""
     record = settings | {"source": str(absolute_path(source))}
-    if output.exists() and not output.is_dir():
-        raise DusaError(f"output is not a directory: {output}")
+    check_writable(output, directory=True)  # not a file, nor under one; writable
     settings_path = output / SETTINGS_FILE
     if not settings_path.is_file() and output.is_dir() and any(output.iterdir()):
         raise DusaError(f"{output} is not empty and holds no build of `dusa prepare-data`; choose a new or empty --output")

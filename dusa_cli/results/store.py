@@ -62,8 +62,7 @@ class ResultsStore:
     @staticmethod
     def check(root: Path, config: ExperimentConfig, resume: bool) -> None:
         """Refuse now what `open` would refuse, before any model loads; writes nothing."""
-        if root.exists() and not root.is_dir():
-            raise DusaError(f"output {root} is a file, not a directory")
+        check_writable(root, directory=True)
         if (root / RESULTS_FILE).is_file() or (root / "config.yaml").is_file():
             if not resume:
                 raise DusaError(_held_run(root, dump_config(config)))
@@ -77,7 +76,6 @@ class ResultsStore:
             leftovers = _unfinished_writes(root) if resume else []
             if any(entry not in leftovers for entry in root.iterdir()):
                 raise DusaError(f"output directory {root} is not empty and holds no dusa run")
-        check_writable(root, directory=True)
 
     @classmethod
     def open(
