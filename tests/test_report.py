@@ -81,6 +81,16 @@ def test_a_run_with_no_finished_task_is_left_out_and_a_difference_some_labels_hi
     assert f"{runs / 'tent-0.01-2'} has no finished task: left out" in table.notes
     assert "rows differ in data.corruptions (source: gaussian_noise,fog; the others as labelled)" in table.notes
     assert table.notes[-2:] == ["tent · corruptions=fog: also optim.lr=0.001", "tent · corruptions=gaussian_noise,fog: also optim.lr=0.01"]
+    # In a terminal the notes follow the table, wrapped at the terminal's width, not the table's.
+    from rich.console import Console
+
+    from dusa_cli.results.report import to_rich
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(to_rich(table, 200))
+    lines = console.export_text().rstrip().splitlines()
+    table_width = max(len(line.rstrip()) for line in lines[:-len(table.notes)])
+    assert len(table.notes[0]) > table_width and lines[-len(table.notes):] == table.notes
 
 
 def test_labels_cut_short_stay_apart(sweep: Path, tmp_path: Path) -> None:

@@ -321,8 +321,11 @@ CORNER = "corruption"
 def to_rich(table: Table, width: int = 200):
     """Corruptions as columns when they fit in `width`; otherwise the table the narrower way
     round: corruptions as rows, a column per experiment, when that is narrower (many
-    corruptions, few experiments). Widths are the figures' (labels wrap)."""
+    corruptions, few experiments). Widths are the figures' (labels wrap). The notes follow
+    the table, wrapped at the terminal's width (a caption would wrap at the table's)."""
+    from rich.console import Group
     from rich.table import Table as RichTable
+    from rich.text import Text
 
     header, body = _header(table), _cells(table)
     widths = [max(len(h), *(len(row[i]) for row in body)) + 3 for i, h in enumerate(header)]
@@ -331,10 +334,9 @@ def to_rich(table: Table, width: int = 200):
     if across > width and down < across:  # transpose: rows = corruptions (+ seeds, mean), columns = experiments
         header, body = [CORNER, *(row[0] for row in body)], [list(r) for r in zip(*body)][1:]
         body = [[name, *cells] for name, cells in zip(_header(table)[1:], body)]
-    caption = "\n".join(table.notes) or None
-    rich_table = RichTable(title=table.title, caption=caption, caption_justify="left", header_style="bold")
+    rich_table = RichTable(title=table.title, header_style="bold")
     for index, name in enumerate(header):
         rich_table.add_column(name, justify="left" if index == 0 else "right", overflow="fold")
     for cells in body:
         rich_table.add_row(*cells, style="bold" if cells[0] == MEAN else None)
-    return rich_table
+    return Group(rich_table, Text("\n".join(table.notes), style="table.caption")) if table.notes else rich_table
