@@ -220,6 +220,7 @@ def test_what_the_command_line_got_wrong_is_said_as_such(tmp_path: Path, digits_
     assert_one_line_errors(
         (("baseline", "-c", PRESET, "--task", "seg"), 2, f"error: {PRESET} with --task seg: data.batch_size: Input should be 1"),
         (("baseline", "-c", PRESET, "--set", "data.num_ex=yes"), 2, "command line: data.num_ex: expected an integer, got the boolean true"),
+        (("baseline", "-c", PRESET, "--seed", "-1"), 2, "command line (--seed -1): run.seed: Input should be greater than or equal to 0"),
         (("baseline", "-c", PRESET, "--method", "sourc"), 2, f"unknown method 'sourc', did you mean 'source'? (available: {runs_without_prior})"),
         (("baseline", "-c", PRESET, *partial, "-o", str(tmp_path / "out")), 1,
          f"no data in {digits_c} for 3 of the 3 corruptions: fog/3, snow/{{3,5}}, frost/{{3,5}} (expected ImageNet-C's"),

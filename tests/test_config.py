@@ -73,7 +73,7 @@ def test_an_unknown_method_is_answered_with_the_methods_the_caller_runs(tmp_path
 
     without_prior = [name for name in available_methods() if not get_method(name).uses_prior and "cls" in get_method(name).tasks]
     assert {"source", "tent"} <= set(without_prior) and "dusa" not in without_prior
-    with pytest.raises(ConfigError, match=rf"^command line: method: unknown method 'sourc', did you mean 'source'\? \(available: {', '.join(without_prior)}\)$"):
+    with pytest.raises(ConfigError, match=rf"^command line \(--method sourc\): method: unknown method 'sourc', did you mean 'source'\? \(available: {', '.join(without_prior)}\)$"):
         load_config(write(tmp_path, BASE), {"method.name": "sourc"}, runs=lambda method: not method.uses_prior)
     with pytest.raises(ConfigError, match=r"unknown method 'dus' \(available: "):  # dusa is adapt-cls's: no guess
         load_config(write(tmp_path, BASE), {"method.name": "dus"}, runs=lambda method: not method.uses_prior)
@@ -168,7 +168,7 @@ def test_segmentation_section_and_defaults(tmp_path: Path) -> None:
 
 
 def test_errors_blame_where_the_value_came_from(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^command line: data\.corruptions: unknown corruption 'fgo'"):
+    with pytest.raises(ConfigError, match=r"^command line \(--corruption fgo\): data\.corruptions: unknown corruption 'fgo'"):
         load_config(write(tmp_path, BASE), {"data.corruptions": ["fgo"]})
     with pytest.raises(ConfigError, match=r"^command line: data\.batch_size: Input should be greater"):
         load_config(write(tmp_path, BASE), {}, ["data.batch_size=0"])  # nested config: no "Value error, data: …"

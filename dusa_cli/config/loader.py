@@ -210,7 +210,10 @@ def _blame(path: Path | None, locations: list[str], given: dict[str, str]) -> st
         for location, section in zip(locations, sections)
     ]  # the keys given for each location, or inside it
     if path is None or all(set_by):
-        return "command line"
+        # The flags behind the values, as typed (`--seed -1`); a --set is not: the message names its key.
+        touched = dict.fromkeys(key for keys in set_by for key in keys)
+        flags = [given[key] for key in touched if key in KEY_FLAGS and not given[key].startswith("--set ")]
+        return f"command line ({' '.join(flags)})" if flags else "command line"
     involved = [
         key for key in given
         if any(key in keys or any(within(location, part) for part in SCHEMA_KEYS.get(key, ())) for location, keys in zip(locations, set_by))
