@@ -69,13 +69,14 @@ def assert_one_line_errors(*cases: tuple[Sequence[str], int, str]) -> None:
 # What `--gpus 0,1` runs after its CUDA checks; with run.device cpu, two CPU processes (gloo).
 LAUNCH = """
 from pathlib import Path
-from dusa_cli.cli import _guarded, _worker
+from dusa_cli.cli.guard import guarded
+from dusa_cli.cli.run import worker
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.distributed import launch
 from dusa_cli.results.store import stopped_run_outcome
 
 config = load_config(Path({preset!r}), {settings})
-_guarded(lambda: launch([0, 1], _worker, (config, False, True), lambda: stopped_run_outcome(config.run.output)))
+guarded(lambda: launch([0, 1], worker, (config, False, True), lambda: stopped_run_outcome(config.run.output)))
 """
 LAUNCH_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # the listed "GPUs" need not exist
 

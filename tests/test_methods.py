@@ -28,7 +28,7 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_baseline_help_names_every_built_in_method_without_a_prior() -> None:
-    """`--help` answers without importing torch, so the names are written out in cli.py."""
+    """`--help` answers without importing torch, so the names are written out in cli/run.py."""
     built_in = [m for m in available_methods() if get_method(m).__module__.startswith("dusa_cli.methods.")]
     baselines = [m for m in built_in if not get_method(m).uses_prior]
     assert {"source", "norm", "tent", "eata", "sar", "rotta", "cotta"} <= set(baselines)
