@@ -321,6 +321,28 @@ def test_a_stop_during_a_failed_runs_last_save_leaves_it_failed(tmp_path: Path) 
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
+def test_a_stop_during_a_runs_completing_save_leaves_it_stopped(tmp_path: Path) -> None:
+    """A SIGTERM (a scheduler's time limit) in the middle of writing "complete": the write is
+    abandoned, and the run must not stay "running" on disk with every task finished."""
+    from dusa_cli.errors import Interrupted
+    from dusa_cli.results.store import ResultsStore
+    from dusa_cli.stopping import stoppable
+
+    class SignalledAsItCompletes(ResultsStore):
+        def _save(self, *results: dict) -> None:
+            if (results[0] if results else self.results)["status"] == "complete":
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next line
+            super()._save(*results)
+
+    store = SignalledAsItCompletes(tmp_path, {"status": "running", "tasks": [{"corruption": "fog"}]})
+    store._save()
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM"):
+        with stoppable(), store.running():
+            store.complete({"top1": 0.5})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "stopped" and saved["tasks"] == [{"corruption": "fog"}]
+
+
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the retry timer is POSIX's")
 def test_a_stop_in_the_middle_of_an_import_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception in a module's import leaves it half-loaded: numpy then refused to load again

@@ -147,9 +147,11 @@ class ResultsStore:
             raise
 
     def complete(self, summary: dict[str, Any]) -> None:
-        self.results["summary"] = summary
-        self.results["status"] = "complete"
-        self._save()
+        """Status "complete" once it is on disk: a stop in the middle of this save leaves the
+        run "running" in memory, which running() then saves as "stopped"."""
+        completed = self.results | {"summary": summary, "status": "complete"}
+        self._save(completed)
+        self.results = completed
 
     @property
     def state_path(self) -> Path:
@@ -175,9 +177,9 @@ class ResultsStore:
             raise DusaError(f"{cannot} is not a saved run state (a dict of adapter, rng and records)")
         return state
 
-    def _save(self) -> None:
+    def _save(self, results: dict[str, Any] | None = None) -> None:
         if self.writable:
-            write_json_atomic(self.root / RESULTS_FILE, self.results)
+            write_json_atomic(self.root / RESULTS_FILE, self.results if results is None else results)
 
 
 # What a resumed run may change: where it is written and how it is run, not what it computes.
