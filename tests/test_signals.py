@@ -310,9 +310,9 @@ def test_a_stop_during_a_failed_runs_last_save_leaves_it_failed(tmp_path: Path) 
     from dusa_cli.stopping import stoppable
 
     class SignalledAsItSaves(ResultsStore):
-        def _save(self) -> None:
+        def _save(self, *results: dict) -> None:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next line
-            super()._save()
+            super()._save(*results)
 
     store = SignalledAsItSaves(tmp_path, {"status": "running", "tasks": []})
     with pytest.raises(RuntimeError, match="lost peer"):
