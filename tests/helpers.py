@@ -1,8 +1,10 @@
 """Running the real `dusa` command (or the `--gpus` launcher) in a subprocess, and what its errors must look like."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,3 +86,42 @@ LAUNCH_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # the listed "GPUs" need not exist
 def launch_command(preset: Path, settings: dict[str, Any]) -> list[str]:
     """A Python command that launches the run of `preset` and `settings` as `--gpus 0,1` would."""
     return [sys.executable, "-c", LAUNCH.format(settings=settings, preset=str(preset))]
+
+
+def _ended(pid: int) -> bool:
+    """Whether the process is a zombie: dead, not yet waited for by its stopped parent."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def die_beside_a_failing_rank(peer_file: str) -> None:
+    """A `launch` worker: with the launcher stopped (SIGSTOP), rank 1 is killed by SIGKILL, then
+    rank 0 exits with code 1 and has the launcher continued once it is gone, so the launcher
+    wakes to find both ended, as when rank 0 fails on a killed peer before the launcher looks."""
+    launcher, peer = os.getppid(), Path(peer_file)
+    if os.environ["RANK"] == "1":
+        os.kill(launcher, signal.SIGSTOP)
+        peer.with_suffix(".tmp").write_text(str(os.getpid()))
+        peer.with_suffix(".tmp").rename(peer)
+        os.kill(os.getpid(), signal.SIGKILL)
+    while not (peer.exists() and _ended(int(peer.read_text()))):
+        time.sleep(0.01)
+    continue_launcher = f"until grep -q ') Z ' /proc/{os.getpid()}/stat; do sleep 0.01; done; kill -CONT {launcher}"
+    subprocess.Popen(["sh", "-c", continue_launcher], start_new_session=True)
+    os._exit(1)
+
+
+RACE = """
+import sys
+sys.path.insert(0, {root!r})  # the spawned processes import the worker from tests.helpers
+from dusa_cli.cli.guard import guarded
+from dusa_cli.engine.distributed import launch
+from tests.helpers import die_beside_a_failing_rank
+
+guarded(lambda: launch([0, 1], die_beside_a_failing_rank, ({peer_file!r},), lambda: "nothing was kept"))
+"""
+
+
+def race_command(peer_file: Path) -> list[str]:
+    """A Python command that launches `die_beside_a_failing_rank` as `--gpus 0,1` would."""
+    return [sys.executable, "-c", RACE.format(root=str(Path(__file__).parents[1]), peer_file=str(peer_file))]

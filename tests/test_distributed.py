@@ -17,7 +17,7 @@ from dusa_cli.config.schema import DataConfig
 from dusa_cli.engine.distributed import World, parse_gpus
 from dusa_cli.engine.loop import run_experiment, task_loader
 from dusa_cli.errors import ConfigError
-from helpers import LAUNCH_ENV, assert_one_line_error, dusa, launch_command
+from helpers import LAUNCH_ENV, assert_one_line_error, dusa, launch_command, race_command
 
 PRESET = Path(__file__).parents[1] / "configs" / "cls" / "digits.yaml"
 KEYS = ("top1", "top5", "mean_loss")
@@ -183,3 +183,10 @@ def test_gpus_launcher_matches_one_process_and_reports_failures(digits_c: Path, 
     assert killed.returncode == 1 and "Traceback" not in killed.stderr
     last = killed.stderr.splitlines()[-1]  # killed in the first task
     assert "the process on GPU 1 was killed by SIGKILL; the others were stopped; no task had finished" in last
+
+
+def test_a_killed_process_is_the_report_when_it_ended_together_with_a_failing_one(tmp_path: Path) -> None:
+    # Rank 0 exits 1 (its own error: printed by it) after rank 1 was killed, the launcher waking
+    # only then: the killed process is the cause to report, whatever their order.
+    result = subprocess.run(race_command(tmp_path / "peer"), capture_output=True, text=True, env=os.environ | LAUNCH_ENV, timeout=120)
+    assert_one_line_error(result, 1, "the process on GPU 1 was killed by SIGKILL; the others were stopped; nothing was kept")

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import datetime
 import logging
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -175,7 +176,8 @@ def parse_gpus(text: str) -> list[int]:
 def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...], outcome: Callable[[], str]) -> None:
     """Run `worker(*args)` in one process per listed GPU, with the variables torchrun would set
     (so the engine takes the same path), and wait for all of them. The first process to fail
-    stops the others; its own one-line error is the report.
+    stops the others. A process killed or stopped by a signal is the report (the others fail on
+    its loss); a process that failed on its own has printed its one-line error.
 
     A stop (Ctrl-C, SIGTERM, SIGHUP) is reported here, ending with `outcome()` (what the run
     kept), and the workers stop silently: when one exits, torch SIGTERMs the others, which could
@@ -204,23 +206,36 @@ def launch(gpus: list[int], worker: Callable[..., None], args: tuple[Any, ...], 
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, number)
 
+    ended: dict[int, int] = {}  # exit codes of the processes that had ended when one failed
     try:
         with handling(forward):
-            while not context.join():
-                pass
+            while True:
+                # Read every exit code before torch's join stops the others: a killed process and
+                # rank 0 failing on the lost peer can end together, and join reports them in rank order.
+                multiprocessing.connection.wait(list(context.sentinels))
+                ended = {index: process.exitcode for index, process in enumerate(context.processes) if process.exitcode}
+                if context.join():
+                    break
     except torch.multiprocessing.ProcessExitedException as failure:
         if stops:
             raise Interrupted(stops[0], outcome()) from None
-        code = failure.exit_code
-        if failure.signal_name is not None:
-            cause = f"killed by {failure.signal_name}"
-        elif code - 128 in STOP_SIGNALS:  # sent to that worker alone, which stopped silently
-            cause = f"stopped by {signal.Signals(code - 128).name}"
-        else:
-            raise ReportedElsewhere(code) from None
-        raise DusaError(
-            f"the process on GPU {gpus[failure.error_index]} was {cause}; the others were stopped; {outcome()}"
-        ) from None
+        ended.setdefault(failure.error_index, failure.exit_code)
+        for index, code in ended.items():
+            if code < 0:
+                cause = f"killed by {_signal_name(-code)}"
+            elif code - 128 in STOP_SIGNALS:  # sent to that worker alone, which stopped silently
+                cause = f"stopped by {_signal_name(code - 128)}"
+            else:
+                continue
+            raise DusaError(f"the process on GPU {gpus[index]} was {cause}; the others were stopped; {outcome()}") from None
+        raise ReportedElsewhere(failure.exit_code) from None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal
+        return f"signal {number}"
 
 
 def _launched(index: int, parent: int, worker: Callable[..., None], args: tuple[Any, ...]) -> None:
