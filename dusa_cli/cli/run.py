@@ -158,12 +158,15 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
         raise
     from dusa_cli.methods import get_method  # loaded by the config's validation already
 
+    method = get_method(config.method.name)
     recipe_given = any(key.startswith(("optim.", "run.precision")) for key in [*overrides, *(assignments or [])])
-    if config_path is None and not recipe_given and get_method(config.method.name).trains:
+    if config_path is None and not recipe_given and method.trains:
         warnings.warn(
             f"no --config: built-in defaults (optim {config.optim.name} lr {config.optim.lr:g}, run.precision "
             f"{config.run.precision}), not a paper's recipe (presets in configs/cls and configs/seg)", stacklevel=1,
         )
+    for caveat in method.caveats(config.method):
+        warnings.warn(caveat, stacklevel=1)
     _check_command(command, config)
     from dusa_cli.results.store import stopped_run_outcome
 

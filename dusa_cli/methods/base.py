@@ -56,6 +56,12 @@ class TTAMethod:
         self.draws: Draws = Draws()
         self.configure_model()
 
+    @classmethod
+    def caveats(cls, config: MethodConfig) -> list[str]:
+        """How these options depart from the method as its paper defines it: each is printed as a
+        warning before a run starts."""
+        return []
+
     def configure_model(self) -> None:
         """Default: a frozen model in eval mode."""
         self.model.eval()

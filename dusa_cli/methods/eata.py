@@ -8,7 +8,7 @@ Per batch, over the affine parameters of the norm layers (as Tent):
   average (0.9) of the predictions kept so far;
 - loss: the mean over the kept samples of H·exp(E0 − H), plus α·Σ F·(θ − θ_source)² (α 2000) when
   `fisher_data` names clean source images (2000 of them: the DUSA repository's ImageNet val).
-  Without them the method is ETA, EATA without the anchor.
+  Without them the method is ETA, EATA without the anchor, and a run warns.
 A batch that keeps no sample does not update, as the official code.
 
 Differences from the official code:
@@ -94,6 +94,15 @@ class Eata(Tent):
         self.kept = UpdateTotals(model.num_classes)  # this update's kept predictions
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def caveats(cls, config: EataConfig) -> list[str]:
+        if config.fisher_data is not None:
+            return []
+        return [
+            "method eata without method.fisher_data is ETA: no Fisher-weighted anchor to the source weights "
+            "(EATA's comes from clean source images: 2000 of ImageNet's val set in the DUSA repository)"
+        ]
 
     def place(self, devices: list[torch.device]) -> Eata:
         super().place(devices)

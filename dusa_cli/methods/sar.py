@@ -11,16 +11,20 @@ Per batch, over the affine parameters of the norm layers outside the top stage:
    optimizer's state go back to the source.
 
 The optimizer is the run's `optim` (the DUSA repository hard-codes SGD lr 1e-3 momentum 0.9 for
-the SGD backbones, so ResNet50-GN matches it with `--set optim.lr=1e-3`, and Adam 1e-5 for
-ConvNeXt-L, its preset's).
+the SGD backbones and Adam 1e-5 for ConvNeXt-L, its preset's: see the first difference below).
 
 Differences from the official code:
 - The top stage is skipped by module path below the classifier (`frozen_modules`): ResNet's
   `layer4`, ConvNeXt's `stages.3` and ViT's `blocks.9`-`blocks.11`, and the final `norm` and the
   `head`. The official name tests miss ConvNeXt's top stage and ViT's final norm (§2).
-- A batch with no reliable sample makes no step (the official steps on a NaN-free zero
-  gradient, which momentum turns into a move), and after a recovery the loss average starts
-  anew (the official keeps the low average, so it recovers again at the next batches).
+- The learning rate is the run's `optim.lr`: the official replaces an SGD optimizer's by 1e-3
+  (§2), so the ResNet50-GN preset's 2.5e-4 needs `--set optim.lr=1e-3` to match it.
+- A batch with no reliable sample, or none left reliable at the perturbed weights, makes no step
+  (the official steps on a NaN-free zero gradient, which momentum turns into a move), and after
+  a recovery the loss average starts anew (the official keeps the low average, so it recovers
+  again at the next batches).
+- ConvNeXt's `stages.3` includes timm's downsampling LayerNorm in front of the top stage
+  (`stages.3.downsample.0`), which is frozen with it.
 - The ascent follows the gradient of the images at hand: one process's shard of one
   micro-batch. With one process and `optim.accumulation` 1, the official batch.
 """
