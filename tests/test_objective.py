@@ -24,9 +24,10 @@ def test_hand_computed_two_candidate_case() -> None:
     assert torch.allclose(mixture, torch.full_like(target, w1))
     loss = prediction_loss(mixture, target, LossWeights())
     assert loss.item() == pytest.approx((w1 - 0.5) ** 2, rel=1e-5)
-    # norm_l2 = RMSE per image, cosine = 1 - cos: both by hand on the same numbers.
+    # norm_l2 = e / √(e + 0.001) of the image's MSE e, cosine = 1 - cos: both by hand on the same numbers.
     both = prediction_loss(mixture, target, LossWeights(mse=0, norm_l2=1, cosine=1))
-    assert both.item() == pytest.approx(abs(w1 - 0.5) + 0.0, abs=1e-5)  # parallel vectors: cosine 1
+    error = (w1 - 0.5) ** 2
+    assert both.item() == pytest.approx(error / math.sqrt(error + 1e-3) + 0.0, rel=1e-5)  # one channel, both positive: cosine 1
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
@@ -89,12 +90,20 @@ def test_gradient_reaches_the_classifier_only_through_the_weights() -> None:
 
 
 def test_loss_terms_against_torch_reference() -> None:
-    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    prediction, target = torch.randn(3, 4, 8, 8, requires_grad=True), torch.randn(3, 4, 8, 8)
     weights = LossWeights(mse=0.5, norm_l2=2.0, cosine=3.0)
-    rmse = ((prediction - target).flatten(1).pow(2).mean(1)).sqrt().mean()
-    cosine = 1 - F.cosine_similarity(prediction.flatten(1), target.flatten(1)).mean()
-    expected = 0.5 * F.mse_loss(prediction, target) + 2.0 * rmse + 3.0 * cosine
-    assert prediction_loss(prediction, target, weights).item() == pytest.approx(expected.item(), rel=1e-5)
+    error = (prediction - target).detach().pow(2).mean(dim=(1, 2, 3))  # each image's MSE
+    norm_l2 = (error / (error + 1e-3).sqrt()).mean()
+    # Cosine across the 4 channels at each of the 3 × 8 × 8 positions, by hand.
+    dot = (prediction * target).sum(1)
+    cosine = 1 - (dot / (prediction.norm(dim=1) * target.norm(dim=1))).mean()
+    expected = 0.5 * F.mse_loss(prediction, target) + 2.0 * norm_l2 + 3.0 * cosine
+    loss = prediction_loss(prediction, target, weights)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # norm_l2's gradient: each image's MSE gradient over its detached √(e + c), averaged over images.
+    (grad,) = torch.autograd.grad(prediction_loss(prediction, target, LossWeights(mse=0, norm_l2=1)), prediction)
+    by_hand = 2 * (prediction - target).detach() / prediction[0].numel() / (error + 1e-3).sqrt()[:, None, None, None] / 3
+    assert torch.allclose(grad, by_hand, atol=1e-6)
 
 
 def test_loss_weights_leave_something_to_learn() -> None:
