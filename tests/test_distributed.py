@@ -158,10 +158,13 @@ def test_a_killed_rank_stops_the_run_and_resume_completes_it(digits_c: Path, tmp
 
 def test_a_hung_rank_times_out_with_one_error_line_from_rank_0(digits_c: Path, tmp_path: Path, hooks: dict[str, str]) -> None:
     output = tmp_path / "run"
-    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), env=hooks | {"DUSA_TEST_FAULT": "1:hang:3", "DUSA_DIST_TIMEOUT_S": "5"})
+    eta = "--set=method.name=eata"  # warned of by every process's config check: rank 0 alone says it
+    result, elapsed = torchrun("baseline", *cli_args(digits_c, output), eta, env=hooks | {"DUSA_TEST_FAULT": "1:hang:3", "DUSA_DIST_TIMEOUT_S": "5"})
     assert result.returncode != 0 and elapsed < 60
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lost contact with the other processes" in errors[0], result.stderr
+    warned = [line for line in result.stderr.splitlines() if "method eata without method.fisher_data" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: method eata"), result.stderr
     assert json.loads((output / "results.json").read_text())["status"] == "failed"
 
 

@@ -20,10 +20,10 @@ def guarded(call: Callable[[], Any]) -> None:
     and its exit code. Ranks other than 0 name themselves; one process reports a stop (stopping.py)."""
     debug = os.environ.get("DUSA_DEBUG") == "1"
     origin = "" if is_main_process() else f"rank {process_rank()}: "
-    from dusa_cli.ui import error, warn
+    from dusa_cli.ui import error
 
     if not debug:  # warnings in one line too (with --debug: Python's, saying where they came from)
-        warnings.showwarning = lambda message, *_where, **_: warn(origin + str(message))
+        warnings.showwarning = _show_warning
 
     try:
         call()
@@ -47,6 +47,15 @@ def guarded(call: Callable[[], Any]) -> None:
         hint = "" if debug else " (rerun with --debug for the traceback)"
         error(f"{origin}internal error: {type(failure).__name__}: {failure}{hint}")
         _exit(int(ExitCode.RUNTIME))
+
+
+def _show_warning(message: Warning | str, *_where: Any, **_: Any) -> None:
+    """A warning in one line, from rank 0 only: every process runs the same config on the same
+    data, so the others would repeat it."""
+    if is_main_process():
+        from dusa_cli.ui import warn
+
+        warn(str(message))
 
 
 def _own_message(failure: DusaError) -> str:
