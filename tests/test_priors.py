@@ -104,6 +104,27 @@ def test_all_presets_build_and_run() -> None:
     assert {"sit_xl_2", "sit_l_2", "sit_b_2", "sit_s_2", "dit_xl_2_256", "sit_digits"} <= set(available_priors())
 
 
+def test_dits_init_sets_every_parameter_of_a_model_built_without_one() -> None:
+    # create_prior_transformer builds on the meta device and empties the model onto the CPU: the
+    # layers' default init never runs, so DiT's own must leave no tensor as the memory it got.
+    with torch.device("meta"):
+        model = DiffusionTransformer(create_prior_transformer("sit_tiny", qk_norm=True).config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    model.initialize_weights()
+    assert not any(parameter.isnan().any() for parameter in model.parameters())
+    built = create_prior_transformer("sit_tiny", qk_norm=True)
+    for made in (model, built):
+        block = made.blocks[0]
+        assert torch.equal(block.attn.q_norm.weight, torch.ones(16)) and not block.attn.k_norm.bias.any()
+        assert not block.adaLN_modulation[1].weight.any() and not made.final_layer.linear.weight.any()  # adaLN-Zero
+        bound = math.sqrt(6 / sum(block.mlp.fc1.weight.shape))  # Xavier-uniform's
+        assert block.mlp.fc1.weight.abs().max() <= bound < 4 * block.mlp.fc1.weight.std()
+    assert torch.equal(built.pos_embed, model.pos_embed)  # the fixed sin-cos table
+
+
 def test_unknown_prior_and_bad_override_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown prior 'sit_xxl'.*sit_xl_2"):
         create_prior_transformer("sit_xxl")

@@ -228,11 +228,14 @@ class DiffusionTransformer(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's init: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers so
-        every block starts as the identity (adaLN-Zero)."""
+        every block starts as the identity (adaLN-Zero). It sets every parameter, so a model
+        built on the meta device and emptied onto a real one needs nothing else."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:  # qk-norm
+                module.reset_parameters()
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(self.config.hidden_size, self.config.grid_size)[None])
         proj = self.x_embedder.proj
