@@ -1,4 +1,5 @@
-"""Running the real `dusa` command (or the `--gpus` launcher) in a subprocess, and what its errors must look like."""
+"""Running the real `dusa` command (or the `--gpus` launcher) in a subprocess, what its errors
+must look like, and tiny models whose outputs depend on their inputs."""
 
 import os
 import signal
@@ -8,9 +9,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
 
 from tests import forkserver
+
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 
 def dusa(*args: str, cwd: Path | None = None, columns: int = 200, threads: int | None = None) -> subprocess.CompletedProcess:
@@ -32,25 +37,41 @@ def dusa_each(*invocations: Sequence[str], columns: int = 200) -> list[subproces
         return list(pool.map(lambda args: dusa(*args, columns=columns, threads=threads), invocations))
 
 
-# Runs the CLI on the arguments after -c, then names the heavy libraries the process imported.
+# Runs the CLI on the arguments after -c, then names the heavy libraries the process imported
+# on a last line of its own, and exits as the CLI did.
 HEAVY_IMPORTS = """
 import sys
 from dusa_cli.cli import main
 
 sys.argv[0] = "dusa"
+code = 0
 try:
     main()
-except SystemExit:
-    pass
-print(*[name for name in ("torch", "numpy", "timm", "transformers", "diffusers") if name in sys.modules])
+except SystemExit as stop:
+    code = stop.code
+print("imported:", *[name for name in ("torch", "numpy", "timm", "transformers", "diffusers") if name in sys.modules])
+sys.exit(code)
 """
 
 
-def heavy_imports(*args: str) -> list[str]:
-    """The heavy libraries `dusa ARGS` imported (torch alone takes a second on a CPU)."""
+def heavy_imports(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`dusa ARGS` in a fresh process (its output without the last line), and the heavy
+    libraries it imported (torch alone takes a second on a CPU)."""
     result = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()[-1].split()
+    *output, last = result.stdout.splitlines()
+    assert last.startswith("imported:"), result.stdout + result.stderr
+    result.stdout = "".join(f"{line}\n" for line in output)
+    return result, last.split()[1:]
+
+
+def randomized(model: Module, seed: int = 0) -> Module:
+    """Every weight perturbed: DiT's adaLN-Zero init makes its blocks the identity and its
+    output zero, so a test on it could not tell right outputs or gradients from wrong ones."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:

@@ -83,7 +83,7 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:
     untrained = ("--model", "convnext_atto", "--set", "model.pretrained=false", "--data", str(digits_c), "--corruption", "fog")
     not_weights = ("--data", str(digits_c), "--corruption", "fog", "--checkpoint", str(bad))
     assert_one_line_errors(
-        (("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", next(out)), 1, "none"),
+        (("baseline", "-c", PRESET, "--data", str(tmp_path / "none"), "-o", next(out)), 1, f"not found: data.root {tmp_path / 'none'} ("),
         (("baseline", "-c", PRESET, "--corruption", "fgo", "-o", next(out)), 2, "unknown corruption 'fgo'"),
         (("baseline", "-c", PRESET, "--model", "resnet5", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2, "unknown timm model 'resnet5' (similar: resnet50, "),
         (("baseline", "-c", PRESET, "--model", "dusa_digits_resnet.sklearn_digit", "--data", str(digits_c), "--corruption", "fog", "-o", next(out)), 2,
@@ -256,11 +256,17 @@ def test_help_and_version() -> None:
     assert dusa("--version").stdout.startswith("dusa ")
 
 
-@pytest.mark.parametrize("args", [("--help",), ("adapt-cls", "--help"), ("baseline", "-c", "no-such-preset.yaml")])
-def test_help_and_a_missing_preset_load_no_torch(args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [(("--help",), 0, "prepare-data"), (("adapt-cls", "--help"), 0, "--corruption"),
+     (("baseline", "-c", "no-such-preset.yaml"), 2, "error: config file not found: no-such-preset.yaml")],
+)  # fmt: skip
+def test_help_and_a_missing_preset_load_no_torch(args: tuple[str, ...], code: int, said: str) -> None:
     """torch takes a second to import: what needs no model answers without it (checking a
     config's model name needs timm, so other config errors take that second)."""
-    assert heavy_imports(*args) == []
+    result, imported = heavy_imports(*args)
+    assert result.returncode == code and said in result.stdout + result.stderr, result.stderr
+    assert imported == []
 
 
 def test_a_classifier_released_under_its_authors_layer_names_loads(tmp_path: Path) -> None:

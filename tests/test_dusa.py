@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_one_line_errors, dusa_each
+from helpers import assert_one_line_errors, dusa_each, randomized
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.config.schema import ModelConfig
@@ -37,10 +37,14 @@ def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make(method: str, prior: str, vae: Path, **options):
+    """The method on a tiny classifier and a tiny random prior, perturbed: DiT's own init
+    predicts 0 for every class, so the classifier would get no gradient at all."""
     torch.manual_seed(0)
     classifier = create_classifier(ModelConfig(name="convnext_atto", num_classes=10))
     config = get_method(method).Config(name=method, prior=prior, prior_random_init=True, vae=str(vae), **options)
-    return get_method(method)(classifier, config)
+    built = get_method(method)(classifier, config)
+    randomized(built.prior.transformer)
+    return built
 
 
 def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,7 +71,7 @@ def test_dusa_gradients_split_between_weights_and_predictions(prior: str, tiny_v
     torch.manual_seed(5)
     method.forward(images).loss.backward()
     classifier_grads, prior_grads = grads(method.model), grads(method.prior.transformer)
-    assert classifier_grads and prior_grads
+    assert any(grad.any() for grad in classifier_grads.values()) and any(grad.any() for grad in prior_grads.values())
     assert not any(n.startswith(("y_embedder", "pos_embed", "projectors")) for n in prior_grads)
 
     # The classifier's gradient is that of the loss with the predictions detached (it only
@@ -128,6 +132,18 @@ def test_same_draws_same_loss_and_no_label_dropout(tiny_vae: Path) -> None:
         torch.manual_seed(11)
         losses.append(method.forward(images).loss.item())
     assert losses[0] == losses[1]
+    # Each (image, candidate) pair is conditioned on its own class, never the null one, even with
+    # the transformer in train mode (where upstream DiT drops 10 % of the labels): 96 pairs.
+    method.prior.transformer.train()
+    noisy, t = torch.randn(16, 4, 8, 8), torch.full((16,), 0.5)
+    classes = torch.randint(0, 10, (16, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predictions = method.conditional_predictions(noisy, t, classes)
+        null = method.prior.predict(noisy, t, method.prior.class_embeddings(torch.full((16,), method.prior.null_class)))
+        for k in range(6):
+            alone = method.prior.predict(noisy, t, method.prior.class_embeddings(classes[:, k]))
+            assert torch.allclose(predictions[:, k], alone, atol=1e-6)
+            assert (predictions[:, k] - null).flatten(1).abs().amax(1).min() > 1e-3  # no pair took the null class
 
 
 def test_ddpm_timestep_and_range(tiny_vae: Path) -> None:
@@ -169,11 +185,13 @@ def test_a_few_adaptation_steps_lower_the_loss(tiny_vae: Path) -> None:
     method = make("dusa", "sit_tiny", tiny_vae)
     adapter = OnlineAdapter(method, load_config(PRESET, {}).optim.model_copy(update={"lr": 1e-3}), "fp32", torch.device("cpu"))
     images = torch.rand(4, 3, 32, 32)
+    classifier = {name: p.detach().clone() for name, p in method.model.named_parameters()}
     losses = []
     for _ in range(6):
         torch.manual_seed(0)
         losses.append(adapter.step(images).loss.item())
     assert losses[-1] < losses[0]
+    assert any(not torch.equal(p, classifier[name]) for name, p in method.model.named_parameters())  # through the weights
 
 
 def test_adapt_cls_end_to_end_and_command_guards(digits_c: Path, tmp_path: Path) -> None:

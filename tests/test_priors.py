@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomized
 
 import dusa_cli._compat  # noqa: F401  (torchvision shim before timm/diffusers)
 from dusa_cli.errors import ConfigError, DusaError
@@ -25,16 +26,6 @@ from dusa_cli.priors import (
 from dusa_cli.priors.checkpointing import checkpointed_blocks
 from dusa_cli.priors.transformer import DiffusionTransformer, timestep_embedding
 from dusa_cli.priors.vae import SD_VAE_CONFIG, TINY_VAE_CONFIG
-
-
-def randomized(model: DiffusionTransformer, seed: int = 0) -> DiffusionTransformer:
-    """Perturb every weight: adaLN-Zero init makes blocks the identity and the output zero,
-    which would hide wrong outputs and give zero gradients."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def flat_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -140,7 +140,7 @@ def test_label_reduction() -> None:
 
 
 def test_reader_errors_name_the_path(ade: Path, ade_c: Path, tmp_path: Path) -> None:
-    with pytest.raises(DusaError, match="fog"):
+    with pytest.raises(DusaError, match=f"no 'fog' severity 5 data in {re.escape(str(ade_c))}: expected folder"):
         open_seg_task(ade_c, "fog", 5)
     with pytest.raises(ConfigError, match="unknown corruption"):
         open_seg_task(ade_c, "rain", 5)
