@@ -114,6 +114,12 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_corruption_groups_and_unknown_names(tmp_path: Path) -> None:
+    # The order the papers report them in (docs/research/dusa_official.md §4), spelled out.
+    assert CORRUPTIONS == (
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+        "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    )  # fmt: skip
+    assert EXTRA_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
     path = write(tmp_path, BASE)
     assert load_config(path, {"data.corruptions": ["all"]}).data.corruptions == list(CORRUPTIONS)
     assert load_config(path, {"data.corruptions": ["extra"]}).data.corruptions == list(EXTRA_CORRUPTIONS)
@@ -209,6 +215,7 @@ def test_an_error_that_a_flag_brings_about_in_the_file_names_the_flag(tmp_path: 
     ("model.num_classes=false", "model.num_classes: expected an integer, got the boolean false"),
     ("model.num_classes=0", "model.num_classes: Input should be greater than or equal to 1"),
     ("optim.momentum=2", "optim.momentum: Input should be less than 1"),
+    ("optim.accumulation=0", "optim.accumulation: Input should be greater than or equal to 1"),
     ("run.output=''", "run.output: expected a path, got an empty one"),
     ("data.root=", "data.root: expected a path, got an empty one"),  # YAML's null
     ("data=3", r"data: expected a section \(a mapping of its keys\), got 3$"),  # the location said once

@@ -107,6 +107,12 @@ def test_eata_fisher_is_the_mean_squared_gradient_of_the_models_own_labels(digit
     with torch.no_grad():
         bias.add_(0.1)
     assert method.anchor_loss().item() == pytest.approx(2000 * 0.01 * float(method.fisher["backbone.bn1.bias"].sum()), rel=1e-4)
+    # The step's loss is ETA's at the same weights plus the anchor.
+    eta = build("eata")
+    with torch.no_grad():
+        eta.model.backbone.bn1.bias.add_(0.1)
+    anchored, plain = method.forward(digits).loss.item(), eta.forward(digits).loss.item()
+    assert anchored == pytest.approx(plain + method.anchor_loss().item(), rel=1e-5) and anchored > plain * (1 + 1e-3)
 
 
 def test_eata_fisher_images_of_different_sizes_are_named(tmp_path: Path) -> None:
@@ -127,29 +133,49 @@ def test_sar_adapts_the_norm_layers_below_the_top_stage() -> None:
     assert not in_module("norm_pre", ["norm"])
 
 
-def test_sar_step_is_the_sharpness_aware_step_on_reliable_samples(digits: torch.Tensor) -> None:
-    method = build("sar")
-    rho, lr, margin = 0.05, 0.5, 0.4 * math.log(10)
-    # By hand on a copy: the gradient at the weights, the ascent, the gradient there, one SGD step.
+def sharpness_aware_gradient(method, images: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float]:
+    """SAR's gradient by hand on a copy of the model: the gradient of the reliable samples' mean
+    entropy, the ascent ρ along its unit direction, and there the gradient of the still reliable
+    ones' mean entropy (returned with that loss)."""
+    rho, margin = 0.05, 0.4 * math.log(10)
     model = copy.deepcopy(method.model)
     params = [p for p in model.parameters() if p.requires_grad]
-    entropy = softmax_entropy(model(digits))
+    entropy = softmax_entropy(model(images))
     reliable = entropy < margin
     grads = torch.autograd.grad(entropy[reliable].mean(), params)
     norm = torch.stack([g.norm() for g in grads]).norm()
     with torch.no_grad():
         for p, g in zip(params, grads):
             p.add_(g * rho / (norm + 1e-12))
-    entropy2 = softmax_entropy(model(digits))[reliable]
+    entropy2 = softmax_entropy(model(images))[reliable]
     kept = entropy2 < margin
-    grads2 = torch.autograd.grad(entropy2[kept].mean(), params)
-    expected = [p0.detach() - lr * g for p0, g in zip(method.parameters(), grads2)]
+    return torch.autograd.grad(entropy2[kept].mean(), params), entropy2[kept].mean().item()
+
+
+def test_sar_step_is_the_sharpness_aware_step_on_reliable_samples(digits: torch.Tensor) -> None:
+    method = build("sar")
+    lr = 0.5
+    grads, loss = sharpness_aware_gradient(method, digits)  # then one SGD step
+    expected = [p0.detach() - lr * g for p0, g in zip(method.parameters(), grads)]
 
     adapter = OnlineAdapter(method, OptimConfig(name="sgd", lr=lr, momentum=0.0), "fp32", CPU)
     output = adapter.step(digits)
-    assert output.loss.item() == pytest.approx(entropy2[kept].mean().item(), rel=1e-5)
+    assert output.loss.item() == pytest.approx(loss, rel=1e-5)
     assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(method.parameters(), expected))
     assert method.loss_average == pytest.approx(output.loss.item())
+
+
+def test_sar_accumulates_each_micro_batchs_sharpness_aware_gradient(digits: torch.Tensor) -> None:
+    # Each micro-batch ascends from the same weights and its second gradient joins the update's.
+    method = build("sar")
+    lr = 0.5
+    first, _ = sharpness_aware_gradient(method, digits[:16])
+    second, _ = sharpness_aware_gradient(method, digits[16:])
+    expected = [p0.detach() - lr * (a + b) / 2 for p0, a, b in zip(method.parameters(), first, second)]
+    adapter = OnlineAdapter(method, OptimConfig(name="sgd", lr=lr, momentum=0.0, accumulation=2), "fp32", CPU)
+    adapter.step(digits[:16])
+    adapter.step(digits[16:])
+    assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(method.parameters(), expected))
 
 
 def test_sar_recovers_the_source_weights_and_optimizer_when_its_loss_collapses(digits: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.classification import OnlineMetrics
@@ -59,6 +60,38 @@ def test_records_match_an_independent_evaluation(digits_c: Path, tmp_path: Path)
     assert (tmp_path / "run" / "config.yaml").is_file()
     environment = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert environment["packages"]["torch"] and environment["device"] == "cpu"
+
+
+def test_a_tent_run_scores_each_batch_before_it_adapts_on_it(digits_c: Path, tmp_path: Path) -> None:
+    # A large step (Adam lr 1) changes the predictions: scored after it, the accuracy is 5 %, not 25 %.
+    config = config_for(digits_c, tmp_path / "run", **{"data.corruptions": ["fog"], "data.shuffle": False, "optim.lr": 1.0})
+    (task,) = run_experiment(config).results["tasks"]
+    # By hand, in the file order: predict a micro-batch, then step on it, as the adapter does.
+    from dusa_cli.data.datasets import open_task
+    from dusa_cli.engine.adapter import OnlineAdapter
+    from dusa_cli.methods import get_method
+
+    method = get_method("tent")(create_classifier(config.model), config.method)
+    adapter = OnlineAdapter(method, config.optim, config.run.precision, torch.device("cpu"))
+    dataset = open_task(digits_c, "fog", 5)
+    hits = 0
+    for start in range(0, len(dataset), 16):
+        items = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
+        images = torch.stack([image for image, _ in items]).float() / 255
+        hits += int((adapter.step(images).logits.argmax(1) == torch.tensor([label for _, label in items])).sum())
+    assert task["top1"] == hits / len(dataset) and hits > 0
+
+
+def test_a_tasks_last_partial_accumulation_is_applied_at_its_end(digits_c: Path, tmp_path: Path) -> None:
+    # 40 images in micro-batches of 16 make 3 per task: accumulation 2 steps after the second, and
+    # the third's gradient is applied when the task ends (the official code lets it leak, §1.7).
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))  # every optimizer's
+    try:
+        run_experiment(config_for(digits_c, tmp_path / "run", **{"optim.accumulation": 2}))
+    finally:
+        hook.remove()
+    assert len(steps) == 2 * 2  # per task, for its two tasks
 
 
 def test_same_seed_same_run_and_seed_matters(digits_c: Path, tmp_path: Path) -> None:

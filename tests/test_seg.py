@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dusa_cli.config.schema import ModelConfig, OptimConfig
@@ -114,6 +115,8 @@ def test_class_selection_keeps_the_union_under_the_cap() -> None:
     assert selected.classes.tolist() == union.tolist() and selected.mask.all()
     manual = scores[union].softmax(dim=0)
     assert torch.allclose(selected.weights, manual)
+    hotter = select_pixel_classes(scores, topk=2, cap=30, temperature=2.0)  # the scores divided by T
+    assert torch.allclose(hotter.weights, (scores[union] / 2).softmax(dim=0))
 
 
 def test_over_the_cap_every_top1_class_stays_and_the_rest_fills_up() -> None:
@@ -163,7 +166,9 @@ def test_images_are_resized_as_mmseg_and_predictions_scored_at_full_size() -> No
 
     prepared = prepare_image(image, SegDataConfig(root=Path("."), short_side=32))
     assert prepared.shape == (1, 3, 32, 45) and 0 <= prepared.min() and prepared.max() <= 1
-    assert predict_labels(torch.randn(1, 5, 8, 12), (40, 56)).shape == (1, 40, 56)
+    logits = torch.randn(1, 5, 8, 12, generator=torch.Generator().manual_seed(0))
+    bilinear = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False).argmax(dim=1)
+    assert torch.equal(predict_labels(logits, (40, 56)), bilinear)  # the class of the upsampled logits
     with pytest.raises(DusaError, match="40×56 image resized to 16×22 is below the segmenter's smallest input side, 32 px"):
         prepare_image(image, SegDataConfig(root=Path("."), short_side=16), min_side=32)
 
