@@ -248,9 +248,11 @@ def test_the_commit_is_dirty_for_changed_code_not_for_a_results_folder(tmp_path:
     assert git_commit(tmp_path) == f"{commit}-dirty"
 
 
-def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path) -> None:
+# CoTTA draws its augmentations from torch's global stream, which a reset re-seeds.
+@pytest.mark.parametrize("method", [{"method.name": "tent"}, {"method.name": "cotta", "method.augmentations": 2, "method.anchor_threshold": 1.01}])
+def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path, tmp_path: Path, method: dict) -> None:
     def fog(output: str, corruptions: list[str], setting: str) -> dict:
-        config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting})
+        config = config_for(digits_c, tmp_path / output, **{"data.corruptions": corruptions, "run.setting": setting} | method)
         return run_experiment(config).results["tasks"][-1]
 
     alone = fog("alone", ["fog"], "reset_each_shift")
