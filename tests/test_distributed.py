@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dusa_cli.collectives import all_reduce_gradients
 from dusa_cli.config.loader import load_config
 from dusa_cli.config.schema import DataConfig
 from dusa_cli.engine.distributed import World, parse_gpus
@@ -91,6 +92,27 @@ def test_shards_cut_the_single_process_batches_in_order() -> None:
         rebuilt = [sum((shard[0].tolist() for shard in parts if shard is not None), []) for parts in zip(*shards)]
         assert rebuilt == single
         assert task_loader(dataset, data, World(torch.device("cpu"), 0, size), 7).batch_sampler.global_sizes() == [5] * 7 + [2]
+
+
+def _reduce_gradients(rank: int, folder: str) -> None:
+    """One of two gloo processes: a gradient both have, one neither has, one only rank 1 has."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    both, neither, one = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    both.grad = torch.full((3,), rank + 1.0)
+    if rank == 1:
+        one.grad = torch.ones(3)
+    all_reduce_gradients([both, neither, one])
+    torch.save([both.grad, neither.grad, one.grad], f"{folder}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_sum_over_processes_and_none_stays_none(tmp_path: Path) -> None:
+    # A zero where no process had a gradient would be an Adam step (momentum, weight decay) that a
+    # single process does not take.
+    torch.multiprocessing.spawn(_reduce_gradients, args=(str(tmp_path),), nprocs=2)
+    for rank in range(2):
+        both, neither, one = torch.load(tmp_path / f"rank{rank}.pt")
+        assert both.tolist() == [3.0] * 3 and neither is None and one.tolist() == [1.0] * 3
 
 
 def test_gpu_lists_are_checked() -> None:
