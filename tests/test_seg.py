@@ -335,6 +335,28 @@ def test_source_records_match_an_independent_evaluation(models: dict[str, Path],
     assert "mIoU" in result.stdout
 
 
+def test_a_segmentation_tasks_last_partial_accumulation_is_applied_at_its_end(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
+    # 3 images, one per micro-batch, accumulation 2: a step after the second, and the third's
+    # gradient applied when the task ends.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from dusa_cli.config.loader import load_config
+    from dusa_cli.engine.loop import run_experiment
+
+    config = load_config(None, {
+        "task": "seg", "method.name": "tent", "model.name": "segformer", "model.checkpoint": str(models["segformer"]),
+        "data.root": str(ade_c), "data.corruptions": ["fog"], "data.short_side": 32, "optim.accumulation": 2,
+        "run.output": str(tmp_path / "run"),
+    })  # fmt: skip
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        run_experiment(config)
+    finally:
+        hook.remove()
+    assert len(steps) == 2
+
+
 def test_dusa_seg_keeps_batchnorm_running_statistics_unless_only_norm_layers_adapt(models: dict[str, Path]) -> None:
     """The official segmentation runner forces BatchNorm to the image's statistics only in its
     norm-only branch (aux_tta_logits_fp16.py, config_tta_model)."""
