@@ -106,6 +106,12 @@ def test_accumulation_steps_every_n_micro_batches_and_flushes_the_rest() -> None
     adapter.flush()
     assert len(steps) == 3 and adapter.pending == 0
     assert all(p.grad is None for p in method.parameters())
+    # A micro-batch with no image for this process (another process's shard) counts too, so
+    # every process steps at the same micro-batch.
+    adapter.step(torch.rand(4, 3, 32, 32))
+    adapter.skip()
+    adapter.skip()
+    assert len(steps) == 4 and adapter.pending == 0
 
 
 def test_an_accumulated_update_is_the_whole_batchs_and_follows_the_predictions() -> None:
