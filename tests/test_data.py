@@ -87,6 +87,17 @@ def digits_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
+def test_a_corruption_is_imagecorruptions_own_at_the_severity_asked() -> None:
+    import imagecorruptions
+
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    for corruption, severity in (("gaussian_noise", 1), ("gaussian_noise", 5), ("impulse_noise", 3)):
+        np.random.seed(7)
+        options = {"seed": 7} if corruption == "impulse_noise" else {}  # it takes its seed as an argument
+        expected = imagecorruptions.corrupt(image, corruption_name=corruption, severity=severity, **options)
+        assert np.array_equal(corrupt_image(image, corruption, severity, seed=7), expected), (corruption, severity)
+
+
 def test_digits_c_layout_and_manifest(digits_c: Path) -> None:
     manifest = json.loads((digits_c / "manifest.json").read_text())
     assert manifest["dataset"] == "digits-c" and not (digits_c / UNFINISHED_MARKER).exists()
