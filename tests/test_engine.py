@@ -54,7 +54,11 @@ def test_records_match_an_independent_evaluation(digits_c: Path, tmp_path: Path)
         assert task["error"] == pytest.approx(1 - accuracy)
         assert task["top5"] == pytest.approx((logits.topk(5).indices == labels[:, None]).any(1).float().mean().item())
         assert task["top20"] == 1.0  # 10 classes
-        assert task["images_per_s"] > 0 and task["peak_memory_gib"] > 0
+        assert task["images_per_s"] == pytest.approx(task["num_samples"] / task["wall_time_s"]) and task["peak_memory_gib"] > 0
+    summary, tasks = results["summary"], results["tasks"]  # images over time, not a mean of rates
+    assert summary["num_samples"] == 80 and summary["wall_time_s"] == pytest.approx(sum(t["wall_time_s"] for t in tasks))
+    assert summary["images_per_s"] == pytest.approx(80 / summary["wall_time_s"])
+    assert summary["peak_memory_gib"] == max(t["peak_memory_gib"] for t in tasks)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved == results
     assert (tmp_path / "run" / "config.yaml").is_file()
