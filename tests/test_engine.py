@@ -281,6 +281,27 @@ class StopAfter:
             raise KeyboardInterrupt
 
 
+class FailAfter(StopAfter):
+    """A progress sink that fails the run, as a bug would, after N batches."""
+
+    def advance(self, images: int, score) -> None:
+        self.batches -= 1
+        if self.batches < 0:
+            raise RuntimeError("a bug")
+
+
+def test_each_session_of_a_run_is_recorded_and_a_resumed_run_can_end_failed(digits_c: Path, tmp_path: Path) -> None:
+    config = config_for(digits_c, tmp_path / "run", method="source")
+    for sessions, progress in enumerate((StopAfter(batches=1), StopAfter(batches=2)), start=1):
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(config, resume=sessions > 1, progress=progress)
+        assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "stopped"
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_experiment(config, resume=True, progress=FailAfter(batches=0))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"  # not the stop it resumed
+    assert len(json.loads((tmp_path / "run" / "environment.json").read_text())["resumed"]) == 2  # every resumed session
+
+
 class EndScores:
     """A progress sink that keeps the score each task ends with."""
 
