@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tests import forkserver
 
@@ -72,6 +74,17 @@ def randomized(model: Module, seed: int = 0) -> Module:
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     return model
+
+
+@contextmanager
+def optimizer_steps() -> Iterator[list[int]]:
+    """A list that gains an entry for every step any optimizer takes inside the block."""
+    steps: list[int] = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        yield steps
+    finally:
+        hook.remove()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from helpers import optimizer_steps
 
 from dusa_cli.config.loader import load_config
 from dusa_cli.engine.classification import OnlineMetrics
@@ -89,12 +89,8 @@ def test_a_tent_run_scores_each_batch_before_it_adapts_on_it(digits_c: Path, tmp
 def test_a_tasks_last_partial_accumulation_is_applied_at_its_end(digits_c: Path, tmp_path: Path) -> None:
     # 40 images in micro-batches of 16 make 3 per task: accumulation 2 steps after the second, and
     # the third's gradient is applied when the task ends (the official code lets it leak, §1.7).
-    steps = []
-    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))  # every optimizer's
-    try:
+    with optimizer_steps() as steps:
         run_experiment(config_for(digits_c, tmp_path / "run", **{"optim.accumulation": 2}))
-    finally:
-        hook.remove()
     assert len(steps) == 2 * 2  # per task, for its two tasks
 
 
@@ -267,10 +263,12 @@ def test_reset_makes_tasks_independent_and_continual_carries_over(digits_c: Path
 
 
 class StopAfter:
-    """A progress sink that interrupts the run, as Ctrl-C would, after N batches."""
+    """A progress sink that interrupts the run after N batches: as Ctrl-C would, or with
+    `failure`, as a bug would."""
 
-    def __init__(self, batches: int):
+    def __init__(self, batches: int, failure: BaseException | None = None):
         self.batches = batches
+        self.failure = failure or KeyboardInterrupt()
 
     def start_task(self, name: str, total: int) -> None: ...
     def end_task(self, score: float) -> None: ...
@@ -278,16 +276,7 @@ class StopAfter:
     def advance(self, images: int, score) -> None:
         self.batches -= 1
         if self.batches < 0:
-            raise KeyboardInterrupt
-
-
-class FailAfter(StopAfter):
-    """A progress sink that fails the run, as a bug would, after N batches."""
-
-    def advance(self, images: int, score) -> None:
-        self.batches -= 1
-        if self.batches < 0:
-            raise RuntimeError("a bug")
+            raise self.failure
 
 
 def test_each_session_of_a_run_is_recorded_and_a_resumed_run_can_end_failed(digits_c: Path, tmp_path: Path) -> None:
@@ -297,7 +286,7 @@ def test_each_session_of_a_run_is_recorded_and_a_resumed_run_can_end_failed(digi
             run_experiment(config, resume=sessions > 1, progress=progress)
         assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "stopped"
     with pytest.raises(RuntimeError, match="a bug"):
-        run_experiment(config, resume=True, progress=FailAfter(batches=0))
+        run_experiment(config, resume=True, progress=StopAfter(batches=0, failure=RuntimeError("a bug")))
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"  # not the stop it resumed
     assert len(json.loads((tmp_path / "run" / "environment.json").read_text())["resumed"]) == 2  # every resumed session
 

@@ -23,7 +23,7 @@ from dusa_cli.methods import get_method
 from dusa_cli.models.segmenter import create_segmenter
 from dusa_cli.objective import Window, masked_mixture_loss, sample_window, select_pixel_classes, sliding_windows
 from dusa_cli.results.seg_metrics import SegmentationScore
-from tests.helpers import assert_one_line_errors, dusa, dusa_each
+from tests.helpers import assert_one_line_errors, dusa, dusa_each, optimizer_steps
 from tests.tiny_sd3 import write_tiny_sd3
 from tests.tiny_segformer import write_tiny_segformer
 
@@ -338,8 +338,6 @@ def test_source_records_match_an_independent_evaluation(models: dict[str, Path],
 def test_a_segmentation_tasks_last_partial_accumulation_is_applied_at_its_end(models: dict[str, Path], ade_c: Path, tmp_path: Path) -> None:
     # 3 images, one per micro-batch, accumulation 2: a step after the second, and the third's
     # gradient applied when the task ends.
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     from dusa_cli.config.loader import load_config
     from dusa_cli.engine.loop import run_experiment
 
@@ -348,12 +346,8 @@ def test_a_segmentation_tasks_last_partial_accumulation_is_applied_at_its_end(mo
         "data.root": str(ade_c), "data.corruptions": ["fog"], "data.short_side": 32, "optim.accumulation": 2,
         "run.output": str(tmp_path / "run"),
     })  # fmt: skip
-    steps = []
-    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
-    try:
+    with optimizer_steps() as steps:
         run_experiment(config)
-    finally:
-        hook.remove()
     assert len(steps) == 2
 
 
