@@ -1,5 +1,6 @@
 """The online loop on real digits-C files: metrics, determinism, resets, resume, output safety."""
 
+import io
 import json
 import re
 import shutil
@@ -324,6 +325,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(digits_c: Path, t
         saved = state.read_bytes()
         state.write_bytes(b"not what a run saved")
         with pytest.raises(DusaError, match="state.pt is unreadable \\(RuntimeError"):
+            run_experiment(config, resume=True)
+        older = torch.load(io.BytesIO(saved), weights_only=False) | {"records": []}  # saved before task 1 ended
+        torch.save(older, state)
+        with pytest.raises(DusaError, match="state.pt is older than results.json"):
             run_experiment(config, resume=True)
         state.write_bytes(saved)
     resumed = run_experiment(config, resume=True).results

@@ -66,6 +66,19 @@ def test_a_rerun_with_the_same_seed_counts_once_and_partial_runs_say_so(sweep: P
     assert partial_row.endswith(" (n=1) |") and "±" not in partial_row.split("|")[-2]  # the mean: one seed, said so
 
 
+def test_of_two_runs_with_the_same_seed_the_one_with_more_finished_tasks_counts(sweep: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    shutil.copytree(runs / "tent-0.01-1", runs / "tent-0.01-1-again")
+    stopped = runs / "tent-0.01-1" / "results.json"  # listed first, stopped after one task
+    results = json.loads(stopped.read_text())
+    stopped.write_text(json.dumps(results | {"tasks": results["tasks"][:1], "status": "stopped"}))
+    table = build_table(find_runs([runs]))
+    assert table.notes == [f"{runs / 'tent-0.01-1'} repeats seed 1 of {runs / 'tent-0.01-1-again'}: counted once"]
+    rows = {row["method"]: row for row in csv.DictReader(io.StringIO(to_csv(table)))}
+    assert rows["tent · lr=0.01"]["complete"] == "true" and rows["tent · lr=0.01"]["mean_n"] == "2"
+
+
 def test_a_run_with_no_finished_task_is_left_out_and_a_difference_some_labels_hide_is_noted(sweep: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     shutil.copytree(sweep, runs)
@@ -192,6 +205,7 @@ def test_a_foreign_results_json_found_below_a_folder_is_skipped_with_a_warning(s
     ({"tasks": [{"top1": 0.5}]}, 'damaged tasks (a record without its corruption and severity: {"top1": 0.5})'),
     ({"tasks": [["fog", 5]]}, "damaged tasks (a record is a list, not a mapping)"),
     ({"planned_tasks": None}, "damaged planned_tasks (not a list)"),
+    ({"format": "dusa-results/0"}, "not a dusa results file (dusa-results/1)"),  # a format this version cannot read
 ])  # fmt: skip
 def test_a_damaged_task_record_skips_its_run(sweep: Path, tmp_path: Path, damage: dict, problem: str) -> None:
     """Edited by hand or cut short: said in one line, where `report` would fail on a key."""
