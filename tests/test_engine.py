@@ -234,6 +234,7 @@ def test_the_commit_is_dirty_for_changed_code_not_for_a_results_folder(tmp_path:
 
     (tmp_path / "dusa_cli").mkdir()
     (tmp_path / "dusa_cli" / "cli.py").write_text("tracked\n")
+    (tmp_path / "preset.yaml").write_text("tracked\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "first")
@@ -247,6 +248,9 @@ def test_the_commit_is_dirty_for_changed_code_not_for_a_results_folder(tmp_path:
     (tmp_path / "dusa_cli" / "my_method.py").unlink()
     (tmp_path / "dusa_cli" / "cli.py").write_text("changed\n")
     assert git_commit(tmp_path) == f"{commit}-dirty"
+    git("checkout", "dusa_cli/cli.py")
+    (tmp_path / "preset.yaml").write_text("changed\n")
+    assert git_commit(tmp_path) == f"{commit}-dirty"  # any tracked file: a preset is code too
 
 
 # CoTTA draws its augmentations from torch's global stream, which a reset re-seeds.

@@ -75,8 +75,13 @@ def test_large_files_get_a_marked_sampled_hash_and_hidden_files_are_skipped(sd3_
     sampled = hashlib.sha256(size.to_bytes(8, "little") + head + tail).hexdigest()
     assert large_entry() == {"size": size, SAMPLED_SHA256: sampled}  # no "sha256" key: not a full hash
     assert SAMPLED_SHA256 == "sha256_of_size_first_and_last_4MiB"
+    at_limit = segformer / "at_limit.bin"
+    with at_limit.open("wb") as stream:
+        stream.truncate(FULL_HASH_LIMIT)  # sparse: 64 MiB of zeros without writing them
     files = seg_inputs(tmp_path, segformer, sd3_pair[0])["model.checkpoint"]["files"]
     assert not any(name.startswith(".git") for name in files)
+    assert files["at_limit.bin"] == {"size": FULL_HASH_LIMIT, "sha256": hashlib.sha256(bytes(FULL_HASH_LIMIT)).hexdigest()}  # hashed whole
+    at_limit.unlink()
 
     with large.open("r+b") as stream:  # the limit: a change confined to the middle is not seen
         stream.seek(size // 2)
