@@ -312,3 +312,36 @@ def test_the_paper_sized_bench_is_not_started_on_a_machine_without_a_gpu(tmp_pat
     hint = "one update takes many minutes on a CPU; --tiny runs small shapes"
     assert_one_line_error(dusa("bench", "cls", "--trajectory", "2", cwd=tmp_path), 1, f"no GPU here: at the paper's shapes {hint} (--device cpu runs")
     assert_one_line_error(dusa("bench", "seg", cwd=tmp_path), 1, f"{hint} (--gpus cpu runs the full ones anyway)")
+
+
+def test_a_row_counts_one_images_flops_and_its_share_of_a_measured_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU has no measured peak; on a device called an H100 the row's share is of 798 TFLOP/s."""
+    from dataclasses import replace
+
+    import torch
+
+    from dusa_cli.bench import cls
+    from dusa_cli.bench.cls import FP32, TINY, _build, _images, _random_vae, flops_per_image, run_recipe
+
+    cpu = torch.device("cpu")
+    vae = _random_vae(tmp_path, tiny=True)
+    monkeypatch.setattr(cls, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    row = run_recipe(replace(FP32, micro_batch=2, accumulation=1), TINY, updates=1, warmup=0, device=cpu, vae=vae)
+    assert row["bf16_peak_tflops"] == 798.0 and row["fraction_of_bf16_peak"] == pytest.approx(row["tflops"] / 798.0)
+    adapter = _build(TINY, FP32, vae, cpu)
+    images = _images(2, TINY, cpu)
+    one = flops_per_image(adapter, images[:1])
+    assert flops_per_image(adapter, images) == 2 * one  # the work per image does not depend on the batch
+    assert row["tflop_per_image"] == one / 1e12
+
+
+def test_the_timer_starts_after_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dusa_cli.bench import timing
+
+    clock = [0.0]
+
+    def update() -> None:  # each update takes 10 s on a clock of its own
+        clock[0] += 10.0
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    assert timing.time_updates(update, warmup=2, updates=3, devices=[], say=lambda text: None) == 30.0
