@@ -131,6 +131,10 @@ def test_both_layouts_give_the_same_items(ade: Path, ade_c: Path, tmp_path: Path
         assert label.max() <= 255 and set(label.unique().tolist()) <= set(range(150)) | {255}
     subset = open_seg_task(ade_c, "gaussian_noise", 5, num_ex=2)
     assert len(subset) == 2
+    # A root holding both layouts reads the official one (here the other holds one image fewer).
+    shutil.copytree(ade_c / "contrast", beside_clean / "contrast")
+    next((beside_clean / "images" / "validation" / "contrast_5").iterdir()).unlink()
+    assert len(open_seg_task(beside_clean, "contrast", 5)) == 3
 
 
 def test_label_reduction() -> None:
