@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import dusa_cli
 
@@ -71,6 +72,22 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(runs: Path, digits_c:
     assert "profile: nothing recorded" in dusa(*args, "--resume", "--profile").stderr
     assert "profile" not in dusa(*args, "--resume", "--set", "run.profile=false").stderr
     assert "profile: false" in (runs / "source-1" / "config.yaml").read_text()
+    printed = dusa("baseline", "--resume", "-o", str(runs / "source-1"), "--print-config")  # what a resume would run
+    assert printed.returncode == 0 and printed.stdout == (runs / "source-1" / "config.yaml").read_text(), printed.stderr
+
+
+def test_print_config_shows_every_key_runs_nothing_and_replays(tmp_path: Path) -> None:
+    args = ("adapt-cls", "-c", str(Path(PRESET).with_name("dusa_digits.yaml")), "--seed", "3", "--set", "optim.lr=0.01",
+            "--data", str(tmp_path / "not-built"), "-o", str(tmp_path / "run"), "--gpus", "0,1")
+    printed = dusa(*args, "--print-config")
+    assert printed.returncode == 0 and printed.stderr == "", printed.stderr
+    config = yaml.safe_load(printed.stdout)
+    assert (config["run"]["seed"], config["optim"]["lr"], config["method"]["name"]) == (3, 0.01, "dusa")
+    assert config["method"]["loss_weights"]["mse"] == 1.0 and config["optim"]["accumulation"] == 1  # keys the preset leaves at their defaults
+    assert not any(tmp_path.iterdir())  # no output, no data read, no process per GPU
+    (tmp_path / "printed.yaml").write_text(printed.stdout)
+    assert dusa("adapt-cls", "-c", str(tmp_path / "printed.yaml"), "--print-config").stdout == printed.stdout
+    assert_one_line_error(dusa(*args, "--set", "optim.lrr=1", "--print-config"), 2, "optim.lrr: unknown key, did you mean 'optim.lr'?")
 
 
 def test_bad_inputs_end_in_one_line(tmp_path: Path, digits_c: Path) -> None:

@@ -59,6 +59,7 @@ SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Random seed, 
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=local_path, metavar="DIR", help="Results directory → run.output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override any key: --set optim.lr=1e-4 (repeatable; applied after the other flags, so it wins over them).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output from its last finished task (the same config, by default its own config.yaml; only output, workers, tracking and profiling may change).")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML (every key, defaults included: what OUTPUT/config.yaml would hold) and exit without running or reading any input.")]
 
 
 class CompilePart(str, Enum):  # run.compile
@@ -137,8 +138,8 @@ def _check_task(command: str, config_task: str) -> None:
 
 
 @stoppable(SAVED)
-def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str]) -> None:
-    from dusa_cli.config.loader import load_config, read_preset, saved_run_config
+def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], assignments: Optional[list[str]], resume: bool, quiet: bool, gpus: Optional[str], print_config: bool) -> None:
+    from dusa_cli.config.loader import dump_config, load_config, read_preset, saved_run_config
 
     if resume and config_path is None:  # the run's own config is where a resume starts; flags override it
         config_path, output = saved_run_config(overrides, assignments)
@@ -168,6 +169,9 @@ def _run(command: str, config_path: Optional[Path], overrides: dict[str, Any], a
     for caveat in method.caveats(config.method):
         warnings.warn(caveat, stacklevel=1)
     _check_command(command, config)
+    if print_config:
+        typer.echo(dump_config(config), nl=False)
+        return
     from dusa_cli.results.store import stopped_run_outcome
 
     outcome = partial(stopped_run_outcome, config.run.output)  # what a stop kept, in its message
@@ -230,12 +234,13 @@ def baseline(
     track: TrackOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    print_config: PrintConfigOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Run a method without a generative prior (source, norm, tent, eata, sar, rotta, cotta) online over the corruptions (--task seg: segmentation)."""
     overrides = _overrides(method=method, task=task, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
-    _run("baseline", config, overrides, set_, resume, quiet, gpus)
+    _run("baseline", config, overrides, set_, resume, quiet, gpus, print_config)
 
 
 @app.command("adapt-cls")
@@ -259,12 +264,13 @@ def adapt_cls(
     track: TrackOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    print_config: PrintConfigOpt = False,
     quiet: QuietOpt = False,
     gpus: GpusOpt = None,
 ) -> None:
     """Adapt a classifier with DUSA (or DUSA-U) and a class-conditional diffusion/flow prior."""
     overrides = _overrides(method=method, prior=prior, prior_checkpoint=prior_checkpoint, vae=vae, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
-    _run("adapt-cls", config, overrides, set_, resume, quiet, gpus)
+    _run("adapt-cls", config, overrides, set_, resume, quiet, gpus, print_config)
 
 
 @app.command("adapt-seg")
@@ -286,6 +292,7 @@ def adapt_seg(
     track: TrackOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    print_config: PrintConfigOpt = False,
     quiet: QuietOpt = False,
     gpus: Annotated[
         Optional[str],
@@ -294,4 +301,4 @@ def adapt_seg(
 ) -> None:
     """Adapt a segmenter with DUSA and a Stable Diffusion 3 prior, window by window (one image per step)."""
     overrides = _overrides(method=method, prior=prior, model=model, checkpoint=checkpoint, data=data, corruption=corruption, severity=severity, num_ex=num_ex, setting=setting, seed=seed, output=output, compile=compile_, profile=profile, track=track)
-    _run("adapt-seg", config, overrides, set_, resume, quiet, gpus)
+    _run("adapt-seg", config, overrides, set_, resume, quiet, gpus, print_config)
