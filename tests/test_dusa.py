@@ -149,6 +149,8 @@ def test_same_draws_same_loss_and_no_label_dropout(tiny_vae: Path) -> None:
 def test_ddpm_timestep_and_range(tiny_vae: Path) -> None:
     dit = make("dusa", "dit_tiny", tiny_vae)
     assert dit.timestep(2, torch.device("cpu")).tolist() == [100, 100]  # the official t (§1.4)
+    assert make("dusa", "dit_tiny", tiny_vae, timestep=250).timestep(2, torch.device("cpu")).tolist() == [250, 250]
+    assert make("dusa", "sit_tiny", tiny_vae, timestep=0.6).timestep(2, torch.device("cpu")).tolist() == pytest.approx([0.6, 0.6])
     sit = make("dusa", "sit_tiny", tiny_vae, timestep_range=(0.2, 0.4))
     values = {sit.timestep(2, torch.device("cpu"))[0].item() for _ in range(20)}
     assert len(values) > 1 and all(0.2 <= v < 0.4 for v in values)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dusa_cli.draws import Draws, ImageDraws, sample_without_replacement
+from dusa_cli.draws import Draws, ImageDraws, sample_without_replacement, task_key
 from dusa_cli.objective import LossWeights, mix, prediction_loss, select_candidates
 
 
@@ -61,6 +61,10 @@ def test_a_temperature_low_enough_to_underflow_still_draws_distinct_non_top_clas
     for row, logit_row in zip(candidates.classes.tolist(), logits):
         assert len(set(row)) == 6
         assert row[4] == logit_row.topk(5).indices[4].item()  # T → 0: the next most likely class first
+    # Six classes: the two extras are the only non-top ones, one of them underflowed to 0.
+    few = select_candidates(torch.tensor([[100.0, 99, 98, 97, 0, -50]]).expand(64, -1), topk=4, extra=2,
+                            temperature=1e-3, draws=Draws(torch.Generator().manual_seed(0)))
+    assert few.classes.tolist() == [[0, 1, 2, 3, 4, 5]] * 64
 
 
 def test_extra_classes_follow_the_softmax_of_the_raw_logits_over_the_rest() -> None:
@@ -138,7 +142,10 @@ def test_image_draws_do_not_depend_on_how_images_are_batched() -> None:
     assert all(half.uniform(torch.device("cpu")) == shared for half in halves)
     # Images differ from each other, and a second draw in the same step differs from the first.
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise, whole.normal(like))
-    assert whole.uniform(torch.device("cpu")) != shared
+    assert whole.uniform(torch.device("cpu")) != whole.uniform(torch.device("cpu"))
+    # An image's streams depend on the run's seed and on the task's name.
+    assert len({task_key(0, "fog"), task_key(1, "fog"), task_key(0, "snow")}) == 3
+    assert whole.uniform(torch.device("cpu")) != whole.uniform(torch.device("cpu"))
     assert ImageDraws([11], batch_key=6).uniform(torch.device("cpu")) != ImageDraws([11], batch_key=5).uniform(torch.device("cpu"))
     with pytest.raises(ValueError, match="keys"):
         ImageDraws([1], batch_key=1).normal(like)
