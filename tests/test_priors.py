@@ -24,6 +24,7 @@ from dusa_cli.priors import (
     load_vae,
 )
 from dusa_cli.priors.checkpointing import checkpointed_blocks
+from dusa_cli.priors.registry import get_preset
 from dusa_cli.priors.transformer import DiffusionTransformer, timestep_embedding
 from dusa_cli.priors.vae import SD_VAE_CONFIG, TINY_VAE_CONFIG
 
@@ -362,6 +363,13 @@ def test_create_prior_picks_the_preset_path() -> None:
     assert isinstance(create_prior("sit_digits", path="ddpm").path, DDPMPath)
     with pytest.raises(ConfigError, match="unknown noise path 'cosine'"):
         create_prior("sit_digits", path="cosine")
+    # The paper-sized presets: DUSA's DiT-XL/2 on DDPM (§1.2), REPA's SiTs on the linear flow
+    # (peers.md §C), at the family's (hidden size, depth, heads) (DiT paper, Table 1).
+    presets = {name: get_preset(name) for name in ("dit_xl_2_256", "sit_xl_2", "sit_l_2", "sit_b_2", "sit_s_2")}
+    assert {name: (p.path, p.config.hidden_size, p.config.depth, p.config.num_heads) for name, p in presets.items()} == {
+        "dit_xl_2_256": ("ddpm", 1152, 28, 16), "sit_xl_2": ("linear", 1152, 28, 16), "sit_l_2": ("linear", 1024, 24, 16),
+        "sit_b_2": ("linear", 768, 12, 12), "sit_s_2": ("linear", 384, 12, 6),
+    }
 
 
 def test_pixel_space_encode() -> None:

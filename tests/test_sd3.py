@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from tiny_sd3 import IMAGE_SIZE, LATENT_SIZE, SHIFT, TRANSFORMER, VAE, write_tin
 import dusa_cli._compat  # noqa: F401  (torchvision shim before timm/diffusers)
 from dusa_cli.errors import ConfigError, DusaError
 from dusa_cli.priors import SD3FlowPath, SD3Prior, create_path
-from dusa_cli.priors.prompts import PromptEmbeddings, default_t5_dtype, encode_prompts, load_prompt_embeddings
+from dusa_cli.priors import split
+from dusa_cli.priors.prompts import PromptEmbeddings, _cache_key, default_t5_dtype, encode_prompts, load_prompt_embeddings
 from dusa_cli.priors.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_VAE, random_prompt_embeddings
 from dusa_cli.priors.split import balance_blocks, module_bytes, place_transformer, training_bytes
 
@@ -115,6 +117,8 @@ def test_conditioning_pads_clip_and_appends_zero_t5_tokens() -> None:
     torch.testing.assert_close(states[:, 77:], t5[[2]])
     with pytest.raises(DusaError, match="T5 states"):
         PromptEmbeddings(clip, pooled, t5).conditioning(torch.tensor([2]), 32, 256)
+    with pytest.raises(DusaError, match="CLIP states have 28 channels, more than the transformer's 24"):
+        PromptEmbeddings(clip, pooled).conditioning(torch.tensor([2]), 24, T5_LENGTH)  # not cut to fit
 
 
 @pytest.mark.parametrize("use_t5", [False, True])
@@ -141,9 +145,9 @@ def test_t5_runs_in_bf16_on_a_gpu_and_its_states_stay_fp32(sd3_dir: Path) -> Non
 def test_prompt_cache_hits_without_reading_the_encoders(sd3_copy: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
 
-    def load(prompts: list[str], use_t5: bool = False) -> PromptEmbeddings:
+    def load(prompts: list[str], use_t5: bool = False, length: int = T5_LENGTH) -> PromptEmbeddings:
         return load_prompt_embeddings(
-            sd3_copy, prompts, use_t5=use_t5, max_sequence_length=T5_LENGTH, cache_dir=cache
+            sd3_copy, prompts, use_t5=use_t5, max_sequence_length=length, cache_dir=cache
         )
 
     first = load(PROMPTS)
@@ -152,6 +156,12 @@ def test_prompt_cache_hits_without_reading_the_encoders(sd3_copy: Path, tmp_path
     load(PROMPTS[:2])  # other prompts
     with_t5 = load(PROMPTS, use_t5=True)
     assert len(list(cache.glob("prompts-*.safetensors"))) == 3 and with_t5.t5 is not None
+    assert load(PROMPTS, use_t5=True, length=T5_LENGTH + 4).t5.shape[1] == T5_LENGTH + 4  # another T5 length
+    assert len(list(cache.glob("prompts-*.safetensors"))) == 4
+    # T5 in bf16 on a GPU, in fp32 on a CPU: other embeddings, another entry (the CLIPs alone: one).
+    key = partial(_cache_key, sd3_copy, PROMPTS, max_sequence_length=T5_LENGTH)
+    assert key(use_t5=True, device="cuda") != key(use_t5=True, device="cpu")
+    assert key(use_t5=False, device="cuda") == key(use_t5=False, device="cpu")
 
     # Same paths, sizes and times, unusable content: only a cache hit can still succeed.
     for weights in sd3_copy.glob("text_encoder*/*.safetensors"):
@@ -288,8 +298,16 @@ def test_bad_split_is_a_config_error(split: list[int]) -> None:
 
 
 @pytest.mark.parametrize("num_devices", [2, 3])
-def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_devices: int) -> None:
+def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_devices: int, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = velocity_and_gradients(load_prior(sd3_dir))
+    moved_to: dict[torch.nn.Module, torch.device] = {}  # where each placed module moves its inputs
+
+    def recorded(device: torch.device, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        moved_to[module] = device
+        return move_inputs(device, module, args, kwargs)
+
+    move_inputs = split._move_inputs
+    monkeypatch.setattr(split, "_move_inputs", recorded)
     # Distinct device objects that are all the CPU: the bookkeeping is that of real GPUs.
     devices = [torch.device("cpu", index) for index in range(num_devices)]
     prior = load_prior(sd3_dir, devices)
@@ -308,6 +326,8 @@ def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_dev
 
     for got, expected in zip(velocity_and_gradients(prior), reference):
         torch.testing.assert_close(got, expected)
+    assert moved_to[transformer.norm_out] == moved_to[transformer.proj_out] == devices[-1]  # the outputs, on the last
+    assert [moved_to[block] for block in transformer.transformer_blocks] == prior.block_devices
     explicit = load_prior(sd3_dir, devices[:2], split=[0, 2])
     assert explicit.block_devices == [devices[0]] * 2 + [devices[1]] * 2
 
