@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dusa_cli import collectives
 from dusa_cli.collectives import all_reduce_gradients
 from dusa_cli.config.loader import load_config
 from dusa_cli.config.schema import DataConfig
@@ -97,14 +98,17 @@ def test_shards_cut_the_single_process_batches_in_order() -> None:
 
 
 def _reduce_gradients(rank: int, folder: str) -> None:
-    """One of two gloo processes: a gradient both have, one neither has, one only rank 1 has."""
+    """One of two gloo processes: a gradient both have, one neither has, one only rank 1 has, and
+    a float64 one both have, each in a bucket of its own (a DiT-XL/2's gradients span many)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    collectives.BUCKET_BYTES = 8
     both, neither, one = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
-    both.grad = torch.full((3,), rank + 1.0)
+    wide = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    both.grad, wide.grad = torch.full((3,), rank + 1.0), torch.full((2,), 10.0 * (rank + 1), dtype=torch.float64)
     if rank == 1:
         one.grad = torch.ones(3)
-    all_reduce_gradients([both, neither, one])
-    torch.save([both.grad, neither.grad, one.grad], f"{folder}/rank{rank}.pt")
+    all_reduce_gradients([both, neither, wide, one])
+    torch.save([both.grad, neither.grad, wide.grad, one.grad], f"{folder}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -113,8 +117,9 @@ def test_gradients_sum_over_processes_and_none_stays_none(tmp_path: Path) -> Non
     # single process does not take.
     torch.multiprocessing.spawn(_reduce_gradients, args=(str(tmp_path),), nprocs=2)
     for rank in range(2):
-        both, neither, one = torch.load(tmp_path / f"rank{rank}.pt")
+        both, neither, wide, one = torch.load(tmp_path / f"rank{rank}.pt")
         assert both.tolist() == [3.0] * 3 and neither is None and one.tolist() == [1.0] * 3
+        assert wide.dtype == torch.float64 and wide.tolist() == [30.0] * 2
 
 
 def test_gpu_lists_are_checked() -> None:
