@@ -203,6 +203,29 @@ def test_window_gradients_sum_to_the_gradient_of_the_whole_loss(models: dict[str
         assert torch.allclose(prior_parts[name], param.grad, rtol=1e-4, atol=1e-9), name
 
 
+def test_a_windows_loss_by_hand(models: dict[str, Path], tmp_path: Path) -> None:
+    """One window's DUSA loss from its parts (§3.3-§3.5): the window's crop encoded, the
+    L2-normalised logits read at its latent pixels, one noise at σ = 0.25 for every class, each
+    class's velocity against the target ε − x0 (the gradient test above would not see a wrong
+    crop, normalisation or target: it rebuilds the loss with `window_loss` itself)."""
+    method = dusa_method(models, tmp_path).place([torch.device("cpu")])
+    images, window = torch.rand(1, 3, 32, 56), Window(top=0, left=24, size=32)  # the last window, not at the origin
+    with torch.no_grad():
+        logits = method.segment(images)[0]
+        torch.manual_seed(3)
+        got = method.window_loss(images, logits, window)
+        torch.manual_seed(3)
+        latents = method.prior.encode(images[..., :, 24:56])
+        scores = sample_window(F.normalize(logits, dim=0), (32, 56), window, latents.shape[-1])
+        candidates = select_pixel_classes(scores, topk=5, cap=20)
+        noise = torch.randn(latents.shape)
+        count = candidates.classes.numel()
+        noisy = (0.75 * latents + 0.25 * noise).expand(count, -1, -1, -1)
+        predictions = method.prior.predict(noisy, torch.full((count,), 0.25), candidates.classes)
+        expected = masked_mixture_loss(predictions, candidates.weights, candidates.mask, (noise - latents)[0])
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_the_split_prior_compiled_block_by_block_computes_what_the_eager_one_does(models: dict[str, Path], tmp_path: Path) -> None:
     """`--compile prior` over two devices: every transformer block and the VAE encoder compiled
     on its own side of the split give the eager step's loss and gradients (segmenter and prior).
