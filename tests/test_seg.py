@@ -92,6 +92,8 @@ def test_a_short_side_just_over_the_window_still_gets_one_row() -> None:
     windows = sliding_windows(455, 2048, 448, 171)
     assert {w.top for w in windows} == {0} and len(windows) == 11
     assert windows[-1].left == 2048 - 448
+    with pytest.raises(ValueError, match="window 32 is larger than the image's short side 20"):
+        sliding_windows(20, 40, 32, 11)  # the long side would hold it: the short one decides
 
 
 def test_logits_are_read_at_each_latent_pixels_own_place() -> None:
