@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -30,8 +31,8 @@ from dusa_cli.data.datasets import (
 )
 from dusa_cli.data.digits import PNG, build_digits_c, digit_images, stratified_split
 from dusa_cli.data.files import UNFINISHED_MARKER, require_tasks
-from dusa_cli.data.generate import Job, Plan, corrupt_image, run_jobs
-from dusa_cli.data.imagenet_c import prepare_imagenet_c
+from dusa_cli.data.generate import Job, Plan, corrupt_image, file_seed, listed_files, run_jobs
+from dusa_cli.data.imagenet_c import load_center_crop, prepare_imagenet_c
 from dusa_cli.data.segmentation import SEG_TASK_LAYOUT, seg_task_images
 from dusa_cli.errors import ConfigError, DusaError, ExitCode, Stopped
 from helpers import assert_one_line_error, dusa, dusa_each
@@ -152,6 +153,35 @@ def test_digits_c_other_seed_gives_other_split_and_noise(digits_c: Path, tmp_pat
         for corruption in CORRUPTIONS:
             ours, theirs = (pixels(root / corruption / "5" / name) for root in (digits_c, other))
             assert not np.array_equal(ours, theirs)
+
+
+def test_each_image_of_a_corruption_gets_noise_of_its_own(digits_c: Path) -> None:
+    # The item id is part of each file's seed: without it every image would get the same draws.
+    assert file_seed(0, "gaussian_noise", 5, "0/0000") != file_seed(0, "gaussian_noise", 5, "0/0001")
+    first, second = sorted(relative_pngs(digits_c / "clean"))[:2]
+    clean = [pixels(digits_c / "clean" / name) for name in (first, second)]
+    noisy = [pixels(digits_c / "gaussian_noise" / "5" / name) for name in (first, second)]
+    # Where the two clean images hold the same value, the same draws would give the same output;
+    # independent noise agrees only where both clip to the same bound (about a quarter of the time).
+    same = clean[0] == clean[1]
+    assert same.sum() > 500  # their common black background, at least
+    assert (noisy[0][same] == noisy[1][same]).mean() < 0.6
+
+
+def test_a_hand_edited_manifest_cannot_make_a_rebuild_delete_files_outside_the_output(tmp_path: Path) -> None:
+    output = tmp_path / "digits-c"
+    output.mkdir()
+    outside, absolute = tmp_path / "outside.txt", tmp_path / "elsewhere" / "kept.png"
+    absolute.parent.mkdir()
+    for path in (outside, absolute):
+        path.write_text("not digits-C")
+    listed = {"../outside.txt": "0" * 64, str(absolute): "1" * 64, "fog/1/0/old.png": "2" * 64}
+    (output / "manifest.json").write_text(json.dumps({"files": listed}))
+    assert listed_files(output) == {"fog/1/0/old.png": "2" * 64}  # only plain relative paths
+    # A rebuild that deletes the earlier build's files (--force) must not reach outside its output.
+    build_digits_c(output, corruptions=["fog"], severities=[1], workers=1, limit_per_class=1, replace=True)
+    assert outside.is_file() and absolute.is_file()
+    assert outside.read_text() == absolute.read_text() == "not digits-C"
 
 
 def test_digits_c_rebuild_removes_files_of_the_earlier_build_only_when_asked(tmp_path: Path) -> None:
@@ -278,6 +308,16 @@ def test_readers_on_digits_c(digits_c: Path) -> None:
     assert open_split(digits_c, "clean")[0][0].shape == (3, 32, 32)
 
 
+def test_a_non_square_image_is_read_as_channels_by_height_by_width(tmp_path: Path) -> None:
+    # Every digits-C image is square: only a non-square one shows height and width apart.
+    path = tmp_path / "fog" / "1" / "n01440764" / "wide.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(path)
+    image, label = open_task(tmp_path, "fog", 1)[0]
+    assert image.shape == (3, 36, 40) and label == 0
+    assert torch.equal(image, torch.from_numpy(pixels(path).copy()).permute(2, 0, 1))
+
+
 def test_subset_is_deterministic_and_clamped(digits_c: Path) -> None:
     first = open_task(digits_c, "gaussian_noise", 1, num_ex=7)
     assert len(first) == 7 and first.indices == sorted(first.indices)
@@ -356,10 +396,20 @@ def test_prepare_imagenet_c_writes_224px_jpegs_and_resumes(
     assert manifest["classes"] == ["n01440764", "n15075141"] and manifest["images"] == 4
     task = open_task(output, "contrast", 1)
     assert sorted(label for _, label in task.samples) == [0, 0, 999, 999]
+    # Saved at ImageNet-C's JPEG quality, 85: the same quantization tables as PIL's at 85.
+    assert manifest["jpeg_quality"] == 85
+    reference = io.BytesIO()
+    Image.fromarray(pixels(files[0])).save(reference, format="JPEG", quality=85)
+    with Image.open(files[0]) as written, Image.open(reference) as expected:
+        assert written.quantization == expected.quantization
 
     truncated = output / "gaussian_noise" / "2" / "n01440764" / "img0.JPEG"
     original = truncated.read_bytes()
     truncated.write_bytes(original[: len(original) // 2])
+    # A file that decodes, but at another size than 224×224, is no finished output either.
+    resized = output / "contrast" / "1" / "n15075141" / "img1.JPEG"
+    resized_original = resized.read_bytes()
+    Image.new("RGB", (100, 100), (90, 30, 200)).save(resized, format="JPEG", quality=85)
     old = 1_000_000_000
     for path in files:
         if path != truncated:
@@ -369,7 +419,8 @@ def test_prepare_imagenet_c_writes_224px_jpegs_and_resumes(
         imagenet_source, output, **settings, progress=lambda *counts: progress.append(counts)
     )
     assert truncated.read_bytes() == original  # re-made, and byte-identical to the first run
-    assert [path for path in files if path.stat().st_mtime_ns != old] == [truncated]
+    assert resized.read_bytes() == resized_original
+    assert {path for path in files if path.stat().st_mtime_ns != old} == {truncated, resized}
     assert again["files"] == manifest["files"]
     assert progress[-1] == (len(files), len(files))
 
@@ -460,6 +511,39 @@ def test_prepare_imagenet_c_refuses_an_output_inside_the_source(imagenet_source:
     assert not inside.exists()
     with pytest.raises(DusaError, match=re.escape(f"--source {imagenet_source} is inside --output {tmp_path}")):
         prepare_imagenet_c(imagenet_source, tmp_path, **fast)
+
+
+def test_imagenet_c_preprocessing_is_torchvisions_resize_256_then_centre_crop_224(
+    imagenet_source: Path, tmp_path: Path
+) -> None:
+    # The generation script's transforms; torchvision imports after dusa_cli._compat's shim (1 s).
+    from torchvision.transforms import CenterCrop, Resize
+
+    paths = sorted(path for path in imagenet_source.rglob("*") if path.is_file())
+    assert len(paths) == 4  # 300×200, 180×260, 256×256, 500×240
+    # Besides the fixture's: crop offsets of 73.5 (rounded to 74, not floored to 73), and an upscale.
+    rng = np.random.default_rng(1)
+    for width, height in ((371, 256), (256, 371), (120, 90)):
+        path = tmp_path / f"{width}x{height}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    for path in paths:
+        with Image.open(path) as image:
+            expected = np.asarray(CenterCrop(224)(Resize(256)(image.convert("RGB"))))
+        assert np.array_equal(load_center_crop(path), expected), path
+
+
+def test_prepare_imagenet_c_refuses_two_source_images_that_would_share_an_output_name(
+    imagenet_source: Path, tmp_path: Path
+) -> None:
+    folder = imagenet_source / "n01440764"
+    Image.new("RGB", (64, 48)).save(folder / "img0.png")  # beside img0.JPEG: both would be img0.JPEG
+    output = tmp_path / "out"
+    with pytest.raises(DusaError, match=re.escape(
+        f"{folder / 'img0.JPEG'} and {folder / 'img0.png'} would both be saved as img0.JPEG"
+    )):  # fmt: skip
+        prepare_imagenet_c(imagenet_source, output, corruptions=["contrast"], severities=[1], workers=1)
+    assert not output.exists()  # refused before any file
 
 
 def test_prepare_imagenet_c_reports_an_unreadable_source_image_from_a_worker(
