@@ -301,12 +301,12 @@ def test_bad_split_is_a_config_error(split: list[int]) -> None:
 def test_split_prior_gives_the_same_outputs_and_gradients(sd3_dir: Path, num_devices: int, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = velocity_and_gradients(load_prior(sd3_dir))
     moved_to: dict[torch.nn.Module, torch.device] = {}  # where each placed module moves its inputs
+    move_inputs = split._move_inputs
 
     def recorded(device: torch.device, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         moved_to[module] = device
         return move_inputs(device, module, args, kwargs)
 
-    move_inputs = split._move_inputs
     monkeypatch.setattr(split, "_move_inputs", recorded)
     # Distinct device objects that are all the CPU: the bookkeeping is that of real GPUs.
     devices = [torch.device("cpu", index) for index in range(num_devices)]
